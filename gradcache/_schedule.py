@@ -1,0 +1,332 @@
+"""The two-pass gradient-cache schedule, written once for every backend.
+
+This is the algorithm of Gao et al. (2021): encode every chunk of every input group without a graph
+(pass 1, recording each chunk's random state), take the loss and its gradient with respect to the
+full-batch representations, then re-encode each chunk with a graph under the replayed random state
+and pull the cached gradient slice back into the parameters (pass 2). It validates inputs before any
+gradient is touched, words errors with the group, the chunk and the shapes, and runs the step inside
+the backend's transaction so that a failure leaves the caller's gradients as they were. It talks to
+frameworks only through :class:`gradcache.Backend` and must never import one.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gradcache import _tree
+from gradcache._backend import Backend, ChunkPlan, python_chunk_loop
+from gradcache._errors import GradCacheError, add_location_note, where
+
+
+@dataclass
+class GroupPlan:
+    """Everything the schedule knows about one input group before it runs."""
+
+    index: int
+    encoder: Any
+    inputs: Any
+    plan: ChunkPlan | None          # None until pass 1 when a split_fn made the chunks
+    get_rep: Callable
+    pre_split: list | None = None   # chunks made by a user split_fn
+    last_for_encoder: bool = False  # the last group pulled back through this encoder
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _as_chunk_size(value: Any, group: int) -> int:
+    if isinstance(value, bool):
+        raise GradCacheError(f"chunk_size for {where(group)} must be an int >= 1, got {value!r}")
+    try:
+        size = operator.index(value)
+    except TypeError:
+        raise GradCacheError(
+            f"chunk_size for {where(group)} must be an int >= 1, got {value!r} "
+            f"({type(value).__name__})") from None
+    if size < 1:
+        raise GradCacheError(f"chunk_size for {where(group)} must be an int >= 1, got {size}")
+    return size
+
+
+def _per_group(value: Any, num_groups: int, what: str, is_single: Callable[[Any], bool]) -> list:
+    """Broadcasts a single value to every group, or checks a sequence aligned with the groups."""
+    if is_single(value):
+        return [value] * num_groups
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise GradCacheError(f"{what} must be one value or a sequence with one per input group, "
+                             f"got {type(value).__name__}")
+    if len(value) != num_groups:
+        raise GradCacheError(f"got {len(value)} {what} for {num_groups} input groups; pass one "
+                             f"shared value or exactly one per group")
+    return list(value)
+
+
+def describe_shapes(backend: Backend, tree: Any) -> str:
+    """``input_ids: (8, 32), attention_mask: (8, 32)`` for error messages."""
+    leaves, spec = _tree.flatten(tree, backend.is_leaf)
+    paths = _tree.leaf_paths(spec)
+    return ", ".join(f"{path}: {tuple(backend.shape(leaf))}" for path, leaf in zip(paths, leaves))
+
+
+def group_batch_size(backend: Backend, tree: Any, group: int) -> int:
+    """The common number of rows of every tensor leaf in ``tree``, or a GradCacheError."""
+    leaves, spec = _tree.flatten(tree, backend.is_leaf)
+    if not leaves:
+        raise GradCacheError(
+            f"input {where(group)} holds no {backend.name} tensor (got {type(tree).__name__}); pass "
+            f"tensors, or nested dicts/lists/tuples of tensors, or give a split_fn")
+    paths = _tree.leaf_paths(spec)
+    sizes = [backend.batch_size(leaf) for leaf in leaves]
+    for path, leaf, size in zip(paths, leaves, sizes):
+        if size is None:
+            raise GradCacheError(
+                f"input {where(group)}: leaf '{path}' of shape {tuple(backend.shape(leaf))} has no "
+                f"batch dimension; every tensor leaf is batched along dimension 0")
+    if len(set(sizes)) != 1:
+        raise GradCacheError(
+            f"input {where(group)}: tensor leaves disagree on the batch size (dimension 0): "
+            f"{describe_shapes(backend, tree)}")
+    if sizes[0] == 0:
+        raise GradCacheError(f"input {where(group)} is empty: {describe_shapes(backend, tree)}")
+    return sizes[0]
+
+
+def plan_groups(backend: Backend, encoders: Any, inputs: Any, chunk_size: Any, *,
+                get_rep: Any = None, split_fn: Callable | None = None) -> list[GroupPlan]:
+    """Validates the arguments of a step and plans its chunks; raises before anything runs."""
+    if isinstance(inputs, Mapping) or not isinstance(inputs, (list, tuple)):
+        raise GradCacheError(
+            f"inputs must be a list or tuple of input groups, e.g. (queries, passages); got "
+            f"{type(inputs).__name__}. For a single group pass (x,)")
+    if len(inputs) == 0:
+        raise GradCacheError("inputs is empty: pass at least one input group")
+    num_groups = len(inputs)
+    encoder_list = _per_group(encoders, num_groups, "encoders", callable)
+    for index, encoder in enumerate(encoder_list):
+        if not callable(encoder):
+            raise GradCacheError(f"encoder for {where(index)} is not callable: {encoder!r}")
+    sizes = _per_group(chunk_size, num_groups, "chunk sizes",
+                       lambda v: not isinstance(v, (list, tuple)))
+    sizes = [_as_chunk_size(size, index) for index, size in enumerate(sizes)]
+    get_reps = _per_group(get_rep, num_groups, "get_rep functions",
+                          lambda v: v is None or callable(v))
+    groups = []
+    for index, (encoder, group_inputs, size, pick) in enumerate(
+            zip(encoder_list, inputs, sizes, get_reps)):
+        pick = pick or _identity
+        if split_fn is not None:
+            chunks = list(split_fn(group_inputs, size))
+            if not chunks:
+                raise GradCacheError(f"split_fn returned no chunks for {where(index)}")
+            groups.append(GroupPlan(index, encoder, group_inputs, None, pick, pre_split=chunks))
+            continue
+        batch = group_batch_size(backend, group_inputs, index)
+        groups.append(GroupPlan(index, encoder, group_inputs, ChunkPlan.uniform(batch, size), pick))
+    last_group_of = {id(group.encoder): group.index for group in groups}
+    for group in groups:
+        group.last_for_encoder = last_group_of[id(group.encoder)] == group.index
+    return groups
+
+
+class _Progress:
+    """A tqdm bar over the chunks of both passes, or nothing."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                raise GradCacheError("progress=True needs tqdm: pip install 'gradcache[progress]'") from None
+            self.bar = tqdm(total=total, desc="gradcache", unit="chunk", leave=False)
+
+    def update(self, description: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(description, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: Callable, *,
+                    chunk_size: int | Sequence[int], get_rep: Any = None,
+                    loss_kwargs: Mapping | None = None, split_fn: Callable | None = None,
+                    check_finite: bool = False, check_determinism: bool = False,
+                    determinism_tolerance: float = 1e-5, progress: bool = False) -> tuple[Any, Any]:
+    """Runs one gradient-cached step on ``backend``; returns ``(loss, grads)``.
+
+    This is what every adapter's ``cached_step`` calls after building its backend. ``grads`` is the
+    backend's accumulator (``None`` for torch, whose gradients land in ``.grad``).
+
+    >>> import numpy as np
+    >>> from gradcache.testing import NumpyBackend, LinearEncoder, NumpyInfoNCE
+    >>> rng = np.random.default_rng(0)
+    >>> encoder = LinearEncoder(rng.normal(size=(5, 3)))
+    >>> queries, passages = rng.normal(size=(8, 5)), rng.normal(size=(8, 5))
+    >>> loss, grads = run_cached_step(NumpyBackend(), encoder, (queries, passages), NumpyInfoNCE(),
+    ...                               chunk_size=3)
+    >>> grads[id(encoder)]["weight"].shape
+    (5, 3)
+    """
+    groups = plan_groups(backend, encoders, inputs, chunk_size, get_rep=get_rep, split_fn=split_fn)
+    checked_loss = CheckedLoss(backend, loss_fn, loss_kwargs)
+    track = backend.progress_enabled() and progress
+    total = 2 * sum(g.plan.num_chunks if g.plan else len(g.pre_split) for g in groups)
+    bar = _Progress(track, total)
+    try:
+        with backend.transaction():
+            grads = backend.zero_grads()
+            reps, records = [], []
+            for group in groups:
+                rep, record = _pass_one(backend, group, bar)
+                reps.append(rep)
+                records.append(record)
+            loss, rep_grads, grads = backend.loss_and_rep_grads(checked_loss, reps, grads)
+            if check_finite and not backend.is_finite(loss):
+                raise GradCacheError(f"the loss is not finite ({loss}); no gradient was applied")
+            for group, rep, rep_grad, record in zip(groups, reps, rep_grads, records):
+                grads = _pass_two(backend, group, rep if check_determinism else None, rep_grad,
+                                  record, grads, determinism_tolerance, bar)
+    finally:
+        bar.close()
+    return loss, grads
+
+
+class CheckedLoss:
+    """Calls the user's loss with its keyword arguments and checks that it returned a scalar.
+
+    A loss that supplies its own gradient (``value_and_grad(*reps) -> (loss, rep_grads)``, as the
+    tiled losses and the numpy test backend's losses do) keeps that ability through this wrapper;
+    :attr:`supplies_gradient` tells a backend to call it instead of differentiating.
+    """
+
+    def __init__(self, backend: Backend, loss_fn: Callable, loss_kwargs: Mapping | None):
+        self.backend = backend
+        self.loss_fn = loss_fn
+        self.loss_kwargs = dict(loss_kwargs or {})
+
+    @property
+    def supplies_gradient(self) -> bool:
+        return callable(getattr(self.loss_fn, "value_and_grad", None))
+
+    def __call__(self, *reps: Any) -> Any:
+        return self._check(self.loss_fn(*reps, **self.loss_kwargs))
+
+    def value_and_grad(self, *reps: Any) -> tuple[Any, Any]:
+        loss, rep_grads = self.loss_fn.value_and_grad(*reps, **self.loss_kwargs)
+        return self._check(loss), rep_grads
+
+    def _check(self, loss: Any) -> Any:
+        backend = self.backend
+        if not backend.is_leaf(loss):
+            raise GradCacheError(
+                f"loss_fn must return a scalar {backend.name} tensor, got {type(loss).__name__}")
+        shape = tuple(backend.shape(loss))
+        if shape != ():
+            raise GradCacheError(f"loss_fn must return a scalar, got a tensor of shape {shape}")
+        return loss
+
+
+def _check_rep(backend: Backend, group: int, chunk: Any, rep: Any, rows: int | None,
+               inputs: Any) -> None:
+    leaves, spec = _tree.flatten(rep, backend.is_leaf)
+    if not leaves:
+        raise GradCacheError(
+            f"the encoder returned no {backend.name} tensor for {where(group, chunk)} (got "
+            f"{type(rep).__name__}); use get_rep to pick the representation from the output")
+    for path, leaf in zip(_tree.leaf_paths(spec), leaves):
+        size = backend.batch_size(leaf)
+        if rows is not None and size is not None and size != rows:
+            raise GradCacheError(
+                f"representation '{path}' for {where(group, chunk)} has shape "
+                f"{tuple(backend.shape(leaf))}, but the chunk has {rows} rows "
+                f"({describe_shapes(backend, inputs)}); an encoder must return one row per input row")
+
+
+def _chunk_rows(backend: Backend, chunk: Any) -> int | None:
+    leaves, _ = _tree.flatten(chunk, backend.is_leaf)
+    return backend.batch_size(leaves[0]) if leaves else None
+
+
+def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress) -> tuple[Any, Any]:
+    def body(carry: Any, index: Any, rows: Any, item: Any) -> tuple[Any, tuple[Any, Any]]:
+        chunk = item if group.pre_split is not None else rows
+        try:
+            record = backend.rng_capture(group.index, index)
+            rep = backend.encode(group.encoder, chunk, record, group.get_rep)
+        except GradCacheError as error:
+            raise GradCacheError(f"{where(group.index, index, 'pass 1')}: {error}") from None
+        except Exception as error:
+            add_location_note(error, f"gradcache: raised while encoding {where(group.index, index, 'pass 1')}"
+                                     f" with inputs {describe_shapes(backend, chunk)}")
+            raise
+        rows_in = _chunk_rows(backend, chunk)
+        _check_rep(backend, group.index, index, rep, rows_in, chunk)
+        bar.update(f"gradcache pass 1, group {group.index}")
+        if group.pre_split is not None:
+            leaves, _ = _tree.flatten(rep, backend.is_leaf)
+            return carry, (rep, (record, backend.batch_size(leaves[0])))
+        return carry, (rep, record)
+
+    if group.pre_split is not None:
+        _, (rep, items) = python_chunk_loop(
+            backend, body, None, None, ChunkPlan((0,) * len(group.pre_split)), group.pre_split)
+        group.plan = ChunkPlan(tuple(rows for _, rows in items))
+        return rep, [record for record, _ in items]
+    _, (rep, records) = backend.chunk_loop(body, None, group.inputs, group.plan, None)
+    return rep, records
+
+
+def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, records: Any,
+              grads: Any, tolerance: float, bar: _Progress) -> Any:
+    last_chunk = group.plan.num_chunks - 1
+
+    def body(grads: Any, index: Any, rows: Any, item: Any) -> tuple[Any, tuple[Any, Any]]:
+        chunk, grad_chunk, rep_chunk = rows
+        if group.pre_split is not None:
+            chunk, record = item
+        else:
+            record = item
+        # Under a compiled loop `index` is traced and this is a traced bool; such backends ignore it.
+        final_use = group.last_for_encoder and index == last_chunk
+        try:
+            grads, recomputed = backend.pullback(group.encoder, chunk, record, group.get_rep,
+                                                 grad_chunk, grads, final_use=final_use)
+        except GradCacheError as error:
+            raise GradCacheError(f"{where(group.index, index, 'pass 2')}: {error}") from None
+        except Exception as error:
+            add_location_note(error, f"gradcache: raised while re-encoding {where(group.index, index, 'pass 2')}"
+                                     f" with inputs {describe_shapes(backend, chunk)}")
+            raise
+        if rep_chunk is not None:
+            _check_same(backend, group.index, index, rep_chunk, recomputed, tolerance)
+        bar.update(f"gradcache pass 2, group {group.index}")
+        return grads, (None, None)
+
+    if group.pre_split is not None:
+        rows = (None, rep_grad, rep)
+        items = list(zip(group.pre_split, records))
+        grads, _ = python_chunk_loop(backend, body, grads, rows, group.plan, items)
+        return grads
+    grads, _ = backend.chunk_loop(body, grads, (group.inputs, rep_grad, rep), group.plan, records)
+    return grads
+
+
+def _check_same(backend: Backend, group: int, chunk: Any, first: Any, second: Any,
+                tolerance: float) -> None:
+    first_leaves, spec = _tree.flatten(first, backend.is_leaf)
+    second_leaves, _ = _tree.flatten(second, backend.is_leaf)
+    for path, a, b in zip(_tree.leaf_paths(spec), first_leaves, second_leaves):
+        diff = backend.max_abs_diff(a, b)
+        scale = max(1.0, backend.max_abs(a))
+        if not diff <= tolerance * scale:
+            raise GradCacheError(
+                f"{where(group, chunk, 'pass 2')}: representation '{path}' recomputed in pass 2 "
+                f"differs from pass 1 by {diff:.3g} (tolerance {tolerance:g} x {scale:.3g}); the "
+                f"encoder uses randomness the replay does not reproduce, or is not deterministic")

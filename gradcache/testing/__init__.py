@@ -1,0 +1,11 @@
+"""Tools for testing gradcache backends: a reference numpy backend and the shared contract suite.
+
+``NumpyBackend`` is a complete backend with hand-written gradients (the example of
+``docs/extending.md``). ``gradcache.testing.contract`` holds ``BackendContract``, the property-based
+test suite every adapter runs (it needs pytest and hypothesis); import it from your own tests and
+subclass it with a harness for your backend.
+"""
+
+from gradcache.testing._numpy_backend import LinearEncoder, NumpyBackend, NumpyInfoNCE
+
+__all__ = ["LinearEncoder", "NumpyBackend", "NumpyInfoNCE"]

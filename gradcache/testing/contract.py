@@ -1,0 +1,272 @@
+"""The contract every gradcache backend keeps, as a property-based test suite (pytest + hypothesis).
+
+An adapter's tests subclass :class:`BackendContract` and set ``harness`` to an object implementing
+:class:`Harness` for their framework: it builds the *contract problem* (below) from a
+:class:`ProblemSpec` in that framework, and runs it cached, full-batch, or chunk by chunk with a
+graph. The suite then checks exactness against full-batch autodiff over hypothesis-drawn shapes,
+chunk sizes, groups, nesting and dtypes; the replay of dropout against a chunk-by-chunk reference;
+the nothing-half-done rule; and the errors for bad input. It imports no framework itself.
+
+The contract problem, which every harness implements identically:
+
+* encoder ``i`` (or one shared encoder) has parameters ``W`` (``dim_in x dim_out``) and ``b``;
+  ``h = tanh(dropout(x) @ W + b)``, where ``x`` is the input, or ``x + 0.5 * x2`` for the nested
+  input ``{"x": x, "extra": (x2,)}``;
+* the output is ``h``, or the nested ``(h, {"sq": h * h})``, which the loss combines as
+  ``h + 0.5 * sq``;
+* the loss is InfoNCE of group 0's rows against the rows of every group:
+  ``scores = scale * r0 @ concat(r).T``, ``loss = mean(logsumexp(scores, 1) - diag(scores))``, with
+  ``scale`` a loss-owned learnable parameter when ``learnable_scale``;
+* parameters come from ``numpy.random.default_rng(seed)``: for each encoder in order, ``W`` then
+  ``b`` (``normal(scale=0.5)``), then the inputs of each group (``x`` then ``x2``), then ``scale``
+  starts at 2.0. Gradients are reported as ``{"enc0.W": ..., "enc0.b": ..., "scale": ...}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gradcache import GradCacheError
+
+
+@dataclass(frozen=True)
+class ProblemSpec:
+    """One draw of the contract problem."""
+
+    batch_sizes: tuple[int, ...]
+    chunk_sizes: tuple[int, ...]
+    dim_in: int = 3
+    dim_out: int = 4
+    shared_encoder: bool = True
+    nested_input: bool = False
+    nested_output: bool = False
+    dropout: float = 0.0
+    learnable_scale: bool = True
+    dtype: str = "float64"
+    seed: int = 0
+
+    @property
+    def num_encoders(self) -> int:
+        return 1 if self.shared_encoder else len(self.batch_sizes)
+
+    def arrays(self) -> dict[str, Any]:
+        """The parameters and inputs as numpy arrays, drawn in the documented order."""
+        rng = np.random.default_rng(self.seed)
+        dtype = np.dtype(self.dtype)
+        params = {}
+        for e in range(self.num_encoders):
+            params[f"enc{e}.W"] = rng.normal(scale=0.5, size=(self.dim_in, self.dim_out)).astype(dtype)
+            params[f"enc{e}.b"] = rng.normal(scale=0.5, size=(self.dim_out,)).astype(dtype)
+        inputs = []
+        for size in self.batch_sizes:
+            x = rng.normal(size=(size, self.dim_in)).astype(dtype)
+            if self.nested_input:
+                x2 = rng.normal(size=(size, self.dim_in)).astype(dtype)
+                inputs.append({"x": x, "extra": (x2,)})
+            else:
+                inputs.append(x)
+        return {"params": params, "inputs": inputs, "scale": np.asarray(2.0, dtype=dtype)}
+
+
+@dataclass
+class Result:
+    """What one run of the contract problem produced, as numpy."""
+
+    loss: float
+    grads: dict[str, np.ndarray]
+    rng_after: Any = None
+    extra: dict = field(default_factory=dict)
+
+
+class Harness(Protocol):
+    """What a backend's tests provide to run the contract suite."""
+
+    name: str
+    #: any of "nested_input", "nested_output", "dropout", "float32", "learnable_scale",
+    #: "separate_encoders", "rng_state"
+    features: frozenset
+
+    def run(self, spec: ProblemSpec, mode: str) -> Result:
+        """Runs the problem: ``"cached"`` (the adapter's cached_step), ``"full"`` (one full-batch
+        autodiff step) or ``"chunked"`` (chunk by chunk with a graph, groups and chunks in order)."""
+
+    def run_failing(self, spec: ProblemSpec, fail_at_call: int) -> tuple[dict, dict]:
+        """Gradients before and after a cached step whose encoder raises on its ``fail_at_call``-th
+        call (counting from 1, over both passes); the step must have raised."""
+
+    def step(self, encoders: Any, inputs: Any, loss_fn: Any, **options: Any) -> Any:
+        """Calls the adapter's cached_step on raw harness objects (for the error tests)."""
+
+    def tensor(self, array: np.ndarray) -> Any:
+        """A framework tensor holding ``array``."""
+
+    def encoder(self, dim_in: int, dim_out: int, rows_kept: int | None = None) -> Any:
+        """An encoder for :meth:`step`, mapping ``(n, dim_in)`` to ``(n, dim_out)``; with
+        ``rows_kept`` it (wrongly) returns only that many rows."""
+
+    def loss(self, kind: str = "scalar") -> Any:
+        """A loss for :meth:`step` taking any number of reps; ``"vector"`` returns a vector."""
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """``max|actual - expected| / max|expected|`` (absolute when ``expected`` is all zeros)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = float(np.max(np.abs(expected), initial=0.0))
+    diff = float(np.max(np.abs(actual - expected), initial=0.0))
+    return diff / scale if scale > 0 else diff
+
+
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+
+
+def assert_results_close(actual: Result, expected: Result, dtype: str) -> None:
+    tolerance = TOLERANCE[dtype]
+    assert set(actual.grads) == set(expected.grads), (sorted(actual.grads), sorted(expected.grads))
+    assert relative_error(actual.loss, expected.loss) <= tolerance, (actual.loss, expected.loss)
+    for name in expected.grads:
+        error = relative_error(actual.grads[name], expected.grads[name])
+        assert error <= tolerance, f"{name}: relative error {error:.3g} > {tolerance:g}"
+
+
+@st.composite
+def problem_specs(draw: Any, features: frozenset, *, dropout: bool = False,
+                  max_batch: int = 13) -> ProblemSpec:
+    """Hypothesis strategy over the contract problem, limited to what the harness supports."""
+    groups = draw(st.integers(1, 3))
+    batch_sizes = tuple(draw(st.integers(1, max_batch)) for _ in range(groups))
+    if draw(st.booleans()):
+        chunk_sizes = (draw(st.integers(1, max(batch_sizes) + 2)),) * groups
+    else:
+        chunk_sizes = tuple(draw(st.integers(1, size + 2)) for size in batch_sizes)
+    dtypes = ["float64"] + (["float32"] if "float32" in features else [])
+    return ProblemSpec(
+        batch_sizes=batch_sizes,
+        chunk_sizes=chunk_sizes,
+        dim_in=draw(st.integers(1, 4)),
+        dim_out=draw(st.integers(1, 5)),
+        shared_encoder=("separate_encoders" not in features) or draw(st.booleans()),
+        nested_input="nested_input" in features and draw(st.booleans()),
+        nested_output="nested_output" in features and draw(st.booleans()),
+        dropout=draw(st.sampled_from([0.25, 0.5])) if dropout else 0.0,
+        learnable_scale="learnable_scale" in features and draw(st.booleans()),
+        dtype=draw(st.sampled_from(dtypes)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                      HealthCheck.function_scoped_fixture,
+                                                      HealthCheck.differing_executors])
+
+
+class BackendContract:
+    """Subclass with ``harness = YourHarness()`` (class name starting with ``Test``) to run the suite.
+
+    ``max_examples`` bounds each property test; lower it for backends that compile per shape.
+    """
+
+    harness: Harness
+    max_examples: int = 40
+
+    @classmethod
+    def _features(cls) -> frozenset:
+        return cls.harness.features
+
+    # -- exactness ------------------------------------------------------------------------------------
+    @given(data=st.data())
+    @settings(**_SETTINGS)
+    def test_cached_equals_full_batch(self, data: Any) -> None:
+        spec = data.draw(problem_specs(self._features()))
+        cached = self.harness.run(spec, "cached")
+        full = self.harness.run(spec, "full")
+        assert_results_close(cached, full, spec.dtype)
+
+    @given(data=st.data())
+    @settings(**_SETTINGS)
+    def test_dropout_replays_the_chunked_reference(self, data: Any) -> None:
+        if "dropout" not in self._features():
+            pytest.skip(f"{self.harness.name} harness has no dropout")
+        spec = data.draw(problem_specs(self._features(), dropout=True))
+        cached = self.harness.run(spec, "cached")
+        chunked = self.harness.run(spec, "chunked")
+        assert_results_close(cached, chunked, spec.dtype)
+        if "rng_state" in self._features():
+            assert np.array_equal(np.asarray(cached.rng_after), np.asarray(chunked.rng_after)), (
+                "the step left the random state elsewhere than a chunk-by-chunk forward")
+
+    def test_dropout_really_draws_masks(self) -> None:
+        # Guards the test above against passing vacuously: different seeds, different grads.
+        if "dropout" not in self._features():
+            pytest.skip(f"{self.harness.name} harness has no dropout")
+        spec = ProblemSpec(batch_sizes=(8, 8), chunk_sizes=(3, 3), dropout=0.5, dim_in=4)
+        a = self.harness.run(spec, "cached")
+        b = self.harness.run(ProblemSpec(**{**spec.__dict__, "dropout": 0.0}), "full")
+        assert relative_error(a.grads["enc0.W"], b.grads["enc0.W"]) > 1e-6
+
+    # -- nothing half-done ----------------------------------------------------------------------------
+    @given(data=st.data())
+    @settings(**{**_SETTINGS, "max_examples": 15})
+    def test_failure_leaves_gradients_untouched(self, data: Any) -> None:
+        spec = data.draw(problem_specs(self._features()))
+        calls = 2 * sum(-(-b // c) for b, c in zip(spec.batch_sizes, spec.chunk_sizes))
+        fail_at = data.draw(st.integers(1, calls))
+        before, after = self.harness.run_failing(spec, fail_at)
+        assert set(before) == set(after)
+        for name in before:
+            if before[name] is None:
+                assert after[name] is None, f"{name}: a gradient appeared after a failed step"
+            else:
+                assert np.array_equal(before[name], after[name]), f"{name} changed"
+
+    # -- errors -----------------------------------------------------------------------------------------
+    def _pair(self, rows: tuple[int, int] = (4, 4), dim: int = 3) -> tuple:
+        rng = np.random.default_rng(0)
+        return tuple(self.harness.tensor(rng.normal(size=(r, dim))) for r in rows)
+
+    @pytest.mark.parametrize("chunk_size", [0, -1, 2.5, True, "4", None])
+    def test_bad_chunk_size(self, chunk_size: Any) -> None:
+        with pytest.raises(GradCacheError, match="chunk_size"):
+            self.harness.step(self.harness.encoder(3, 2), self._pair(), self.harness.loss(),
+                              chunk_size=chunk_size)
+
+    def test_wrong_number_of_chunk_sizes(self) -> None:
+        with pytest.raises(GradCacheError, match="3 chunk sizes for 2 input groups"):
+            self.harness.step(self.harness.encoder(3, 2), self._pair(), self.harness.loss(),
+                              chunk_size=[1, 2, 3])
+
+    def test_wrong_number_of_encoders(self) -> None:
+        encoders = [self.harness.encoder(3, 2) for _ in range(3)]
+        with pytest.raises(GradCacheError, match="3 encoders for 2 input groups"):
+            self.harness.step(encoders, self._pair(), self.harness.loss(), chunk_size=2)
+
+    def test_empty_group(self) -> None:
+        with pytest.raises(GradCacheError, match="group 1 is empty"):
+            self.harness.step(self.harness.encoder(3, 2), self._pair((4, 0)), self.harness.loss(),
+                              chunk_size=2)
+
+    def test_leaves_with_different_batch_sizes(self) -> None:
+        a, b = self._pair((4, 5))
+        with pytest.raises(GradCacheError, match=r"group 0.*disagree.*x: \(4, 3\).*y: \(5, 3\)"):
+            self.harness.step(self.harness.encoder(3, 2), ({"x": a, "y": b},), self.harness.loss(),
+                              chunk_size=2)
+
+    def test_inputs_not_a_sequence_of_groups(self) -> None:
+        (a,) = self._pair((4,))
+        with pytest.raises(GradCacheError, match="list or tuple of input groups"):
+            self.harness.step(self.harness.encoder(3, 2), a, self.harness.loss(), chunk_size=2)
+
+    def test_loss_not_scalar(self) -> None:
+        with pytest.raises(GradCacheError, match="scalar"):
+            self.harness.step(self.harness.encoder(3, 2), self._pair(), self.harness.loss("vector"),
+                              chunk_size=2)
+
+    def test_encoder_returning_wrong_rows(self) -> None:
+        encoder = self.harness.encoder(3, 2, rows_kept=1)
+        with pytest.raises(GradCacheError, match=r"group 0, chunk 0.*has 2 rows"):
+            self.harness.step(encoder, self._pair(), self.harness.loss(), chunk_size=2)

@@ -1,0 +1,27 @@
+"""gradcache for PyTorch: ``cached_step`` puts full-batch-exact gradients into ``.grad``.
+
+Also here: the migration API of the original GradCache package (``GradCache``, ``cached``,
+``cat_input_tensor``) without its defects, and the backend for anyone composing their own step.
+"""
+
+try:
+    import torch  # noqa: F401
+except ImportError:  # pragma: no cover - exercised only without torch
+    raise ImportError("gradcache_torch needs PyTorch: pip install 'gradcache[torch]'") from None
+
+from gradcache import GradCacheError
+from gradcache_torch._backend import TorchBackend, trim_padding
+from gradcache_torch._compat import GradCache, cached, cat_input_tensor
+from gradcache_torch._rng import RngState
+from gradcache_torch._step import cached_step
+
+__all__ = [
+    "GradCache",
+    "GradCacheError",
+    "RngState",
+    "TorchBackend",
+    "cached",
+    "cached_step",
+    "cat_input_tensor",
+    "trim_padding",
+]

@@ -1,0 +1,195 @@
+"""The torch backend: the core's primitives over torch autograd, gradients landing in ``.grad``.
+
+Pass 1 runs under ``torch.no_grad``; the loss's gradient with respect to the representations comes
+from one ``backward`` on detached leaf copies; pass 2 pulls each chunk's slice back with
+``torch.autograd.backward(rep, grad_tensors=slice)``. Every tensor whose ``.grad`` a step may touch is
+remembered before the first write so that a failing step puts them all back. Distributed wrappers
+(DDP) are bypassed for every chunk but the last one that uses them, so gradients are all-reduced
+once per module per step. No control flow of the algorithm lives here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from gradcache import Backend, GradCacheError, call_with_convention, flatten, unflatten
+from gradcache_torch import _rng
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def _graph_leaves(roots: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Leaf tensors whose ``.grad`` a backward from ``roots`` will write (AccumulateGrad nodes)."""
+    seen: set[int] = set()
+    stack = [root.grad_fn for root in roots if root.grad_fn is not None]
+    for root in roots:
+        if root.grad_fn is None and root.requires_grad:
+            yield root
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            yield variable
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def _unwrap_distributed(encoder: Any) -> Any:
+    """The module inside a DistributedDataParallel wrapper (calling it directly skips DDP's hooks)."""
+    parallel = getattr(torch.nn.parallel, "DistributedDataParallel", None)
+    if parallel is not None and isinstance(encoder, parallel):
+        return encoder.module
+    return encoder
+
+
+def trim_padding(chunk: Any, mask_key: str = "attention_mask") -> Any:
+    """Drops the trailing sequence columns that no row of ``chunk`` attends to.
+
+    Applies to Mapping inputs holding ``mask_key`` (a ``(rows, length)`` 0/1 mask, Hugging Face
+    style): every tensor leaf whose second dimension equals the mask's length is cut to the last
+    column any row uses. With a model that masks padding (as transformers do), the outputs are those
+    of the padded chunk; the compute of the padding is saved.
+    """
+    if not isinstance(chunk, dict) and not hasattr(chunk, "keys"):
+        return chunk
+    mask = chunk.get(mask_key) if hasattr(chunk, "get") else None
+    if not _is_tensor(mask) or mask.dim() != 2:
+        return chunk
+    length = mask.shape[1]
+    used = torch.nonzero(mask.any(dim=0))
+    keep = int(used.max()) + 1 if used.numel() else 1
+    if keep == length:
+        return chunk
+    leaves, spec = flatten(chunk, _is_tensor)
+    trimmed = [leaf[:, :keep] if leaf.dim() >= 2 and leaf.shape[1] == length else leaf
+               for leaf in leaves]
+    return unflatten(spec, trimmed)
+
+
+class TorchBackend(Backend):
+    """Primitives over torch autograd. One instance serves one step.
+
+    Args:
+        scaler: a ``torch.amp.GradScaler``; gradients are then scaled exactly as
+            ``scaler.scale(loss).backward()`` scales them.
+        pad_trim: trim padding columns from Mapping chunks with an ``attention_mask``.
+    """
+
+    name = "torch"
+
+    def __init__(self, *, scaler: Any = None, pad_trim: bool = False,
+                 protect: Sequence[torch.Tensor] = ()):
+        self.scaler = scaler
+        self.pad_trim = pad_trim
+        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._initial = list(protect)
+
+    # -- tensors ------------------------------------------------------------------------------------
+    def is_leaf(self, value: Any) -> bool:
+        return _is_tensor(value)
+
+    def shape(self, leaf: torch.Tensor) -> tuple:
+        return tuple(leaf.shape)
+
+    def slice_rows(self, leaf: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return leaf[start:stop]
+
+    def concat_rows(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(leaves), dim=0)
+
+    # -- randomness ---------------------------------------------------------------------------------
+    def rng_capture(self, group: int, chunk: Any) -> _rng.RngState:
+        return _rng.RngState.capture()
+
+    def rng_replay(self, record: _rng.RngState) -> contextlib.AbstractContextManager:
+        return _rng.replay(record)
+
+    # -- autodiff -----------------------------------------------------------------------------------
+    def _call(self, encoder: Callable, chunk: Any, get_rep: Callable) -> Any:
+        if self.pad_trim:
+            chunk = trim_padding(chunk)
+        return get_rep(call_with_convention(encoder, chunk, _is_tensor))
+
+    def encode(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable) -> Any:
+        with torch.no_grad():
+            return self._call(_unwrap_distributed(encoder), chunk, get_rep)
+
+    def loss_and_rep_grads(self, loss_fn: Any, reps: list, grads: Any) -> tuple[Any, list, Any]:
+        leaves, spec = flatten(reps, _is_tensor)
+        detached = [leaf.detach().requires_grad_(leaf.is_floating_point() or leaf.is_complex())
+                    for leaf in leaves]
+        leaf_reps = unflatten(spec, detached)
+        with torch.enable_grad():
+            if loss_fn.supplies_gradient:
+                loss, given = loss_fn.value_and_grad(*leaf_reps)
+                given_leaves, _ = flatten(list(given), _is_tensor)
+                if self.scaler is not None:
+                    given_leaves = [self.scaler.scale(g) for g in given_leaves]
+                rep_grads = unflatten(spec, given_leaves)
+                return loss.detach(), rep_grads, grads
+            loss = loss_fn(*leaf_reps)
+            target = self.scaler.scale(loss) if self.scaler is not None else loss
+            if target.requires_grad:
+                self._remember(_graph_leaves([target]))
+                torch.autograd.backward(target)
+        rep_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                     for leaf in detached]
+        return loss.detach(), unflatten(spec, rep_grads), grads
+
+    def pullback(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable, rep_grad: Any,
+                 grads: Any, *, final_use: Any) -> tuple[Any, Any]:
+        module = encoder if final_use else _unwrap_distributed(encoder)
+        with self.rng_replay(record), torch.enable_grad():
+            rep = self._call(module, chunk, get_rep)
+            rep_leaves, rep_spec = flatten(rep, _is_tensor)
+            grad_leaves, _ = flatten(rep_grad, _is_tensor)
+            pairs = [(r, g) for r, g in zip(rep_leaves, grad_leaves) if r.requires_grad]
+            if not pairs:
+                raise GradCacheError(
+                    "the representation does not depend on any tensor that requires grad (is the "
+                    "encoder frozen, or does get_rep detach?)")
+            roots = [r for r, _ in pairs]
+            self._remember(_graph_leaves(roots))
+            if hasattr(encoder, "parameters"):
+                # reentrant checkpointing hides parameters from the graph walk; remember them all
+                self._remember(p for p in encoder.parameters() if p.requires_grad)
+            torch.autograd.backward(roots, [g.to(r.dtype) for r, g in pairs])
+        return grads, unflatten(rep_spec, [r.detach() for r in rep_leaves])
+
+    # -- nothing half-done --------------------------------------------------------------------------
+    def _remember(self, tensors: Any) -> None:
+        for tensor in tensors:
+            if id(tensor) not in self._saved:
+                grad = tensor.grad
+                self._saved[id(tensor)] = (tensor, None if grad is None else grad.detach().clone())
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        self._saved.clear()
+        self._remember(self._initial)
+        try:
+            yield
+        except BaseException:
+            for tensor, grad in self._saved.values():
+                tensor.grad = grad
+            raise
+        finally:
+            self._saved.clear()
+
+    # -- checks -------------------------------------------------------------------------------------
+    def is_finite(self, value: torch.Tensor) -> bool:
+        return bool(torch.isfinite(value).all())
+
+    def max_abs_diff(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+    def max_abs(self, a: torch.Tensor) -> float:
+        return float(a.double().abs().max()) if a.numel() else 0.0

@@ -1,0 +1,76 @@
+"""``cached_step`` for PyTorch: the public entry point, in the idiom of ``loss.backward()``.
+
+It builds a :class:`TorchBackend` for the step and runs the core's schedule; parameter gradients
+accumulate into ``.grad`` exactly as a full-batch ``loss.backward()`` would put them there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from gradcache import run_cached_step
+from gradcache_torch._backend import TorchBackend
+
+
+def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
+                chunk_size: int | Sequence[int], get_rep: Callable | Sequence | None = None,
+                loss_kwargs: Mapping | None = None, split_fn: Callable | None = None,
+                scaler: Any = None, pad_trim: bool = False, check_finite: bool = False,
+                check_determinism: bool = False, determinism_tolerance: float = 1e-5,
+                progress: bool = False) -> torch.Tensor:
+    """One contrastive step over a batch larger than memory; gradients land in ``.grad``.
+
+    Equivalent to ``loss_fn(*[get_rep(enc(x)) for enc, x in zip(encoders, inputs)]).backward()`` on
+    the full batch -- same gradients, same random masks as a chunk-by-chunk forward -- while holding
+    only one chunk's activations at a time.
+
+    Args:
+        encoders: one module or callable shared by every input group, or a sequence with one per
+            group. Chunks are passed as ``enc(x)`` for a tensor, ``enc(**x)`` for a mapping
+            (a Hugging Face ``BatchEncoding``), ``enc(*x)`` for a list or tuple.
+        inputs: a sequence of input groups, e.g. ``(queries, passages)``. Every tensor leaf of a group
+            is batched along dimension 0; groups may differ in size (``k`` passages per query).
+        loss_fn: ``loss_fn(*reps, **loss_kwargs)`` returning a scalar; ``reps`` has one entry per
+            group, with the structure the encoder returned. Parameters the loss owns (a learnable
+            temperature) get their gradient exactly once.
+        chunk_size: rows per chunk, one int or one per group. It bounds memory; it never changes
+            the gradients.
+        get_rep: picks the representation from an encoder's output (one callable or one per group).
+        loss_kwargs: extra keyword arguments for the loss (labels, masks).
+        split_fn: ``split_fn(group_input, chunk_size) -> list of chunks`` for inputs the core cannot
+            slice (raw strings, custom batch objects).
+        scaler: a ``torch.amp.GradScaler``; gradients are scaled as by
+            ``scaler.scale(loss).backward()``. Call ``scaler.step``/``scaler.update`` as usual.
+        pad_trim: for mapping inputs with an ``attention_mask``, cut each chunk to its longest row.
+        check_finite: raise (and roll back) if the loss is NaN or infinite.
+        check_determinism: compare pass 2's representations with pass 1's and raise if they differ
+            by more than ``determinism_tolerance`` (relative to their magnitude).
+        progress: a tqdm bar over the chunks of both passes.
+
+    Returns:
+        The loss, detached.
+
+    Raises:
+        GradCacheError: for malformed input (before anything runs) or a failed check; any error
+            leaves every ``.grad`` exactly as it was before the call.
+
+    >>> import torch
+    >>> from gradcache_torch import cached_step
+    >>> encoder = torch.nn.Linear(8, 4)
+    >>> queries, passages = torch.randn(16, 8), torch.randn(16, 8)
+    >>> def info_nce(q, p):
+    ...     return torch.nn.functional.cross_entropy(q @ p.T, torch.arange(len(q)))
+    >>> loss = cached_step(encoder, (queries, passages), info_nce, chunk_size=4)
+    >>> encoder.weight.grad.shape
+    torch.Size([4, 8])
+    """
+    backend = TorchBackend(scaler=scaler, pad_trim=pad_trim)
+    loss, _ = run_cached_step(
+        backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
+        loss_kwargs=loss_kwargs, split_fn=split_fn, check_finite=check_finite,
+        check_determinism=check_determinism, determinism_tolerance=determinism_tolerance,
+        progress=progress)
+    return loss
