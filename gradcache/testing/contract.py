@@ -178,30 +178,39 @@ class BackendContract:
     def _features(cls) -> frozenset:
         return cls.harness.features
 
-    # -- exactness ------------------------------------------------------------------------------------
-    @given(data=st.data())
-    @settings(**_SETTINGS)
-    def test_cached_equals_full_batch(self, data: Any) -> None:
-        spec = data.draw(problem_specs(self._features()))
-        cached = self.harness.run(spec, "cached")
-        full = self.harness.run(spec, "full")
-        assert_results_close(cached, full, spec.dtype)
+    def _property(self, strategy: Any, max_examples: int | None = None) -> Any:
+        """Decorates a check as a hypothesis test bounded by this backend's ``max_examples``."""
+        def decorate(check: Any) -> Any:
+            return settings(max_examples=max_examples or self.max_examples, **_SETTINGS)(
+                given(strategy)(check))
+        return decorate
 
-    @given(data=st.data())
-    @settings(**_SETTINGS)
-    def test_dropout_replays_the_chunked_reference(self, data: Any) -> None:
+    # -- exactness ------------------------------------------------------------------------------------
+    def test_cached_equals_full_batch(self) -> None:
+        @self._property(problem_specs(self._features()))
+        def check(spec: ProblemSpec) -> None:
+            cached = self.harness.run(spec, "cached")
+            full = self.harness.run(spec, "full")
+            assert_results_close(cached, full, spec.dtype)
+        check()
+
+    def test_dropout_replays_the_chunked_reference(self) -> None:
         if "dropout" not in self._features():
             pytest.skip(f"{self.harness.name} harness has no dropout")
-        spec = data.draw(problem_specs(self._features(), dropout=True))
-        cached = self.harness.run(spec, "cached")
-        chunked = self.harness.run(spec, "chunked")
-        assert_results_close(cached, chunked, spec.dtype)
-        if "rng_state" in self._features():
-            assert np.array_equal(np.asarray(cached.rng_after), np.asarray(chunked.rng_after)), (
-                "the step left the random state elsewhere than a chunk-by-chunk forward")
+
+        @self._property(problem_specs(self._features(), dropout=True))
+        def check(spec: ProblemSpec) -> None:
+            cached = self.harness.run(spec, "cached")
+            chunked = self.harness.run(spec, "chunked")
+            assert_results_close(cached, chunked, spec.dtype)
+            if "rng_state" in self._features():
+                assert np.array_equal(np.asarray(cached.rng_after), np.asarray(chunked.rng_after)), (
+                    "the step left the random state elsewhere than a chunk-by-chunk forward")
+        check()
 
     def test_dropout_really_draws_masks(self) -> None:
-        # Guards the test above against passing vacuously: different seeds, different grads.
+        # Guards the test above against passing vacuously: with dropout, the gradients differ
+        # from those without.
         if "dropout" not in self._features():
             pytest.skip(f"{self.harness.name} harness has no dropout")
         spec = ProblemSpec(batch_sizes=(8, 8), chunk_sizes=(3, 3), dropout=0.5, dim_in=4)
@@ -210,19 +219,24 @@ class BackendContract:
         assert relative_error(a.grads["enc0.W"], b.grads["enc0.W"]) > 1e-6
 
     # -- nothing half-done ----------------------------------------------------------------------------
-    @given(data=st.data())
-    @settings(**{**_SETTINGS, "max_examples": 15})
-    def test_failure_leaves_gradients_untouched(self, data: Any) -> None:
-        spec = data.draw(problem_specs(self._features()))
-        calls = 2 * sum(-(-b // c) for b, c in zip(spec.batch_sizes, spec.chunk_sizes))
-        fail_at = data.draw(st.integers(1, calls))
-        before, after = self.harness.run_failing(spec, fail_at)
-        assert set(before) == set(after)
-        for name in before:
-            if before[name] is None:
-                assert after[name] is None, f"{name}: a gradient appeared after a failed step"
-            else:
-                assert np.array_equal(before[name], after[name]), f"{name} changed"
+    def test_failure_leaves_gradients_untouched(self) -> None:
+        @st.composite
+        def failing_specs(draw: Any) -> tuple[ProblemSpec, int]:
+            spec = draw(problem_specs(self._features()))
+            calls = 2 * sum(-(-b // c) for b, c in zip(spec.batch_sizes, spec.chunk_sizes))
+            return spec, draw(st.integers(1, calls))
+
+        @self._property(failing_specs(), max(5, self.max_examples // 3))
+        def check(case: tuple[ProblemSpec, int]) -> None:
+            spec, fail_at = case
+            before, after = self.harness.run_failing(spec, fail_at)
+            assert set(before) == set(after)
+            for name in before:
+                if before[name] is None:
+                    assert after[name] is None, f"{name}: a gradient appeared after a failed step"
+                else:
+                    assert np.array_equal(before[name], after[name]), f"{name} changed"
+        check()
 
     # -- errors -----------------------------------------------------------------------------------------
     def _pair(self, rows: tuple[int, int] = (4, 4), dim: int = 3) -> tuple:
