@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradcache import _tree
+from gradcache._errors import GradCacheError
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,17 @@ class Backend:
         """Largest absolute value of a tensor (scales ``check_determinism``'s tolerance)."""
         raise NotImplementedError(f"the {self.name} backend does not support check_determinism")
 
+    def run_check(self, check: Callable[..., None], *values: Any) -> None:
+        """Runs ``check(*values)``, a test that raises when the step must not go on.
+
+        The core's ``check_finite`` and ``check_determinism`` go through here. The default runs the
+        check now. A compiled backend whose values are not concrete yet (JAX under ``jit`` or inside
+        a scanned loop) may instead run it on the host once they are (a host callback), so that the
+        compiled program fails with the check's message instead of silently going on. ``values``
+        are tensors, nested structures of tensors, or chunk indices as the loop passed them.
+        """
+        check(*values)
+
     def chunk_loop(self, body: ChunkBody, carry: Any, rows: Any, plan: ChunkPlan,
                    per_chunk: Sequence | None) -> tuple[Any, tuple[Any, Any]]:
         """Runs ``body`` over the chunks of ``rows`` in order; concatenates row outputs.
@@ -232,9 +244,10 @@ def concat_row_trees(backend: Backend, trees: Sequence[Any]) -> Any:
     if not flat:
         return None
     spec = flat[0][1]
-    for leaves, other in flat[1:]:
+    for index, (_, other) in enumerate(flat[1:], start=1):
         if other != spec:
-            raise ValueError("chunks produced outputs of different structure")
+            raise GradCacheError(f"chunk {index} produced an output structured differently from "
+                                 f"chunk 0; an encoder must return the same structure for every chunk")
     columns = zip(*(leaves for leaves, _ in flat))
     return _tree.unflatten(spec, [backend.concat_rows(list(column)) for column in columns])
 

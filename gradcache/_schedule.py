@@ -188,8 +188,8 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
                 reps.append(rep)
                 records.append(record)
             loss, rep_grads, grads = backend.loss_and_rep_grads(checked_loss, reps, grads)
-            if check_finite and not backend.is_finite(loss):
-                raise GradCacheError(f"the loss is not finite ({loss}); no gradient was applied")
+            if check_finite:
+                backend.run_check(_require_finite(backend), loss)
             for group, rep, rep_grad, record in zip(groups, reps, rep_grads, records):
                 grads = _pass_two(backend, group, rep if check_determinism else None, rep_grad,
                                   record, grads, determinism_tolerance, bar)
@@ -305,7 +305,11 @@ def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, recor
                                      f" with inputs {describe_shapes(backend, chunk)}")
             raise
         if rep_chunk is not None:
-            _check_same(backend, group.index, index, rep_chunk, recomputed, tolerance)
+            # through run_check: under a compiled loop the values (and the index) are not concrete
+            backend.run_check(
+                lambda chunk, first, second: _check_same(backend, group.index, chunk, first,
+                                                         second, tolerance),
+                index, rep_chunk, recomputed)
         bar.update(f"gradcache pass 2, group {group.index}")
         return grads, (None, None)
 
@@ -316,6 +320,13 @@ def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, recor
         return grads
     grads, _ = backend.chunk_loop(body, grads, (group.inputs, rep_grad, rep), group.plan, records)
     return grads
+
+
+def _require_finite(backend: Backend) -> Callable[[Any], None]:
+    def check(loss: Any) -> None:
+        if not backend.is_finite(loss):
+            raise GradCacheError(f"the loss is not finite ({loss}); no gradient was applied")
+    return check
 
 
 def _check_same(backend: Backend, group: int, chunk: Any, first: Any, second: Any,

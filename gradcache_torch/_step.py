@@ -11,14 +11,56 @@ from typing import Any
 
 import torch
 
-from gradcache import run_cached_step
+from gradcache import map_leaves, run_cached_step
 from gradcache_torch._backend import TorchBackend
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def _length_order(group: Any) -> torch.Tensor | None:
+    """Rows of a mapping group with an attention mask, longest first (``None`` otherwise)."""
+    mask = group.get("attention_mask") if isinstance(group, Mapping) else None
+    if not _is_tensor(mask) or mask.dim() != 2:
+        return None
+    return torch.argsort(mask.sum(dim=1), descending=True, stable=True)
+
+
+class _InOriginalOrder:
+    """Wraps a loss so that it sees every group's representations in the caller's row order,
+    while chunks are formed from length-sorted rows. Autograd carries the gradient back through
+    the permutation, so the representation gradients arrive in sorted order, as pass 2 needs."""
+
+    def __init__(self, loss_fn: Callable, orders: list[torch.Tensor | None]):
+        self.loss_fn = loss_fn
+        self.inverses = [None if o is None else torch.argsort(o) for o in orders]
+        self.orders = orders
+
+    @staticmethod
+    def _take(tree: Any, index: torch.Tensor | None) -> Any:
+        if index is None:
+            return tree
+        return map_leaves(lambda leaf: leaf[index.to(leaf.device)], tree, _is_tensor)
+
+    def __call__(self, *reps: Any, **kwargs: Any) -> Any:
+        return self.loss_fn(*[self._take(r, i) for r, i in zip(reps, self.inverses)], **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "value_and_grad" and hasattr(self.loss_fn, "value_and_grad"):
+            def value_and_grad(*reps: Any, **kwargs: Any) -> Any:
+                loss, grads = self.loss_fn.value_and_grad(
+                    *[self._take(r, i) for r, i in zip(reps, self.inverses)], **kwargs)
+                return loss, [self._take(g, o) for g, o in zip(grads, self.orders)]
+            return value_and_grad
+        raise AttributeError(name)
 
 
 def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                 chunk_size: int | Sequence[int], get_rep: Callable | Sequence | None = None,
                 loss_kwargs: Mapping | None = None, split_fn: Callable | None = None,
-                scaler: Any = None, pad_trim: bool = False, check_finite: bool = False,
+                scaler: Any = None, pad_trim: bool = False, sort_by_length: bool = False,
+                check_finite: bool = False,
                 check_determinism: bool = False, determinism_tolerance: float = 1e-5,
                 progress: bool = False) -> torch.Tensor:
     """One contrastive step over a batch larger than memory; gradients land in ``.grad``.
@@ -45,6 +87,10 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         scaler: a ``torch.amp.GradScaler``; gradients are scaled as by
             ``scaler.scale(loss).backward()``. Call ``scaler.step``/``scaler.update`` as usual.
         pad_trim: for mapping inputs with an ``attention_mask``, cut each chunk to its longest row.
+        sort_by_length: form chunks from length-sorted rows (mapping inputs with an
+            ``attention_mask``), so that ``pad_trim`` removes most padding; the loss still sees
+            every group in the caller's order. Dropout masks then fall on other rows than without
+            sorting (an equally valid draw); deterministic encoders get the same gradients.
         check_finite: raise (and roll back) if the loss is NaN or infinite.
         check_determinism: compare pass 2's representations with pass 1's and raise if they differ
             by more than ``determinism_tolerance`` (relative to their magnitude).
@@ -68,6 +114,12 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     torch.Size([4, 8])
     """
     backend = TorchBackend(scaler=scaler, pad_trim=pad_trim)
+    if sort_by_length and isinstance(inputs, (list, tuple)):
+        orders = [_length_order(group) for group in inputs]
+        if any(order is not None for order in orders):
+            inputs = [group if order is None else map_leaves(lambda leaf, o=order: leaf[o.to(leaf.device)], group, _is_tensor)
+                      for group, order in zip(inputs, orders)]
+            loss_fn = _InOriginalOrder(loss_fn, orders)
     loss, _ = run_cached_step(
         backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
         loss_kwargs=loss_kwargs, split_fn=split_fn, check_finite=check_finite,

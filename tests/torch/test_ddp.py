@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 import socket
 import tempfile
+from datetime import timedelta
 
 import pytest
 import torch

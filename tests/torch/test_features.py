@@ -294,3 +294,18 @@ def test_functional_decorators_match_cached_step() -> None:
         reps_p.append(reference(p[i:i + 4]))
     info_nce(torch.cat(reps_q), torch.cat(reps_p)).backward()
     assert_all_close(grads_of(model), grads_of(reference))
+
+
+def test_length_sorted_chunks_give_the_same_gradients_in_the_callers_order() -> None:
+    torch.manual_seed(0)
+    model = MaskedMeanEncoder()
+    reference = MaskedMeanEncoder()
+    reference.load_state_dict(model.state_dict())
+    q, p = token_batch(10, 12, 3), token_batch(10, 12, 4)
+    pool = lambda out: out.last_hidden_state  # noqa: E731
+    cached_step(model, (q, p), info_nce, chunk_size=3, get_rep=pool, pad_trim=True,
+                sort_by_length=True)
+    info_nce(pool(reference(**q)), pool(reference(**p))).backward()  # positives on the diagonal
+    assert_all_close(grads_of(model), grads_of(reference), rtol=1e-12)
+    lengths = sorted(q["attention_mask"].sum(1).tolist(), reverse=True)
+    assert model.lengths_seen[0] == lengths[0] and model.lengths_seen[3] == lengths[9]

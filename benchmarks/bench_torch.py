@@ -1,0 +1,142 @@
+"""Measures the torch adapter: step time and peak memory of a cached step against a full-batch step.
+
+Prints markdown tables; asserts nothing (these machines are shared and noisy, so every figure is a
+ratio of measurements taken side by side in one run). Memory is the peak resident set of a fresh
+process per configuration, minus its resident set just before the step.
+
+    python benchmarks/bench_torch.py time      # cached / full-batch step time
+    python benchmarks/bench_torch.py memory    # peak memory at batch = chunk and 32 x chunk
+    python benchmarks/bench_torch.py all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gradcache_torch import cached_step
+
+VOCAB = 1000
+
+
+class SmallTransformer(torch.nn.Module):
+    """A small transformer sentence encoder: embeddings, two layers, mean pooling."""
+
+    def __init__(self, dim: int = 128, layers: int = 2, heads: int = 4, dropout: float = 0.1):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, dim)
+        layer = torch.nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.embed(ids)).mean(dim=1)
+
+
+def info_nce(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(q @ p.T / 0.05, torch.arange(len(q)))
+
+
+def batch(rows: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(0, VOCAB, (rows, length), generator=generator) for _ in range(2))
+
+
+def full_step(model: torch.nn.Module, q: torch.Tensor, p: torch.Tensor) -> None:
+    info_nce(model(q), model(p)).backward()
+
+
+def time_steps(rows: int, chunk: int, length: int, dim: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = SmallTransformer(dim)
+    q, p = batch(rows, length)
+    steps = {
+        "full": lambda: full_step(model, q, p),
+        "cached": lambda: cached_step(model, (q, p), info_nce, chunk_size=chunk),
+    }
+    for step in steps.values():  # warm up allocators and kernels
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():  # interleaved, so drift hits both alike
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {"rows": rows, "chunk": chunk, **medians, "ratio": medians["cached"] / medians["full"]}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def measure_memory_here(mode: str, rows: int, chunk: int, length: int, dim: int) -> dict:
+    """Runs in a fresh process: peak RSS growth of one step over the RSS just before it."""
+    torch.manual_seed(0)
+    model = SmallTransformer(dim, dropout=0.0)
+    q, p = batch(rows, length)
+    before = rss_bytes()
+    if mode == "cached":
+        cached_step(model, (q, p), info_nce, chunk_size=chunk)
+    else:
+        full_step(model, q, p)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"mode": mode, "rows": rows, "chunk": chunk, "step_peak": max(0, peak - before)}
+
+
+def memory_table(chunk: int, length: int, dim: int) -> list[dict]:
+    results = []
+    for mode, rows in [("cached", chunk), ("cached", 32 * chunk), ("full", chunk), ("full", 32 * chunk)]:
+        out = subprocess.run(
+            [sys.executable, __file__, "_memory", mode, str(rows), str(chunk), str(length), str(dim)],
+            capture_output=True, text=True, check=True)
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["time", "memory", "all", "_memory"])
+    parser.add_argument("args", nargs="*")
+    parser.add_argument("--repeats", type=int, default=7)
+    options = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if options.what == "_memory":
+        mode, rows, chunk, length, dim = options.args
+        print(json.dumps(measure_memory_here(mode, int(rows), int(chunk), int(length), int(dim))))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    if options.what in ("time", "all"):
+        print("## Step time, cached / full-batch (small transformer, seq 32, d 128, 2 layers)\n")
+        print("| batch | chunk | full (s) | cached (s) | cached / full |")
+        print("|---|---|---|---|---|")
+        for rows, chunk in [(256, 32), (256, 64), (512, 128)]:
+            r = time_steps(rows, chunk, length=32, dim=128, repeats=options.repeats)
+            print(f"| {r['rows']} | {r['chunk']} | {r['full']:.3f} | {r['cached']:.3f} | {r['ratio']:.2f} |")
+        print()
+    if options.what in ("memory", "all"):
+        chunk, length, dim = 32, 64, 256
+        rows = memory_table(chunk, length, dim)
+        reps_and_grads = 2 * 2 * 32 * chunk * dim * 4  # two groups, reps + grads, float32
+        print(f"## Peak step memory (fresh process each; seq {length}, d {dim}, chunk {chunk})\n")
+        print("| step | batch | peak growth (MiB) |")
+        print("|---|---|---|")
+        for r in rows:
+            print(f"| {r['mode']} | {r['rows']} | {r['step_peak'] / 2**20:.1f} |")
+        small, large = rows[0]["step_peak"], rows[1]["step_peak"]
+        print(f"\ncached: growth from batch {chunk} to {32 * chunk} = {(large - small) / 2**20:.1f} MiB; "
+              f"representations + their gradients at {32 * chunk} = {reps_and_grads / 2**20:.1f} MiB; "
+              f"full step at {32 * chunk} / cached step = {rows[3]['step_peak'] / max(large, 1):.1f}x")
+
+
+if __name__ == "__main__":
+    main()
