@@ -169,25 +169,29 @@ class BackendContract:
     """Subclass with ``harness = YourHarness()`` (class name starting with ``Test``) to run the suite.
 
     ``max_examples`` bounds each property test; lower it for backends that compile per shape.
+    ``examples_for`` lowers it further for named tests (``{"test_...": 6}``).
     """
 
     harness: Harness
     max_examples: int = 40
+    examples_for: dict = {}
 
     @classmethod
     def _features(cls) -> frozenset:
         return cls.harness.features
 
-    def _property(self, strategy: Any, max_examples: int | None = None) -> Any:
-        """Decorates a check as a hypothesis test bounded by this backend's ``max_examples``."""
+    def _property(self, strategy: Any, test_name: str, max_examples: int | None = None) -> Any:
+        """Decorates a check as a hypothesis test bounded by this backend's example budget."""
+        limit = min(max_examples or self.max_examples,
+                    self.examples_for.get(test_name, self.max_examples))
+
         def decorate(check: Any) -> Any:
-            return settings(max_examples=max_examples or self.max_examples, **_SETTINGS)(
-                given(strategy)(check))
+            return settings(max_examples=max(1, limit), **_SETTINGS)(given(strategy)(check))
         return decorate
 
     # -- exactness ------------------------------------------------------------------------------------
     def test_cached_equals_full_batch(self) -> None:
-        @self._property(problem_specs(self._features()))
+        @self._property(problem_specs(self._features()), "test_cached_equals_full_batch")
         def check(spec: ProblemSpec) -> None:
             cached = self.harness.run(spec, "cached")
             full = self.harness.run(spec, "full")
@@ -198,7 +202,8 @@ class BackendContract:
         if "dropout" not in self._features():
             pytest.skip(f"{self.harness.name} harness has no dropout")
 
-        @self._property(problem_specs(self._features(), dropout=True))
+        @self._property(problem_specs(self._features(), dropout=True),
+                        "test_dropout_replays_the_chunked_reference")
         def check(spec: ProblemSpec) -> None:
             cached = self.harness.run(spec, "cached")
             chunked = self.harness.run(spec, "chunked")
@@ -226,7 +231,8 @@ class BackendContract:
             calls = 2 * sum(-(-b // c) for b, c in zip(spec.batch_sizes, spec.chunk_sizes))
             return spec, draw(st.integers(1, calls))
 
-        @self._property(failing_specs(), max(5, self.max_examples // 3))
+        @self._property(failing_specs(), "test_failure_leaves_gradients_untouched",
+                        max(5, self.max_examples // 3))
         def check(case: tuple[ProblemSpec, int]) -> None:
             spec, fail_at = case
             before, after = self.harness.run_failing(spec, fail_at)

@@ -1,0 +1,366 @@
+"""The JAX backend: the core's primitives over ``jax.vjp``, and its chunk loop as ``lax.scan``.
+
+Pass 1 is a plain forward (JAX builds no graph unless asked); the loss's gradient with respect to
+the representations comes from ``jax.value_and_grad``; pass 2 re-encodes each chunk under
+``jax.vjp`` and pulls the cached gradient slice back into the parameters. Gradients travel as a
+tuple of accumulators, one per trainable leaf of ``params`` (an inexact array), and come back to
+the user in the structure of ``params``. Randomness is explicit: each chunk's key is derived from
+the step key, the group and the chunk index, so pass 2 sees pass 1's key by construction.
+
+The backend owns the *way* to iterate, not the schedule: :meth:`JaxBackend.chunk_loop` runs the
+core's loop body under ``lax.scan`` over the full chunks, plus one more call for a shorter last
+chunk, so that the compiled program does not grow with the number of chunks. It must never hold a
+loop over chunks of its own or a branch on the algorithm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from gradcache import (
+    Backend,
+    ChunkPlan,
+    GradCacheError,
+    TreeSpec,
+    flatten,
+    python_chunk_loop,
+    unflatten,
+)
+
+
+def chunk_key(rng: Any, group: Any, chunk: Any) -> Any:
+    """The key that chunk ``chunk`` of input group ``group`` receives, in both passes.
+
+    It is ``fold_in(fold_in(rng, group), chunk)``: deterministic, different for every chunk, and
+    computable from a traced chunk index (inside ``lax.scan``). Use it to write a chunk-by-chunk
+    reference, or to know which mask a row saw.
+
+    Args:
+        rng: the step's key (``jax.random.key`` or a legacy ``PRNGKey``).
+        group: index of the input group (0 for queries in ``(queries, passages)``).
+        chunk: index of the chunk within the group (an int or a traced integer).
+
+    Returns:
+        A key of the same kind as ``rng``.
+
+    >>> import jax
+    >>> from gradcache_jax import chunk_key
+    >>> rng = jax.random.PRNGKey(0)
+    >>> expected = jax.random.fold_in(jax.random.fold_in(rng, 1), 2)
+    >>> bool((chunk_key(rng, 1, 2) == expected).all())
+    True
+    """
+    return jax.random.fold_in(jax.random.fold_in(rng, group), chunk)
+
+
+def is_tensor(value: Any) -> bool:
+    """JAX arrays (tracers included) and numpy arrays are the tensor leaves of this backend."""
+    return isinstance(value, (jax.Array, np.ndarray))
+
+
+def _inexact(leaf: Any) -> bool:
+    return is_tensor(leaf) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+
+
+def _accumulator_dtype(dtype: Any) -> Any:
+    # bf16/fp16 parameters would lose the small contributions of late chunks; sum in float32 at
+    # least and cast back once at the end, as a full-batch backward's reduction would.
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _to_float64(value: Any) -> np.ndarray:
+    return np.asarray(value).astype(np.float64)
+
+
+class ScannedChunk:
+    """The chunk index the core's loop body sees inside ``lax.scan``.
+
+    The scanned body is traced once for all full chunks, so an error raised while tracing (a wrong
+    shape, a bad return value) is raised for every one of them alike, and chunk ``first`` is the one
+    a chunk-by-chunk loop would have failed on: messages name it (``str``). Computations -- the
+    chunk's key, host-side checks -- use the traced ``value``.
+
+    >>> str(ScannedChunk(value=None, first=0))
+    '0'
+    """
+
+    __slots__ = ("first", "value")
+
+    def __init__(self, value: Any, first: int):
+        self.value = value
+        self.first = first
+
+    def __str__(self) -> str:
+        return str(self.first)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.first, spec)
+
+    def __repr__(self) -> str:
+        return f"ScannedChunk(first={self.first})"
+
+    def __eq__(self, other: Any) -> Any:
+        # The core's `final_use` test; traced here, and ignored by this backend.
+        return self.value == other
+
+    __hash__ = object.__hash__
+
+
+def _index_value(chunk: Any) -> Any:
+    return chunk.value if isinstance(chunk, ScannedChunk) else chunk
+
+
+@dataclass(frozen=True)
+class ScannedItems:
+    """Per-chunk outputs of a scanned loop: stacked leaves for the full chunks, the last one apart.
+
+    The core hands what one loop returned per chunk (pass 1's keys) to the next loop (pass 2)
+    without looking inside, so this backend keeps them stacked, ready to be scanned again.
+    """
+
+    spec: TreeSpec
+    stacked: list
+    tail: Any = None
+
+
+class JaxBackend(Backend):
+    """Primitives over ``jax.vjp`` and ``lax.scan``. One instance serves one step.
+
+    Args:
+        params: the pytree every encoder (and, with ``loss_takes_params``, the loss) receives.
+            Its inexact array leaves are trained; other leaves (integer arrays, keys, functions
+            inside an Equinox module) are passed through and get ``None`` as gradient.
+        rng: the step key, or ``None`` for encoders without randomness.
+        loss_takes_params: call the loss as ``loss_fn(params, *reps)``.
+        scan: run uniform chunk loops under ``lax.scan`` (else a Python loop, op by op).
+        concrete: the step runs eagerly (not under a trace), so a progress bar can follow it.
+
+    For composing a step of your own with :func:`gradcache.run_cached_step`
+    (:func:`gradcache_jax.cached_step` does this for you):
+
+    >>> import jax.numpy as jnp
+    >>> from gradcache import run_cached_step
+    >>> from gradcache_jax import JaxBackend
+    >>> backend = JaxBackend({"w": jnp.ones((3, 2))})
+    >>> loss, grads = run_cached_step(backend, lambda p, x: x @ p["w"], (jnp.ones((5, 3)),),
+    ...                               lambda r: jnp.mean(r ** 2), chunk_size=2)
+    >>> backend.grads_like_params(grads)["w"].shape
+    (3, 2)
+    """
+
+    name = "jax"
+
+    def __init__(self, params: Any, *, rng: Any = None, loss_takes_params: bool = False,
+                 scan: bool = True, concrete: bool = False):
+        self.params = params
+        self.rng = rng
+        self.loss_takes_params = loss_takes_params
+        self.scan = scan
+        self.concrete = concrete
+        self._leaves, self._treedef = jax.tree_util.tree_flatten(params)
+        self._trainable = [i for i, leaf in enumerate(self._leaves) if _inexact(leaf)]
+        self._loss_params: Any = None
+
+    # -- parameters ---------------------------------------------------------------------------------
+    def trainable(self) -> list:
+        """The trainable leaves of ``params``, in flattening order."""
+        return [self._leaves[i] for i in self._trainable]
+
+    def params_with(self, trainable: Sequence) -> Any:
+        """``params`` with its trainable leaves replaced by ``trainable`` (to differentiate them)."""
+        leaves = list(self._leaves)
+        for i, value in zip(self._trainable, trainable, strict=True):
+            leaves[i] = value
+        return jax.tree_util.tree_unflatten(self._treedef, leaves)
+
+    def grads_like_params(self, grads: Sequence) -> Any:
+        """The accumulated gradients in the structure of ``params`` (``None`` where not trained)."""
+        leaves: list = [None] * len(self._leaves)
+        for i, grad in zip(self._trainable, grads, strict=True):
+            leaves[i] = grad.astype(self._leaves[i].dtype)
+        return jax.tree_util.tree_unflatten(self._treedef, leaves)
+
+    def loss_params(self) -> Any:
+        """The params the loss sees, with their trainable leaves being differentiated."""
+        if self._loss_params is None:
+            raise GradCacheError("the loss asked for params outside of the step's loss evaluation")
+        return self._loss_params
+
+    def zero_grads(self) -> tuple:
+        return tuple(jnp.zeros(leaf.shape, _accumulator_dtype(leaf.dtype)) for leaf in self.trainable())
+
+    @staticmethod
+    def _add(grads: Sequence, more: Sequence) -> tuple:
+        return tuple(a + b.astype(a.dtype) for a, b in zip(grads, more, strict=True))
+
+    # -- tensors ------------------------------------------------------------------------------------
+    def is_leaf(self, value: Any) -> bool:
+        return is_tensor(value)
+
+    def shape(self, leaf: Any) -> tuple:
+        return tuple(leaf.shape)
+
+    def slice_rows(self, leaf: Any, start: int, stop: int) -> Any:
+        return leaf[start:stop]
+
+    def concat_rows(self, leaves: Sequence[Any]) -> Any:
+        return jnp.concatenate(list(leaves), axis=0)
+
+    # -- randomness ---------------------------------------------------------------------------------
+    def rng_capture(self, group: int, chunk: Any) -> Any:
+        if self.rng is None:
+            return None
+        return chunk_key(self.rng, group, _index_value(chunk))
+
+    def rng_replay(self, record: Any) -> contextlib.AbstractContextManager:
+        # Keys are passed explicitly: replaying means passing the same key, which pullback does.
+        return contextlib.nullcontext()
+
+    # -- autodiff -----------------------------------------------------------------------------------
+    def _call(self, encoder: Callable, params: Any, chunk: Any, record: Any) -> Any:
+        if self.rng is None:
+            return encoder(params, chunk)
+        return encoder(params, chunk, record)
+
+    def encode(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable) -> Any:
+        # A params tree rebuilt from its leaves, as pass 2 gives it: both passes see the same kind
+        # of object, and stateful containers (Flax NNX variables) belong to the current trace.
+        return get_rep(self._call(encoder, self.params_with(self.trainable()), chunk, record))
+
+    def loss_and_rep_grads(self, loss_fn: Any, reps: list, grads: Any) -> tuple[Any, list, Any]:
+        leaves, spec = flatten(reps, is_tensor)
+        if loss_fn.supplies_gradient and not self.loss_takes_params:
+            loss, given = loss_fn.value_and_grad(*reps)
+            given_leaves, _ = flatten(list(given), is_tensor)
+            return loss, unflatten(spec, given_leaves), grads
+        # Only inexact representations have a gradient; integer outputs get zeros.
+        wrt = [i for i, leaf in enumerate(leaves) if _inexact(leaf)]
+
+        def scalar(values: list, trainable: list) -> Any:
+            full = list(leaves)
+            for i, value in zip(wrt, values, strict=True):
+                full[i] = value
+            # The loss reads its params through loss_params() while it is being differentiated.
+            self._loss_params = self.params_with(trainable) if self.loss_takes_params else None
+            try:
+                return loss_fn(*unflatten(spec, full))
+            finally:
+                self._loss_params = None
+
+        values = [leaves[i] for i in wrt]
+        if self.loss_takes_params:
+            loss, (value_grads, param_grads) = jax.value_and_grad(scalar, argnums=(0, 1))(
+                values, self.trainable())
+            grads = self._add(grads, param_grads)
+        else:
+            loss, value_grads = jax.value_and_grad(scalar)(values, self.trainable())
+        rep_grads = [jnp.zeros_like(leaf) for leaf in leaves]
+        for i, grad in zip(wrt, value_grads, strict=True):
+            rep_grads[i] = grad
+        return loss, unflatten(spec, rep_grads), grads
+
+    def pullback(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable, rep_grad: Any,
+                 grads: Any, *, final_use: Any) -> tuple[Any, Any]:
+        # No distributed wrapper to synchronise: collectives in a jitted step are the user's own.
+        del final_use
+        specs: list = []
+
+        def forward(trainable: list) -> list:
+            rep = get_rep(self._call(encoder, self.params_with(trainable), chunk, record))
+            leaves, spec = flatten(rep, is_tensor)
+            specs.append(spec)
+            return leaves
+
+        rep_leaves, vjp = jax.vjp(forward, self.trainable())
+        grad_leaves, _ = flatten(rep_grad, is_tensor)
+        if len(grad_leaves) != len(rep_leaves):
+            raise GradCacheError(
+                f"the encoder returned {len(rep_leaves)} tensors in pass 2 but {len(grad_leaves)} "
+                f"in pass 1; its output structure must not change between calls")
+        cotangents = [g.astype(r.dtype) if _inexact(r) else np.zeros(r.shape, jax.dtypes.float0)
+                      for r, g in zip(rep_leaves, grad_leaves, strict=True)]
+        (param_grads,) = vjp(cotangents)
+        return self._add(grads, param_grads), unflatten(specs[0], rep_leaves)
+
+    # -- checks -------------------------------------------------------------------------------------
+    def is_finite(self, value: Any) -> bool:
+        return bool(np.all(np.isfinite(_to_float64(value))))
+
+    def max_abs_diff(self, a: Any, b: Any) -> float:
+        return float(np.max(np.abs(_to_float64(a) - _to_float64(b)), initial=0.0))
+
+    def max_abs(self, a: Any) -> float:
+        return float(np.max(np.abs(_to_float64(a)), initial=0.0))
+
+    def run_check(self, check: Callable[..., None], *values: Any) -> None:
+        values = tuple(_index_value(value) for value in values)
+        leaves, spec = flatten(list(values), is_tensor)
+        if not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+            check(*values)
+            return
+
+        # Under a trace the values exist only at run time: check them on the host then. A failing
+        # check aborts the compiled program (jax.errors.JaxRuntimeError carrying the message), so
+        # the step returns nothing -- the nothing-half-done rule of a functional backend.
+        def on_host(*host_leaves: Any) -> None:
+            check(*unflatten(spec, list(host_leaves)))
+
+        jax.debug.callback(on_host, *leaves, ordered=True)
+
+    def progress_enabled(self) -> bool:
+        # A scanned loop body is traced once for all its chunks: a bar would not follow them.
+        return self.concrete and not self.scan
+
+    # -- the way to iterate -------------------------------------------------------------------------
+    def chunk_loop(self, body: Any, carry: Any, rows: Any, plan: ChunkPlan,
+                   per_chunk: Sequence | None) -> tuple[Any, tuple[Any, Any]]:
+        """The core's chunk loop as one ``lax.scan`` over the full chunks, then the last chunk.
+
+        Falls back to the Python loop when the chunks are not uniform (a user ``split_fn``), when
+        :attr:`scan` is off (an eager step with a progress bar or determinism check), or when the
+        previous loop ran in Python (its per-chunk outputs are a list).
+        """
+        scanned = isinstance(per_chunk, ScannedItems)
+        if not scanned and (per_chunk is not None or not self.scan or not plan.is_uniform
+                            or plan.num_full == 0):
+            return python_chunk_loop(self, body, carry, rows, plan, per_chunk)
+        count, size = plan.num_full, plan.chunk_size
+        leaves, spec = flatten(rows, is_tensor)
+        stacked = [jnp.reshape(leaf[: count * size], (count, size) + tuple(leaf.shape[1:]))
+                   for leaf in leaves]
+        specs: dict[str, TreeSpec] = {}
+
+        def scan_body(carry: Any, xs: tuple) -> tuple[Any, tuple[list, list]]:
+            index, chunk_leaves, item_leaves = xs
+            item = unflatten(per_chunk.spec, item_leaves) if scanned else None
+            carry, (rows_out, item_out) = body(carry, ScannedChunk(index, 0),
+                                               unflatten(spec, chunk_leaves), item)
+            row_leaves, specs["rows"] = flatten(rows_out, is_tensor)
+            out_items, specs["items"] = flatten(item_out, is_tensor)
+            return carry, (row_leaves, out_items)
+
+        xs = (jnp.arange(count), stacked, per_chunk.stacked if scanned else [])
+        carry, (row_stacks, item_stacks) = lax.scan(scan_body, carry, xs)
+        row_leaves = [jnp.reshape(s, (count * size,) + tuple(s.shape[2:])) for s in row_stacks]
+        tail_item = None
+        if plan.remainder:
+            tail = unflatten(spec, [leaf[count * size:] for leaf in leaves])
+            carry, (rows_out, tail_item) = body(carry, count, tail,
+                                                per_chunk.tail if scanned else None)
+            tail_leaves, tail_spec = flatten(rows_out, is_tensor)
+            if tail_spec != specs["rows"]:
+                raise GradCacheError(
+                    f"the last chunk (chunk {count}) produced outputs of another structure than "
+                    f"the chunks before it; an encoder must return the same structure for every chunk")
+            row_leaves = [jnp.concatenate([a, b], axis=0)
+                          for a, b in zip(row_leaves, tail_leaves, strict=True)]
+        rows_out = unflatten(specs["rows"], row_leaves)
+        return carry, (rows_out, ScannedItems(specs["items"], item_stacks, tail_item))

@@ -1,0 +1,237 @@
+"""The contract problem of :mod:`gradcache.testing.contract`, written in JAX.
+
+Parameters live in one flat dict named as the contract reports gradients (``enc0.W``, ``enc0.b``,
+``scale``), so ``grads`` needs no renaming. A learnable scale is a loss-owned parameter: the loss
+then takes ``params`` (``loss_takes_params=True``); a fixed scale is a constant closed over. With
+dropout, the chunk-by-chunk reference draws each chunk's mask from ``chunk_key(rng, group, chunk)``,
+the key the step promises each chunk. The harness runs every step under ``jax.jit`` or eagerly.
+
+The nothing-half-done contract, made meaningful for a functional backend: the caller owns an
+accumulator of gradients (a half-filled one) and a jitted accumulate step ``acc + grads``. The
+encoder fails at *run time* on its n-th evaluation (a host callback that raises), inside the
+compiled loop of pass 1 or pass 2; the step must raise and the caller's accumulator must be what it
+was -- no partial sum escapes the failed program.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import gradcache_jax
+from gradcache.testing.contract import ProblemSpec, Result
+from tests.jax.common import jit
+
+
+def dropout_keep(key: Any, spec: ProblemSpec, shape: tuple) -> Any:
+    """The contract's dropout mask (True = kept) for an input of ``shape`` under ``key``."""
+    # a float32 threshold: 32 random bits per entry (cheaper to compile than float64's 64)
+    return jax.random.bernoulli(key, np.float32(1.0 - spec.dropout), shape)
+
+
+def contract_encoder(index: int, spec: ProblemSpec):
+    """Encoder ``index`` of the contract problem as ``f(params, x[, key])``; the reference may
+    hand it the dropout mask itself (``keep``) instead of the key that draws it."""
+
+    def encoder(params: dict, x: Any, key: Any = None, *, keep: Any = None) -> Any:
+        if isinstance(x, dict):
+            x = x["x"] + 0.5 * x["extra"][0]
+        if spec.dropout:
+            keep = dropout_keep(key, spec, x.shape) if keep is None else keep
+            x = jnp.where(keep, x / (1.0 - spec.dropout), 0.0)
+        h = jnp.tanh(x @ params[f"enc{index}.W"] + params[f"enc{index}.b"])
+        return (h, {"sq": h * h}) if spec.nested_output else h
+
+    return encoder
+
+
+def contract_loss(scale: Any, reps: tuple, nested: bool) -> Any:
+    rows = [r[0] + 0.5 * r[1]["sq"] if nested else r for r in reps]
+    scores = scale * rows[0] @ jnp.concatenate(rows).T
+    return jnp.mean(jax.nn.logsumexp(scores, axis=1) - jnp.diagonal(scores))
+
+
+def take(x: Any, start: int, stop: int) -> Any:
+    return jax.tree_util.tree_map(lambda leaf: leaf[start:stop], x)
+
+
+def concat(parts: list) -> Any:
+    return jax.tree_util.tree_map(lambda *leaves: jnp.concatenate(leaves), *parts)
+
+
+def to_numpy(grads: dict) -> dict:
+    return {k: None if v is None else np.asarray(v).copy() for k, v in grads.items()}
+
+
+def _jit(fn: Any) -> Any:
+    # Every hypothesis draw has new shapes and compiles anew (the references too: run eagerly, each
+    # of their ops would compile on its own, which is slower still). See tests.jax.common.jit.
+    return jit(fn)
+
+
+class Problem:
+    """The contract problem for one spec: params, inputs, encoders and the loss, in JAX."""
+
+    def __init__(self, spec: ProblemSpec):
+        self.spec = spec
+        arrays = spec.arrays()
+        self.params = {k: jnp.asarray(v) for k, v in arrays["params"].items()}
+        scale = jnp.asarray(arrays["scale"])
+        if spec.learnable_scale:
+            self.params["scale"] = scale
+        self.inputs = [jax.tree_util.tree_map(jnp.asarray, x) for x in arrays["inputs"]]
+        groups = len(spec.batch_sizes)
+        self.per_group = [contract_encoder(0 if spec.shared_encoder else g, spec) for g in range(groups)]
+        # one shared function, as a user would pass it, or one per group
+        self.encoders = self.per_group[0] if spec.shared_encoder else self.per_group
+        nested = spec.nested_output
+        if spec.learnable_scale:
+            self.loss = lambda params, *reps: contract_loss(params["scale"], reps, nested)
+        else:
+            self.loss = lambda *reps: contract_loss(scale, reps, nested)
+        # a typed key of the "rbg" kind: exercises typed keys in the scanned loop, and compiles
+        # faster than threefry (every hypothesis draw compiles anew)
+        self.key = jax.random.key(spec.seed, impl="rbg")
+
+    def full_loss(self, params: dict, reps: list) -> Any:
+        return self.loss(params, *reps) if self.spec.learnable_scale else self.loss(*reps)
+
+    def cached(self, params: dict, inputs: list, key: Any, encoders: Any = None) -> tuple:
+        spec = self.spec
+        return gradcache_jax.cached_step(
+            self.encoders if encoders is None else encoders, inputs, self.loss,
+            chunk_size=list(spec.chunk_sizes), params=params,
+            rng=key if spec.dropout else None, loss_takes_params=spec.learnable_scale)
+
+
+class JaxHarness:
+    """Runs the contract problem with ``gradcache_jax``; ``jit`` picks jitted or eager steps."""
+
+    features = frozenset({"nested_input", "nested_output", "dropout", "float32", "learnable_scale",
+                          "separate_encoders"})
+
+    def __init__(self, *, jit: bool = True):
+        self.jit = jit
+        self.name = "jax (jit)" if jit else "jax (eager)"
+
+    def _maybe_jit(self, fn: Any) -> Any:
+        return _jit(fn) if self.jit else fn
+
+    def run(self, spec: ProblemSpec, mode: str) -> Result:
+        problem = Problem(spec)
+        if mode == "cached":
+            loss, grads = self._maybe_jit(problem.cached)(problem.params, problem.inputs, problem.key)
+        elif mode == "full":
+            if spec.dropout:
+                raise ValueError("the full-batch reference has no dropout; use 'chunked'")
+
+            def full(params: dict) -> Any:
+                reps = [enc(params, x)
+                        for enc, x in zip(problem.per_group, problem.inputs, strict=True)]
+                return problem.full_loss(params, reps)
+
+            loss, grads = _jit(jax.value_and_grad(full))(problem.params)
+        elif mode == "chunked":
+            bounds = [[(start, min(start + chunk, size)) for start in range(0, size, chunk)]
+                      for size, chunk in zip(spec.batch_sizes, spec.chunk_sizes, strict=True)]
+            # Each chunk's mask is drawn with the key the step promises that chunk. They are drawn
+            # here, op by op (a few shapes, compiled once), so that the jitted reference below does
+            # not unroll one random generator per chunk: up to 39 of them, slow to compile.
+            masks = [[dropout_keep(gradcache_jax.chunk_key(problem.key, group, index), spec,
+                                   (stop - start, spec.dim_in)) if spec.dropout else None
+                      for index, (start, stop) in enumerate(group_bounds)]
+                     for group, group_bounds in enumerate(bounds)]
+
+            def chunked(params: dict, masks: list) -> Any:
+                reps = []
+                for enc, x, group_bounds, group_masks in zip(problem.per_group, problem.inputs,
+                                                             bounds, masks, strict=True):
+                    reps.append(concat([enc(params, take(x, start, stop), keep=keep)
+                                        for (start, stop), keep in zip(group_bounds, group_masks,
+                                                                       strict=True)]))
+                return problem.full_loss(params, reps)
+
+            loss, grads = _jit(jax.value_and_grad(chunked))(problem.params, masks)
+        else:
+            raise ValueError(mode)
+        return Result(float(loss), to_numpy(grads))
+
+    def run_failing(self, spec: ProblemSpec, fail_at_call: int) -> tuple[dict, dict]:
+        problem = Problem(spec)
+        # the caller's half-filled accumulator: one entry holds gradients, the others none yet
+        accumulated: dict = {name: None for name in problem.params}
+        accumulated["enc0.W"] = jnp.ones_like(problem.params["enc0.W"])
+        before = to_numpy(accumulated)
+        evaluations = {"n": 0}
+
+        def tick(_: Any) -> None:
+            evaluations["n"] += 1
+            if evaluations["n"] == fail_at_call:
+                raise RuntimeError("injected failure")
+
+        def failing(encoder: Any) -> Any:
+            @functools.wraps(encoder)
+            def forward(params: dict, x: Any, key: Any = None) -> Any:
+                # a run-time failure: raised by the host when this chunk is actually evaluated
+                jax.debug.callback(tick, jax.tree_util.tree_leaves(x)[0])
+                return encoder(params, x, key)
+            return forward
+
+        wrapped = {id(e): failing(e) for e in problem.per_group}
+        encoders = (wrapped[id(problem.per_group[0])] if spec.shared_encoder
+                    else [wrapped[id(e)] for e in problem.per_group])
+
+        def accumulate(acc: dict, params: dict, inputs: list, key: Any) -> dict:
+            _, grads = problem.cached(params, inputs, key, encoders=encoders)
+            return {k: grads[k] if acc[k] is None else acc[k] + grads[k] for k in acc}
+
+        try:
+            result = self._maybe_jit(accumulate)(accumulated, problem.params, problem.inputs,
+                                                  problem.key)
+            accumulated = jax.block_until_ready(result)
+        except Exception as error:  # JaxRuntimeError from the compiled program, or the callback's own
+            assert "injected failure" in str(error), error
+        else:
+            raise AssertionError(f"the injected failure (evaluation {fail_at_call}) did not propagate; "
+                                 f"{evaluations['n']} encoder evaluations ran")
+        return before, to_numpy(accumulated)
+
+    # raw objects for the error tests
+    def step(self, encoders: Any, inputs: Any, loss_fn: Any, **options: Any) -> Any:
+        many = encoders if isinstance(encoders, (list, tuple)) else [encoders]
+        params = {enc.name: enc.weight for enc in many if isinstance(enc, LinearEncoder)}
+        step = self._maybe_jit(lambda params, inputs: gradcache_jax.cached_step(
+            encoders, inputs, loss_fn, params=params, **options))
+        return step(params, inputs)
+
+    def tensor(self, array: np.ndarray) -> jax.Array:
+        return jnp.asarray(array)
+
+    def encoder(self, dim_in: int, dim_out: int, rows_kept: int | None = None) -> Any:
+        return LinearEncoder(dim_in, dim_out, rows_kept)
+
+    def loss(self, kind: str = "scalar") -> Any:
+        if kind == "vector":
+            return lambda *reps: jnp.concatenate(reps).sum(axis=1)
+        return lambda *reps: jnp.mean(jax.nn.logsumexp(reps[0] @ jnp.concatenate(reps).T, axis=1))
+
+
+class LinearEncoder:
+    """``x @ params[name]`` for the error tests; with ``rows_kept`` it (wrongly) drops rows."""
+
+    _count = 0
+
+    def __init__(self, dim_in: int, dim_out: int, rows_kept: int | None):
+        LinearEncoder._count += 1
+        self.name = f"linear{LinearEncoder._count}"
+        self.weight = jax.random.normal(jax.random.PRNGKey(LinearEncoder._count), (dim_in, dim_out),
+                                        dtype=jnp.float64)
+        self.rows_kept = rows_kept
+
+    def __call__(self, params: dict, x: Any) -> Any:
+        out = x @ params[self.name]
+        return out if self.rows_kept is None else out[: self.rows_kept]
