@@ -1,0 +1,399 @@
+"""The TensorFlow backend: the core's primitives over ``tf.GradientTape``, gradients returned.
+
+Pass 1 calls the encoder with no tape (TensorFlow records nothing then) and cuts the outputs off
+with ``stop_gradient``; the loss's gradient with respect to the full-batch representations comes
+from one tape over the loss; pass 2 re-encodes each chunk under a fresh tape and pulls the cached
+slice back with ``tape.gradient(reps, variables, output_gradients=...)``, adding into an
+accumulator that the step returns. Random state is snapshotted and replayed through
+:mod:`gradcache_tf._rng`.
+
+Inside ``tf.function`` the chunks of a group are iterated by one ``tf.while_loop`` (see
+:meth:`TFBackend.chunk_loop`), so the traced program holds a fixed number of copies of the encoder
+whatever the number of chunks. No control flow of the algorithm lives here: the loop primitive
+runs whatever body the core hands it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # XLA context detection (private, stable)
+
+from gradcache import Backend, ChunkPlan, GradCacheError, call_with_convention, flatten, unflatten
+from gradcache._backend import ChunkBody, python_chunk_loop
+from gradcache_tf import _rng
+
+
+def is_tensor(value: Any) -> bool:
+    """Tensor leaves of nested inputs and outputs: eager or symbolic ``tf.Tensor``s and variables."""
+    return isinstance(value, (tf.Tensor, tf.Variable))
+
+
+def _differentiable(tensor: Any) -> bool:
+    return tensor.dtype.is_floating or tensor.dtype.is_complex
+
+
+def _add(total: tf.Tensor, gradient: Any) -> tf.Tensor:
+    """``total + gradient``. An embedding lookup's gradient is ``IndexedSlices``: scatter-add its
+    rows, so that a chunk costs its own rows, not a pass over the whole (vocabulary-sized) table."""
+    if isinstance(gradient, tf.IndexedSlices):
+        rows = tf.expand_dims(tf.cast(gradient.indices, tf.int64), -1)
+        return tf.tensor_scatter_nd_add(total, rows, tf.cast(gradient.values, total.dtype))
+    return total + tf.cast(gradient, total.dtype)
+
+
+@dataclass
+class LoopItems:
+    """Per-chunk items of a ``tf.while_loop`` pass: stacked for the uniform chunks, plus the last."""
+
+    stacked: Any
+    remainder: Any
+
+
+class TFBackend(Backend):
+    """Primitives over ``tf.GradientTape``. One instance serves one step.
+
+    Args:
+        variables: the variables to differentiate (``tf.Variable`` or Keras variables), or a
+            callable returning them, called once pass 1 has run (so lazily built Keras layers
+            exist by then).
+        random: the :class:`~gradcache_tf._rng.RandomSources` to snapshot and replay.
+        training: passed as ``training=`` to Keras layers and models (``None``: not passed).
+        loss_scale: ``loss -> scaled loss`` (a ``LossScaleOptimizer``'s ``scale_loss``).
+        check_random: raise on randomness the replay cannot reproduce (see ``UsageGuard``).
+        check_variables: when the variables were found automatically, a callable returning the
+            ids of every variable (frozen ones too) found on the encoders and the loss; pass 2
+            then raises if an encoder reads a trainable variable outside that set (one the search
+            missed, such as a global). ``None``: no check.
+        graph_loop: iterate chunks with ``tf.while_loop`` inside ``tf.function``.
+    """
+
+    name = "tf"
+
+    def __init__(self, variables: Sequence[Any] | Callable[[], Sequence[Any]], *,
+                 random: _rng.RandomSources, training: bool | None = True,
+                 loss_scale: Callable | None = None, check_random: bool = True,
+                 check_variables: Callable[[], set[int]] | None = None, graph_loop: bool = True):
+        self._variables_source = variables
+        self.random = random
+        self.training = training
+        self.loss_scale = loss_scale
+        self.check_random = check_random
+        self.check_variables = check_variables
+        self.graph_loop = graph_loop
+        self.variables: list | None = None        # as the caller knows them (Keras or TF)
+        self.tf_variables: list[tf.Variable] = []  # unique tf.Variables, in first-seen order
+        self.slots: list[int] = []                 # variables[i] -> tf_variables[slots[i]]
+        self.touched: set[int] = set()             # slots that received a gradient
+        self._known: set[int] | None = None        # ids of all variables found (for the check)
+        self._warned = False
+        self._keras_draws = 0
+
+    # -- variables ----------------------------------------------------------------------------------
+    def resolve_variables(self) -> None:
+        if self.variables is not None:
+            return
+        source = self._variables_source
+        variables = list(source() if callable(source) else source)
+        if not variables:
+            raise GradCacheError(
+                "found no trainable variables on the encoders or the loss; pass variables=[...] "
+                "(the variables to differentiate, e.g. model.trainable_variables)")
+        index: dict[int, int] = {}
+        for variable in variables:
+            tf_variable = _rng.as_tf_variable(variable)
+            if id(tf_variable) not in index:
+                index[id(tf_variable)] = len(self.tf_variables)
+                self.tf_variables.append(tf_variable)
+            self.slots.append(index[id(tf_variable)])
+        self.variables = variables
+
+    def gradients_for_caller(self, grads: list) -> list:
+        """The accumulator as a list aligned with the caller's variables; ``None`` where the step
+        gave a variable no gradient at all (as ``GradientTape.gradient`` would)."""
+        return [grads[slot] if slot in self.touched else None for slot in self.slots]
+
+    # -- tensors ------------------------------------------------------------------------------------
+    def is_leaf(self, value: Any) -> bool:
+        return is_tensor(value)
+
+    def shape(self, leaf: Any) -> tuple:
+        if leaf.shape.rank is None:
+            return (None,)
+        return tuple(leaf.shape)
+
+    def slice_rows(self, leaf: Any, start: int, stop: int) -> Any:
+        return leaf[start:stop]
+
+    def concat_rows(self, leaves: Sequence[Any]) -> Any:
+        return tf.concat(list(leaves), axis=0)
+
+    # -- randomness ---------------------------------------------------------------------------------
+    def rng_capture(self, group: int, chunk: Any) -> tuple:
+        return self.random.capture()
+
+    def rng_replay(self, record: tuple) -> contextlib.AbstractContextManager:
+        return self.random.replay(record)
+
+    # -- autodiff -----------------------------------------------------------------------------------
+    def _call(self, encoder: Any, chunk: Any, get_rep: Callable) -> Any:
+        layer_class = _rng._layer_class()
+        if layer_class is not None and isinstance(encoder, layer_class):
+            # Keras convention: the nested chunk is the single `inputs` argument.
+            options = {} if self.training is None else {"training": self.training}
+            return get_rep(encoder(chunk, **options))
+        return get_rep(call_with_convention(encoder, chunk, is_tensor))
+
+    def encode(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable) -> Any:
+        if self.check_random:
+            guard = _rng.UsageGuard(self.random)
+            with guard.watching():
+                rep = self._call(encoder, chunk, get_rep)
+            guard.check()
+            self._keras_draws += guard.keras_draws
+        else:
+            rep = self._call(encoder, chunk, get_rep)
+        leaves, spec = flatten(rep, is_tensor)
+        return unflatten(spec, [tf.stop_gradient(leaf) for leaf in leaves])
+
+    def _warn_slow_xla_random(self) -> None:
+        # Measured (TF 2.21, CPU): XLA runs stateless random ops whose seed is traced -- what every
+        # Keras SeedGenerator draw becomes -- some 30x slower inside a while-loop body than outside.
+        if (not self._keras_draws or self._warned or tf.executing_eagerly()
+                or tf.config.list_logical_devices("GPU")
+                or not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())):
+            return
+        self._warned = True
+        warnings.warn(
+            "gradcache: under jit_compile=True on CPU, XLA draws Keras random numbers (dropout) "
+            "slowly inside the tf.while_loop over chunks; graph_loop=False unrolls the chunks "
+            "instead (faster steps, compile time growing with the number of chunks), or draw from a "
+            "tf.random.Generator", RuntimeWarning, stacklevel=2)
+
+    def zero_grads(self) -> Any:
+        # Created in loss_and_rep_grads instead: pass 1 may build lazily built Keras layers, and
+        # only then are their variables known.
+        return None
+
+    def _accumulate(self, grads: list, new: Sequence[Any]) -> list:
+        out = list(grads)
+        for slot, gradient in enumerate(new):
+            if gradient is not None:
+                self.touched.add(slot)
+                out[slot] = _add(out[slot], gradient)
+        return out
+
+    def loss_and_rep_grads(self, loss_fn: Any, reps: list, grads: Any) -> tuple[Any, list, Any]:
+        self.resolve_variables()
+        grads = [tf.zeros(v.shape, v.dtype) for v in self.tf_variables]
+        leaves, spec = flatten(reps, is_tensor)
+        leaves = [tf.identity(leaf) for leaf in leaves]  # fresh tensors the tape can watch
+        rep_spec_reps = unflatten(spec, leaves)
+        watched = [leaf for leaf in leaves if _differentiable(leaf)]
+        if loss_fn.supplies_gradient:
+            loss, given = loss_fn.value_and_grad(*rep_spec_reps)
+            given_leaves, _ = flatten(list(given), is_tensor)
+            if self.loss_scale is not None:
+                factor = self.loss_scale(tf.ones((), loss.dtype))
+                given_leaves = [g * tf.cast(factor, g.dtype) for g in given_leaves]
+            return tf.stop_gradient(loss), unflatten(spec, given_leaves), grads
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(watched)
+            tape.watch([v for v in self.tf_variables if _differentiable(v)])
+            loss = loss_fn(*rep_spec_reps)
+            target = self.loss_scale(loss) if self.loss_scale is not None else loss
+        sources = watched + self.tf_variables
+        gradients = tape.gradient(target, sources)
+        by_leaf = dict(zip(map(id, watched), gradients[:len(watched)], strict=True))
+        rep_grads = []
+        for leaf in leaves:
+            gradient = by_leaf.get(id(leaf))
+            rep_grads.append(tf.zeros_like(leaf) if gradient is None
+                             else tf.convert_to_tensor(gradient))
+        grads = self._accumulate(grads, gradients[len(watched):])
+        return tf.stop_gradient(loss), unflatten(spec, rep_grads), grads
+
+    def pullback(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable, rep_grad: Any,
+                 grads: Any, *, final_use: Any) -> tuple[Any, Any]:
+        with self.random.replay(record):
+            with tf.GradientTape(watch_accessed_variables=self.check_variables is not None) as tape:
+                tape.watch([v for v in self.tf_variables if _differentiable(v)])
+                rep = self._call(encoder, chunk, get_rep)
+            rep_leaves, rep_spec = flatten(rep, is_tensor)
+            grad_leaves, _ = flatten(rep_grad, is_tensor)
+            pairs = [(r, tf.cast(g, r.dtype)) for r, g in zip(rep_leaves, grad_leaves, strict=True)
+                     if _differentiable(r)]
+            if self.check_variables is not None:
+                self._check_watched(tape)
+            gradients = tape.gradient([r for r, _ in pairs], self.tf_variables,
+                                      output_gradients=[g for _, g in pairs])
+        grads = self._accumulate(grads, gradients)
+        return grads, unflatten(rep_spec, [tf.stop_gradient(r) for r in rep_leaves])
+
+    def _check_watched(self, tape: tf.GradientTape) -> None:
+        if self._known is None:
+            self._known = self.check_variables() | {id(v) for v in self.tf_variables}
+        missed = [v for v in tape.watched_variables() if id(v) not in self._known and v.trainable]
+        if missed:
+            names = ", ".join(sorted({v.name for v in missed}))
+            raise GradCacheError(
+                f"the encoder reads trainable variables that were not found on the encoders or the "
+                f"loss: {names}. Pass variables=[...] listing every variable to differentiate")
+
+    # -- nothing half-done --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        # Gradients are returned, so a failed step has nothing to undo there; what it did change is
+        # the random streams pass 1 advanced. Put them back (eagerly: a failed trace runs nothing).
+        eager = tf.executing_eagerly()
+        before = self.random.capture() if eager else None
+        try:
+            yield
+        except BaseException:
+            if eager:
+                self.random.restore(before)
+            raise
+
+    # -- checks -------------------------------------------------------------------------------------
+    def run_check(self, check: Callable[..., None], *values: Any) -> None:
+        """Eagerly: runs ``check`` now. Inside ``tf.function``: runs it on the host when the graph
+        runs (``tf.py_function``), so that the step fails with the check's message and returns
+        nothing. XLA cannot call the host (and drops assertions), so there it is refused."""
+        if tf.executing_eagerly():
+            check(*values)
+            return
+        if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+            raise GradCacheError(
+                "check_finite and check_determinism run on the host, which a jit_compile=True "
+                "function cannot call; run the checking step without jit_compile")
+        leaves, spec = flatten(values, is_tensor)
+
+        def on_host(*concrete: Any) -> list:
+            plain = [int(t) if t.shape.rank == 0 and t.dtype.is_integer else t for t in concrete]
+            check(*unflatten(spec, plain))
+            return []
+
+        tf.py_function(on_host, leaves, Tout=[], name="gradcache_check")
+
+    def is_finite(self, value: Any) -> bool:
+        return bool(tf.reduce_all(tf.math.is_finite(value)))
+
+    def max_abs_diff(self, a: Any, b: Any) -> float:
+        return float(_max_abs(tf.cast(a, tf.float64) - tf.cast(b, tf.float64)))
+
+    def max_abs(self, a: Any) -> float:
+        return float(_max_abs(tf.cast(a, tf.float64)))
+
+    # -- iteration ----------------------------------------------------------------------------------
+    def progress_enabled(self) -> bool:
+        return tf.executing_eagerly()
+
+    def chunk_loop(self, body: ChunkBody, carry: Any, rows: Any, plan: ChunkPlan,
+                   per_chunk: Sequence | None) -> tuple[Any, tuple[Any, Any]]:
+        """A ``tf.while_loop`` over uniform chunks inside ``tf.function``; Python otherwise.
+
+        Chunk 0 is traced on its own before the loop: that fixes the structure, dtypes and shapes
+        of what the body returns (the loop's ``TensorArray``s need them), lets lazily built Keras
+        layers create their variables outside the loop, and gives any trace-time error a plain
+        chunk number. Then one ``tf.while_loop`` (``parallel_iterations=1``, so chunks run one
+        after the other and memory holds one chunk's activations) covers chunks ``1..n-1``, and a
+        last call covers the smaller remainder chunk. The program holds at most three copies of the
+        body, whatever the number of chunks; eagerly, or with fewer than three full chunks, the
+        plain Python loop is as good.
+        """
+        if isinstance(per_chunk, LoopItems) or (per_chunk is None and self._loops(plan)):
+            return self._while_loop(body, carry, rows, plan, per_chunk)
+        return python_chunk_loop(self, body, carry, rows, plan, per_chunk)
+
+    def _loops(self, plan: ChunkPlan) -> bool:
+        return (self.graph_loop and not tf.executing_eagerly() and plan.is_uniform
+                and plan.num_full >= 3)
+
+    def _while_loop(self, body: ChunkBody, carry: Any, rows: Any, plan: ChunkPlan,
+                    per_chunk: LoopItems | None) -> tuple[Any, tuple[Any, Any]]:
+        count, size = plan.num_full, plan.chunk_size
+        row_leaves, row_spec = flatten(rows, is_tensor)
+
+        def chunk_at(index: Any) -> Any:
+            if isinstance(index, int):
+                bounds = slice(index * size, (index + 1) * size)
+                return unflatten(row_spec, [leaf[bounds] for leaf in row_leaves])
+            return unflatten(row_spec, [_rows_at(leaf, index * size, size) for leaf in row_leaves])
+
+        item_leaves, item_spec = flatten(per_chunk.stacked, is_tensor) if per_chunk else ([], None)
+
+        def item_at(index: Any) -> Any:
+            if per_chunk is None:
+                return None
+            return unflatten(item_spec, [leaf[index] for leaf in item_leaves])
+
+        carry, (rows0, item0) = body(carry, 0, chunk_at(0), item_at(0))
+        if per_chunk is None:
+            self._warn_slow_xla_random()  # pass 1's chunk 0 has shown whether the encoder draws
+        carry_leaves, carry_spec = flatten(carry, is_tensor)
+        out_leaves, out_spec = flatten(rows0, is_tensor)
+        new_item_leaves, new_item_spec = flatten(item0, is_tensor)
+        arrays = [_array(leaf, count) for leaf in out_leaves + new_item_leaves]
+
+        def loop_body(index: tf.Tensor, carry_leaves: list, arrays: list) -> tuple:
+            new_carry, (rows_i, item_i) = body(unflatten(carry_spec, carry_leaves), index,
+                                               chunk_at(index), item_at(index))
+            leaves_i, spec_i = flatten(rows_i, is_tensor)
+            items_i, item_spec_i = flatten(item_i, is_tensor)
+            if spec_i != out_spec or item_spec_i != new_item_spec:
+                raise GradCacheError("chunks produced outputs of different structure")
+            written = [array.write(index, leaf)
+                       for array, leaf in zip(arrays, leaves_i + items_i, strict=True)]
+            next_carry, _ = flatten(new_carry, is_tensor)
+            return index + 1, next_carry, written
+
+        _, carry_leaves, arrays = tf.while_loop(
+            lambda index, *_: index < count, loop_body,
+            (tf.constant(1), carry_leaves, arrays), parallel_iterations=1,
+            maximum_iterations=count - 1)
+        carry = unflatten(carry_spec, carry_leaves)
+        stacked = [array.stack() for array in arrays]
+        full_rows = [_merge_leading(s, count * size) for s in stacked[:len(out_leaves)]]
+        stacked_items = unflatten(new_item_spec, stacked[len(out_leaves):])
+        remainder_item = None
+        if plan.remainder:
+            start = count * size
+            last = unflatten(row_spec, [leaf[start:] for leaf in row_leaves])
+            carry, (rows_last, remainder_item) = body(
+                carry, count, last, per_chunk.remainder if per_chunk else None)
+            last_leaves, _ = flatten(rows_last, is_tensor)
+            full_rows = [tf.concat([a, b], axis=0)
+                         for a, b in zip(full_rows, last_leaves, strict=True)]
+        rows_out = unflatten(out_spec, full_rows) if out_leaves else rows0
+        return carry, (rows_out, LoopItems(stacked_items, remainder_item))
+
+
+def _rows_at(leaf: tf.Tensor, start: tf.Tensor, size: int) -> tf.Tensor:
+    """``leaf[start:start + size]`` with a traced ``start`` and a static result shape."""
+    rank = leaf.shape.rank
+    begin = tf.concat([tf.reshape(tf.cast(start, tf.int32), [1]), tf.zeros([rank - 1], tf.int32)], 0)
+    return tf.slice(leaf, begin, [size] + [-1] * (rank - 1))
+
+
+def _merge_leading(stacked: tf.Tensor, rows: int) -> tf.Tensor:
+    """``(chunks, chunk_size, ...) -> (rows, ...)``, keeping the static shape where it is known."""
+    tail = stacked.shape[2:]
+    if tail.is_fully_defined():
+        return tf.reshape(stacked, [rows, *tail.as_list()])
+    merged = tf.reshape(stacked, tf.concat([[rows], tf.shape(stacked)[2:]], 0))
+    return tf.ensure_shape(merged, [rows, *tail.as_list()])
+
+
+def _array(leaf: tf.Tensor, count: int) -> tf.TensorArray:
+    array = tf.TensorArray(leaf.dtype, size=count, element_shape=leaf.shape)
+    return array.write(0, leaf)
+
+
+def _max_abs(tensor: tf.Tensor) -> tf.Tensor:
+    flat = tf.reshape(tf.abs(tensor), [-1])
+    return tf.reduce_max(tf.concat([flat, tf.zeros([1], flat.dtype)], 0))

@@ -1,0 +1,137 @@
+"""Keras integration: ``GradCacheModel``, a ``keras.Model`` whose ``fit`` takes gradient-cached steps.
+
+A contrastive model in Keras is a few encoders and a loss over their representations. This module
+wraps them in a model whose ``train_step`` runs :func:`gradcache_tf.cached_step` on each batch and
+applies the gradients with the compiled optimizer, so ``model.fit(dataset)`` trains with a
+contrastive batch larger than memory. It imports Keras (TensorFlow backend) and must stay a thin
+shell over ``cached_step``: no gradient logic of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from gradcache import GradCacheError
+from gradcache_tf._step import cached_step
+
+if keras.backend.backend() != "tensorflow":  # pragma: no cover - depends on the environment
+    raise ImportError(f"GradCacheModel needs Keras on the TensorFlow backend, found "
+                      f"{keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow")
+
+
+class GradCacheModel(keras.Model):
+    """A Keras model that trains encoders with a gradient-cached contrastive loss.
+
+    Each dataset element is the tuple of input groups the encoders take, e.g. ``(queries,
+    passages)`` (each a tensor or a nested dict/tuple of tensors), or a dict
+    ``{"groups": (queries, passages), **loss_kwargs}`` when the loss needs more (labels). Batch
+    with ``drop_remainder=True``: chunks are planned when Keras traces the step, which needs a
+    static batch size. ``evaluate`` computes the same loss without chunking and without gradients.
+
+    Args:
+        encoders: one encoder (a Keras layer or model) shared by every group, or one per group.
+        loss_fn: ``loss_fn(*reps, **loss_kwargs)`` returning a scalar; a Keras layer's weights (a
+            learnable temperature) are trained with the encoders.
+        chunk_size: rows per chunk (one int or one per group); bounds memory only.
+        get_rep: picks the representation from an encoder's output (one or one per group).
+        step_options: more keyword arguments for :func:`gradcache_tf.cached_step`
+            (``check_finite``, ``random_state``, ...).
+        **kwargs: passed to ``keras.Model`` (``name``, ``dtype``).
+
+    Compile with an optimizer only (the loss is ``loss_fn``); under the ``mixed_float16`` policy
+    Keras wraps it in a ``LossScaleOptimizer``, which the step uses to scale the loss.
+
+    >>> import numpy as np, keras, tensorflow as tf
+    >>> from gradcache_tf import GradCacheModel
+    >>> encoder = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> def info_nce(q, p):
+    ...     scores = tf.matmul(q, p, transpose_b=True)
+    ...     labels = tf.range(tf.shape(q)[0])
+    ...     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, scores))
+    >>> model = GradCacheModel(encoder, info_nce, chunk_size=4)
+    >>> model.compile(optimizer="sgd")
+    >>> pairs = np.random.default_rng(0).normal(size=(2, 64, 8)).astype("float32")
+    >>> data = tf.data.Dataset.from_tensor_slices((pairs[0], pairs[1])).batch(32, drop_remainder=True)
+    >>> history = model.fit(data, epochs=1, verbose=0, shuffle=False)
+    >>> sorted(history.history)
+    ['loss']
+    """
+
+    def __init__(self, encoders: Any, loss_fn: Callable, *, chunk_size: int | Sequence[int],
+                 get_rep: Callable | Sequence | None = None, step_options: Mapping | None = None,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        # Attributes Keras tracks: the encoders' and a Keras loss layer's weights become ours.
+        self.encoders = list(encoders) if isinstance(encoders, (list, tuple)) else encoders
+        self.contrastive_loss = loss_fn
+        self.chunk_size = chunk_size
+        self.get_rep = get_rep
+        self.step_options = dict(step_options or {})
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        # No weights of its own; "built" stops Keras from tracing call() on a partial batch.
+        self.built = True
+
+    @property
+    def metrics(self) -> list:
+        return [self.loss_tracker]
+
+    def _groups(self, data: Any) -> tuple[Sequence, dict]:
+        if isinstance(data, Mapping):
+            if "groups" not in data:
+                raise GradCacheError(
+                    f"a dict batch must hold the input groups under 'groups' (and loss keyword "
+                    f"arguments under other keys); got keys {sorted(data)}")
+            rest = {k: v for k, v in data.items() if k != "groups"}
+            return tuple(data["groups"]), rest
+        if isinstance(data, (list, tuple)):
+            return tuple(data), {}
+        raise GradCacheError(f"each batch must be a tuple of input groups such as (queries, "
+                             f"passages), got {type(data).__name__}")
+
+    def _encoder_for(self, group: int) -> Any:
+        if not isinstance(self.encoders, list):
+            return self.encoders
+        if group >= len(self.encoders):
+            raise GradCacheError(f"got more input groups than the {len(self.encoders)} encoders")
+        return self.encoders[group]
+
+    def _pick(self, group: int) -> Callable:
+        if isinstance(self.get_rep, (list, tuple)):
+            return self.get_rep[group]
+        return self.get_rep or (lambda output: output)
+
+    def call(self, inputs: Any, training: bool = False) -> tuple:
+        """The full-batch representations of each group (no chunking), e.g. for inference."""
+        groups, _ = self._groups(inputs)
+        return tuple(self._pick(g)(self._encoder_for(g)(x, training=training))
+                     for g, x in enumerate(groups))
+
+    def train_step(self, data: Any) -> dict:
+        groups, loss_kwargs = self._groups(data)
+        resolved: list = []
+
+        def variables() -> list:
+            # Read after pass 1, so that encoders Keras builds lazily have their weights by then.
+            resolved[:] = self.trainable_variables
+            return resolved
+
+        loss, grads = cached_step(
+            self.encoders, groups, self.contrastive_loss, chunk_size=self.chunk_size,
+            variables=variables, get_rep=self.get_rep, loss_kwargs=loss_kwargs or None,
+            optimizer=self.optimizer, **self.step_options)
+        self.optimizer.apply_gradients(
+            [(grad, variable) for grad, variable in zip(grads, resolved, strict=True)
+             if grad is not None])
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}
+
+    def test_step(self, data: Any) -> dict:
+        groups, loss_kwargs = self._groups(data)
+        reps = self(tuple(groups), training=False)
+        loss = self.contrastive_loss(*reps, **loss_kwargs)
+        self.loss_tracker.update_state(tf.stop_gradient(loss))
+        return {"loss": self.loss_tracker.result()}

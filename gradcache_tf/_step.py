@@ -1,0 +1,234 @@
+"""``cached_step`` for TensorFlow and Keras: the public entry point, returning ``(loss, grads)``.
+
+It finds the variables to differentiate and the random generators to replay, builds a
+:class:`~gradcache_tf._backend.TFBackend` for the step and runs the core's schedule. Gradients are
+returned aligned with the variables, ready for ``optimizer.apply_gradients``; nothing is written
+anywhere, so a step that raises leaves nothing behind. It runs eagerly and inside ``tf.function``
+(with or without ``jit_compile=True``); AutoGraph is kept out of it, since the schedule's Python
+control flow is meant to run once, at trace time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from gradcache import GradCacheError, flatten, run_cached_step
+from gradcache_tf import _rng
+from gradcache_tf._backend import TFBackend, is_tensor
+
+
+def _has_variables(obj: Any, attribute: str = "trainable_variables") -> bool:
+    try:
+        return isinstance(getattr(obj, attribute, None), (list, tuple))
+    except Exception:  # noqa: BLE001 - e.g. a Keras property that needs a built layer
+        return False
+
+
+def _variables_of(obj: Any, attribute: str = "trainable_variables") -> list:
+    """``obj.<attribute>`` (Keras layers and models, ``tf.Module``), else that attribute of the
+    modules and the variables a plain callable reaches (closure cells, a bound ``self``, a
+    partial's arguments, an object's attributes)."""
+    def owns(item: Any) -> bool:
+        return _has_variables(item, attribute)
+
+    if owns(obj):
+        return list(getattr(obj, attribute))
+    found = []
+    for item in _rng.walk_objects([obj], stop=owns, budget=5000):
+        if item is not obj and owns(item):
+            found.extend(getattr(item, attribute))
+    # walk_objects skips bare variables (they are leaves); look for them one level down.
+    for item in _rng._callable_referents(obj) + list(getattr(obj, "__dict__", {}).values()):
+        if isinstance(item, tf.Variable) and (item.trainable or attribute == "variables"):
+            found.append(item)
+    return found
+
+
+def _owners(encoders: Any, loss_fn: Any) -> list:
+    encoder_list = list(encoders) if isinstance(encoders, (list, tuple)) else [encoders]
+    owners = list({id(e): e for e in encoder_list}.values())
+    return owners + ([loss_fn] if loss_fn is not None else [])
+
+
+def _known_variable_ids(encoders: Any, loss_fn: Any) -> set[int]:
+    """Every variable (trainable or frozen) found on the encoders and the loss: reading one of
+    these is never a sign that the search missed something."""
+    ids = set()
+    for owner in _owners(encoders, loss_fn):
+        for variable in _variables_of(owner, "variables"):
+            try:
+                ids.add(id(_rng.as_tf_variable(variable)))
+            except GradCacheError:
+                continue
+    return ids
+
+
+def trainable_variables(encoders: Any, loss_fn: Any = None) -> list:
+    """The variables :func:`cached_step` differentiates by default, in the order of its ``grads``.
+
+    The trainable variables of each distinct encoder in the order the groups use them, then those
+    of the loss (a learnable temperature in a ``tf.Module`` or Keras layer), each variable once.
+    An encoder or loss is searched through its ``trainable_variables`` (Keras layers and models,
+    ``tf.Module``); a plain function through what it closes over (closure cells, a bound
+    ``self``, a ``functools.partial``'s arguments), never through module globals. Call it after
+    the first step for Keras models that are built lazily.
+
+    >>> import tensorflow as tf
+    >>> from gradcache_tf import trainable_variables
+    >>> def make_encoder():
+    ...     weight = tf.Variable(tf.ones((3, 2)))  # a closure cell: found
+    ...     return lambda x: x @ weight
+    >>> [v.shape.as_list() for v in trainable_variables(make_encoder())]
+    [[3, 2]]
+    """
+    variables, seen = [], set()
+    for owner in _owners(encoders, loss_fn):
+        for variable in _variables_of(owner):
+            key = id(_rng.as_tf_variable(variable))
+            if key not in seen:
+                seen.add(key)
+                variables.append(variable)
+    return variables
+
+
+def _check_static_batch(inputs: Any) -> None:
+    """Inside ``tf.function`` every input needs a static batch size: chunks are planned at trace
+    time. Say so in TensorFlow's words rather than the core's generic message."""
+    if tf.executing_eagerly() or not isinstance(inputs, (list, tuple)):
+        return
+    for group, tree in enumerate(inputs):
+        leaves, _ = flatten(tree, is_tensor)
+        for leaf in leaves:
+            if leaf.shape.rank and leaf.shape[0] is None:
+                raise GradCacheError(
+                    f"input group {group} has a tensor of shape {leaf.shape} whose batch size "
+                    f"(dimension 0) is unknown while tracing tf.function; chunks are planned at "
+                    f"trace time, so give the batch a static size: an input_signature with a fixed "
+                    f"batch size, or a tf.data pipeline batched with drop_remainder=True")
+
+
+@tf.autograph.experimental.do_not_convert
+def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
+                chunk_size: int | Sequence[int], variables: Sequence[Any] | Callable | None = None,
+                get_rep: Callable | Sequence | None = None, loss_kwargs: Mapping | None = None,
+                split_fn: Callable | None = None, training: bool | None = True,
+                optimizer: Any = None, random_state: Sequence[Any] = (),
+                check_random: bool = True, check_finite: bool = False,
+                check_determinism: bool = False, determinism_tolerance: float = 1e-5,
+                progress: bool = False, graph_loop: bool = True) -> tuple[tf.Tensor, list]:
+    """One contrastive step over a batch larger than memory; returns ``(loss, grads)``.
+
+    Same gradients as ``tape.gradient(loss_fn(*[get_rep(enc(x)) for enc, x in zip(encoders,
+    inputs)]), variables)`` on the full batch -- with the same random masks as a chunk-by-chunk
+    forward -- while holding only one chunk's activations at a time.
+
+    Args:
+        encoders: one encoder shared by every input group, or a sequence with one per group. A
+            Keras layer or model is called Keras-style, ``enc(chunk, training=training)``, with the
+            nested chunk as its one input; a ``tf.Module`` or plain callable as ``enc(x)`` for a
+            tensor, ``enc(**x)`` for a mapping, ``enc(*x)`` for a list or tuple.
+        inputs: a sequence of input groups, e.g. ``(queries, passages)``; every tensor leaf of a
+            group is batched along dimension 0. Inside ``tf.function`` batch sizes must be static.
+        loss_fn: ``loss_fn(*reps, **loss_kwargs)`` returning a scalar tensor; ``reps`` has one
+            entry per group, structured as the encoder's output.
+        chunk_size: rows per chunk, one int or one per group. It bounds memory only.
+        variables: the variables to differentiate (``tf.Variable`` or Keras variables, or a
+            callable returning them, called once after pass 1); ``grads`` is aligned with them.
+            Default:
+            :func:`trainable_variables` of the encoders and the loss, found after pass 1 (so lazily
+            built Keras layers are included); the step then also checks that the encoders read no
+            other trainable variable. Loss-owned variables get the loss's direct gradient once;
+            a variable used by both an encoder and the loss gets both contributions.
+        get_rep: picks the representation from an encoder's output (one callable or one per group).
+        loss_kwargs: extra keyword arguments for the loss (labels, masks).
+        split_fn: ``split_fn(group_input, chunk_size) -> list of chunks`` for inputs the core
+            cannot slice (eager only in practice: its chunks are iterated in Python).
+        training: passed as ``training=`` to Keras encoders (default ``True``: a cached step is a
+            training step, so dropout is on); ``None`` passes nothing.
+        optimizer: a Keras optimizer whose ``scale_loss`` is applied before differentiating (a
+            ``keras.optimizers.LossScaleOptimizer`` for ``mixed_float16``); ``grads`` then come
+            back scaled, as that optimizer's ``apply_gradients`` expects. ``loss`` is unscaled.
+        random_state: extra ``keras.random.SeedGenerator``, ``tf.random.Generator`` or state
+            ``tf.Variable`` objects to replay, for generators that are not attributes of the
+            encoders (those, and the global generators of Keras and TF, are found automatically).
+        check_random: raise a ``GradCacheError`` when pass 1 uses randomness the replay cannot
+            reproduce: a generator not found, or a legacy stateful op such as
+            ``tf.random.uniform`` or ``tf.nn.dropout`` (see ``docs/tf.md``).
+        check_finite: fail the step if the loss is not finite. Inside ``tf.function`` the check
+            runs on the host when the graph runs (not available under ``jit_compile=True``).
+        check_determinism: compare pass 2's representations with pass 1's and fail if they differ
+            by more than ``determinism_tolerance`` (relative); inside ``tf.function`` as above.
+        progress: a tqdm bar over the chunks of both passes (eager only).
+        graph_loop: inside ``tf.function``, iterate chunks with one ``tf.while_loop`` (the traced
+            program does not grow with the number of chunks); ``False`` unrolls them.
+
+    Returns:
+        ``(loss, grads)``: the scalar loss (no gradient attached) and a list with one gradient per
+        variable (``None`` where a variable got no gradient).
+
+    Raises:
+        GradCacheError: for malformed input (before anything runs), randomness that cannot be
+            replayed, or a failed check. No gradient is returned then, and eagerly the random
+            streams are put back where they were before the step.
+
+    >>> import tensorflow as tf
+    >>> from gradcache_tf import cached_step
+    >>> encoder = tf.keras.layers.Dense(4)
+    >>> queries, passages = tf.random.normal((16, 8)), tf.random.normal((16, 8))
+    >>> def info_nce(q, p):
+    ...     scores = tf.matmul(q, p, transpose_b=True)
+    ...     labels = tf.range(tf.shape(q)[0])
+    ...     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, scores))
+    >>> loss, grads = cached_step(encoder, (queries, passages), info_nce, chunk_size=4)
+    >>> [g.shape.as_list() for g in grads]
+    [[8, 4], [4]]
+    >>> _ = tf.keras.optimizers.SGD(0.1).apply_gradients(zip(grads, encoder.trainable_variables))
+    """
+    try:
+        return _cached_step(encoders, inputs, loss_fn, chunk_size, variables, get_rep, loss_kwargs,
+                            split_fn, training, optimizer, random_state, check_random,
+                            check_finite, check_determinism, determinism_tolerance, progress,
+                            graph_loop)
+    except GradCacheError as error:
+        # Inside a tf.function that AutoGraph converts, an exception type it does not know is
+        # re-raised as a StagingError; this flag makes it let ours through unchanged.
+        error.ag_pass_through = True
+        raise
+
+
+def _cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, chunk_size: Any,
+                 variables: Any, get_rep: Any, loss_kwargs: Any, split_fn: Any, training: Any,
+                 optimizer: Any, random_state: Any, check_random: bool, check_finite: bool,
+                 check_determinism: bool, determinism_tolerance: float, progress: bool,
+                 graph_loop: bool) -> tuple[tf.Tensor, list]:
+    encoder_list = list(encoders) if isinstance(encoders, (list, tuple)) else [encoders]
+    _check_static_batch(inputs)
+    if variables is None:
+        def found() -> list:
+            return trainable_variables(encoder_list, loss_fn)
+        source: Any = found
+    else:
+        source = variables if callable(variables) else list(variables)
+    loss_scale = None
+    if optimizer is not None:
+        loss_scale = getattr(optimizer, "scale_loss", None)
+        if not callable(loss_scale):
+            raise GradCacheError(f"optimizer must be a Keras optimizer with scale_loss(), got "
+                                 f"{type(optimizer).__name__}")
+    random = _rng.RandomSources.find(encoder_list + [loss_fn], random_state)
+    check_variables = None
+    if variables is None:
+        def check_variables() -> set[int]:
+            return _known_variable_ids(encoder_list, loss_fn)
+    backend = TFBackend(source, random=random, training=training, loss_scale=loss_scale,
+                        check_random=check_random, check_variables=check_variables,
+                        graph_loop=graph_loop)
+    loss, grads = run_cached_step(
+        backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
+        loss_kwargs=loss_kwargs, split_fn=split_fn, check_finite=check_finite,
+        check_determinism=check_determinism, determinism_tolerance=determinism_tolerance,
+        progress=progress)
+    return loss, backend.gradients_for_caller(grads)
