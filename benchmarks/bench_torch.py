@@ -2,7 +2,8 @@
 
 Prints markdown tables; asserts nothing (these machines are shared and noisy, so every figure is a
 ratio of measurements taken side by side in one run). Memory is the peak resident set of a fresh
-process per configuration, minus its resident set just before the step.
+process per configuration (after a warm-up step, with the heap trimmed and the kernel's peak mark
+reset), minus its resident set just before the step. Linux only.
 
     python benchmarks/bench_torch.py time      # cached / full-batch step time
     python benchmarks/bench_torch.py memory    # peak memory at batch = chunk and 32 x chunk
@@ -12,7 +13,10 @@ process per configuration, minus its resident set just before the step.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -79,26 +83,52 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Returns freed heap to the OS and resets the kernel's peak-RSS mark (Linux)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
 def measure_memory_here(mode: str, rows: int, chunk: int, length: int, dim: int) -> dict:
-    """Runs in a fresh process: peak RSS growth of one step over the RSS just before it."""
+    """Runs in a fresh process: peak RSS growth of one step over the RSS just before it.
+
+    A warm-up step at batch = chunk first pays the one-off costs (kernel workspaces, thread pools)
+    so that they do not count as the step's memory.
+    """
     torch.manual_seed(0)
     model = SmallTransformer(dim, dropout=0.0)
+    step = ((lambda q, p: cached_step(model, (q, p), info_nce, chunk_size=chunk)) if mode == "cached"
+            else (lambda q, p: full_step(model, q, p)))
+    step(*batch(chunk, length))
+    model.zero_grad(set_to_none=True)
     q, p = batch(rows, length)
+    reset_peak_rss()
     before = rss_bytes()
-    if mode == "cached":
-        cached_step(model, (q, p), info_nce, chunk_size=chunk)
-    else:
-        full_step(model, q, p)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"mode": mode, "rows": rows, "chunk": chunk, "step_peak": max(0, peak - before)}
+    step(q, p)
+    return {"mode": mode, "rows": rows, "chunk": chunk, "step_peak": max(0, peak_rss_bytes() - before)}
 
 
-def memory_table(chunk: int, length: int, dim: int) -> list[dict]:
+# glibc raises its mmap threshold after large frees, after which freed chunk activations stay in a
+# fragmented heap: a fixed threshold returns them to the OS, so RSS shows what the step holds.
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def memory_table(chunk: int, length: int, dim: int, env: dict) -> list[dict]:
     results = []
     for mode, rows in [("cached", chunk), ("cached", 32 * chunk), ("full", chunk), ("full", 32 * chunk)]:
         out = subprocess.run(
             [sys.executable, __file__, "_memory", mode, str(rows), str(chunk), str(length), str(dim)],
-            capture_output=True, text=True, check=True)
+            capture_output=True, text=True, check=True, env={**os.environ, **env})
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return results
 
@@ -119,23 +149,28 @@ def main() -> None:
         print("## Step time, cached / full-batch (small transformer, seq 32, d 128, 2 layers)\n")
         print("| batch | chunk | full (s) | cached (s) | cached / full |")
         print("|---|---|---|---|---|")
-        for rows, chunk in [(256, 32), (256, 64), (512, 128)]:
+        for rows, chunk in [(256, 32), (256, 64), (512, 128), (512, 256)]:
             r = time_steps(rows, chunk, length=32, dim=128, repeats=options.repeats)
             print(f"| {r['rows']} | {r['chunk']} | {r['full']:.3f} | {r['cached']:.3f} | {r['ratio']:.2f} |")
         print()
     if options.what in ("memory", "all"):
         chunk, length, dim = 32, 64, 256
-        rows = memory_table(chunk, length, dim)
         reps_and_grads = 2 * 2 * 32 * chunk * dim * 4  # two groups, reps + grads, float32
         print(f"## Peak step memory (fresh process each; seq {length}, d {dim}, chunk {chunk})\n")
-        print("| step | batch | peak growth (MiB) |")
-        print("|---|---|---|")
-        for r in rows:
-            print(f"| {r['mode']} | {r['rows']} | {r['step_peak'] / 2**20:.1f} |")
-        small, large = rows[0]["step_peak"], rows[1]["step_peak"]
-        print(f"\ncached: growth from batch {chunk} to {32 * chunk} = {(large - small) / 2**20:.1f} MiB; "
-              f"representations + their gradients at {32 * chunk} = {reps_and_grads / 2**20:.1f} MiB; "
-              f"full step at {32 * chunk} / cached step = {rows[3]['step_peak'] / max(large, 1):.1f}x")
+        print("| allocator | step | batch | peak growth (MiB) |")
+        print("|---|---|---|---|")
+        summary = []
+        for label, env in [("glibc, fixed mmap threshold", FIXED_MMAP), ("glibc default", {})]:
+            rows = memory_table(chunk, length, dim, env)
+            for r in rows:
+                print(f"| {label} | {r['mode']} | {r['rows']} | {r['step_peak'] / 2**20:.1f} |")
+            small, large = rows[0]["step_peak"], rows[1]["step_peak"]
+            summary.append(f"{label}: cached growth from batch {chunk} to {32 * chunk} = "
+                           f"{(large - small) / 2**20:.1f} MiB; full step at {32 * chunk} / cached "
+                           f"step = {rows[3]['step_peak'] / max(large, 1):.1f}x")
+        print(f"\nrepresentations + their gradients at batch {32 * chunk}: "
+              f"{reps_and_grads / 2**20:.1f} MiB")
+        print("\n".join(summary))
 
 
 if __name__ == "__main__":

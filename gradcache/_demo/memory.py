@@ -1,0 +1,152 @@
+"""Peak-memory measurement of one training step, in a fresh process, for any backend.
+
+On a CPU there is no allocator statistic common to every framework, so the demo measures what the
+operating system sees: a fresh Python process builds the model and one batch, notes its resident
+memory, runs one step, and reports how far its peak resident memory (Linux ``VmHWM``, reset just
+before the step) rose above that. One process per configuration, because a peak can only be read
+once and allocators keep freed memory. The child's C allocator is told to return freed blocks at once (glibc's
+``MALLOC_MMAP_THRESHOLD_``), so that its resident memory follows the live buffers and the figure
+repeats from run to run. The child also caps its address space, so that a full-batch
+step too large for the machine fails inside the child ("did not fit") instead of pushing the
+machine into swap. Standard library only; the child's work is the backend module's ``probe_main``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+
+class StepMemory(NamedTuple):
+    """Peak memory of one step; ``bytes`` is None when the step did not fit under ``limit``."""
+
+    bytes: int | None
+    limit: int | None = None
+    note: str = ""
+
+
+class Breakdown(NamedTuple):
+    """Computed sizes of what one step holds, in bytes (see the backend's ``computed_breakdown``)."""
+
+    encoder_cached: int   # the encoder graph of one chunk: what the cached step keeps at once
+    encoder_full: int     # the encoder graph of the whole batch: what a full-batch step keeps
+    loss: int             # representations, their gradients and the batch x batch loss: both steps
+    gradients: int        # parameter gradients: both steps
+
+    @property
+    def cached_total(self) -> int:
+        return self.encoder_cached + self.loss + self.gradients
+
+    @property
+    def full_total(self) -> int:
+        return self.encoder_full + self.loss + self.gradients
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux), else its peak so far."""
+    kib = _status_kib("VmRSS")
+    if kib is not None:
+        return kib * 1024
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since start (or since :func:`reset_peak`)."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
+
+
+def reset_peak() -> bool:
+    """Resets the peak to the current resident memory (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def available_bytes() -> int | None:
+    """Memory the machine can still give without swapping (Linux ``MemAvailable``), if known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def cap_address_space(extra: int) -> bool:
+    """Lets this process map at most ``extra`` more bytes than now; False where unsupported.
+
+    Allocations past the cap fail with the framework's out-of-memory error, which the probe
+    reports as "did not fit".
+    """
+    size_kib = _status_kib("VmSize")
+    if size_kib is None or not hasattr(resource, "RLIMIT_AS"):
+        return False
+    limit = size_kib * 1024 + extra
+    try:
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def default_budget() -> int:
+    """How much a probe may allocate: half of the machine's available memory (8 GiB if unknown)."""
+    available = available_bytes()
+    return available // 2 if available else 8 << 30
+
+
+def run_probe(module: str, payload: Mapping[str, Any], *, timeout: float = 900) -> StepMemory:
+    """Runs ``python -m module --probe JSON`` in a fresh process and returns what it measured.
+
+    The child prints one JSON line: ``{"bytes": n}`` or ``{"bytes": null, "limit": n, "note": s}``.
+    """
+    command = [sys.executable, "-m", module, "--probe", json.dumps(dict(payload))]
+    env = dict(os.environ)
+    env.setdefault("PYTHONHASHSEED", "0")
+    # glibc: serve every block of 64 KiB or more by mmap and unmap it when freed, instead of
+    # letting freed blocks linger in the heap. Resident memory then follows the live tensors, and
+    # its peak is that of the step, not of the allocator's reuse luck (ignored by other libcs).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 << 10))
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return StepMemory(None, None, f"no result within {timeout:.0f} s")
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            found = json.loads(line)
+            return StepMemory(found.get("bytes"), found.get("limit"), found.get("note", ""))
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return StepMemory(None, None, f"probe failed (exit {done.returncode}): {tail}")
+
+
+def report(result: Mapping[str, Any]) -> None:
+    """Prints a probe's result as the one JSON line :func:`run_probe` reads (used in the child)."""
+    print(json.dumps(dict(result)), flush=True)

@@ -1,0 +1,35 @@
+"""The core and the demo's shared parts load no framework; only the chosen backend's module does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+FRAMEWORKS = ("torch", "jax", "jaxlib", "tensorflow", "keras", "flax", "sentence_transformers")
+
+
+def _loaded_frameworks(code: str) -> list[str]:
+    script = textwrap.dedent(code) + textwrap.dedent(f"""
+        import sys
+        print(sorted(m for m in {FRAMEWORKS!r} if m in sys.modules))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return eval(done.stdout.strip().splitlines()[-1])  # a printed list of module names
+
+
+def test_import_gradcache_loads_no_framework():
+    assert _loaded_frameworks("import gradcache") == []
+
+
+def test_demo_shared_parts_and_cli_load_no_framework():
+    # Argument errors, and a backend without a demo, are answered before any framework loads.
+    code = """
+        from gradcache._demo import data, memory, metrics, options, runner, tokenizer  # noqa: F401
+        from gradcache import _cli
+        _cli.main(["demo", "--chunk-size", "9", "--batch-size", "8"])
+        _cli.main(["demo", "--backend", "jax"])
+    """
+    assert _loaded_frameworks(code) == []
