@@ -15,8 +15,8 @@ from collections.abc import Sequence
 # backend -> (demo module, framework module whose presence is required, pip extra)
 BACKENDS = {
     "torch": ("gradcache._demo.torch_demo", "torch", "torch"),
-    "jax": (None, "jax", "jax"),
-    "tf": (None, "tensorflow", "tf"),
+    "jax": ("gradcache._demo.jax_demo", "jax", "jax"),
+    "tf": ("gradcache._demo.tf_demo", "tensorflow", "tf"),
 }
 
 MODELS = ("bag", "minilm")

@@ -222,6 +222,8 @@ def _report_memory(say: Callable[[str], None], backend: Any, args: argparse.Name
     how = {"measure": "measured: peak resident memory growth during one step, each in a fresh "
                       "process",
            "compute": "computed from the sizes of what the step holds"}[args.memory]
+    # A backend that obtains the figure another way (JAX: XLA's compiled account) names it itself.
+    how = getattr(backend, "MEMORY_HOW", {}).get(args.memory, how)
     say(f"memory of one step at batch {batch} ({how})")
     cached, full, parts = backend.step_memory(args, args.memory)
     size = metrics.format_bytes

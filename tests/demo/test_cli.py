@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
@@ -42,23 +41,6 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
     assert out == ""
     assert err.count("\n") == 1 and message in err, err
     assert err.startswith("gradcache")
-
-
-@pytest.mark.parametrize("backend", ["jax", "tf"])
-def test_backends_without_a_demo_say_so_in_one_line(backend, capsys):
-    status, _, err = _run_main(["demo", "--backend", backend], capsys)
-    assert status == 2 and err.count("\n") == 1
-    framework = {"jax": "jax", "tf": "tensorflow"}[backend]
-    if importlib.util.find_spec(framework) is None:
-        assert "not installed" in err and f"gradcache[{backend}]" in err
-    else:
-        assert "not available yet" in err
-
-
-def test_bench_is_refused_cleanly_until_it_exists(capsys):
-    status, _, err = _run_main(["bench", "--out", "bench-out"], capsys)
-    if importlib.util.find_spec("gradcache._bench") is None:
-        assert status == 2 and err.count("\n") == 1 and "not available yet" in err
 
 
 def test_python_dash_m_gives_no_traceback():
