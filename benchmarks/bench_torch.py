@@ -5,7 +5,7 @@ ratio of measurements taken side by side in one run). Memory is the peak residen
 process per configuration (after a warm-up step, with the heap trimmed and the kernel's peak mark
 reset), minus its resident set just before the step. Linux only.
 
-    python benchmarks/bench_torch.py time      # cached / full-batch step time
+    python benchmarks/bench_torch.py time      # cached / full-batch step CPU time
     python benchmarks/bench_torch.py memory    # peak memory at batch = chunk and 32 x chunk
     python benchmarks/bench_torch.py all
 """
@@ -58,24 +58,47 @@ def full_step(model: torch.nn.Module, q: torch.Tensor, p: torch.Tensor) -> None:
 
 
 def time_steps(rows: int, chunk: int, length: int, dim: int, repeats: int) -> dict:
+    """Process CPU time of a full-batch step, a cached step, and the two parts a cached step cannot
+    avoid (a no-graph forward of every chunk, and a forward + backward of every chunk), interleaved.
+
+    CPU time with one thread is what a shared machine measures reliably; the ``floor`` ratio is what
+    any gradient cache costs on this model, ``cached / floor`` is this implementation's overhead.
+    """
     torch.manual_seed(0)
     model = SmallTransformer(dim)
     q, p = batch(rows, length)
+
+    def chunks(x: torch.Tensor) -> list[torch.Tensor]:
+        return [x[i:i + chunk] for i in range(0, rows, chunk)]
+
+    def no_graph_pass() -> None:
+        with torch.no_grad():
+            for x in chunks(q) + chunks(p):
+                model(x)
+
+    def graph_pass() -> None:
+        for x in chunks(q) + chunks(p):
+            model(x).sum().backward()
+
     steps = {
         "full": lambda: full_step(model, q, p),
         "cached": lambda: cached_step(model, (q, p), info_nce, chunk_size=chunk),
+        "no_graph_pass": no_graph_pass,
+        "graph_pass": graph_pass,
     }
     for step in steps.values():  # warm up allocators and kernels
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        for name, step in steps.items():  # interleaved, so drift hits both alike
+        for name, step in steps.items():  # interleaved, so drift hits all alike
             model.zero_grad(set_to_none=True)
-            start = time.perf_counter()
+            start = time.process_time()
             step()
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    return {"rows": rows, "chunk": chunk, **medians, "ratio": medians["cached"] / medians["full"]}
+            times[name].append(time.process_time() - start)
+    t = {name: statistics.median(values) for name, values in times.items()}
+    floor = t["no_graph_pass"] + t["graph_pass"]
+    return {"rows": rows, "chunk": chunk, **t, "ratio": t["cached"] / t["full"],
+            "floor": floor / t["full"], "overhead": t["cached"] / floor}
 
 
 def rss_bytes() -> int:
@@ -137,22 +160,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["time", "memory", "all", "_memory"])
     parser.add_argument("args", nargs="*")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 keeps CPU-time figures honest on a shared machine)")
     options = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(options.threads)
     if options.what == "_memory":
         mode, rows, chunk, length, dim = options.args
         print(json.dumps(measure_memory_here(mode, int(rows), int(chunk), int(length), int(dim))))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     if options.what in ("time", "all"):
-        print("## Step time, cached / full-batch (small transformer, seq 32, d 128, 2 layers)\n")
-        print("| batch | chunk | full (s) | cached (s) | cached / full |")
-        print("|---|---|---|---|---|")
+        print("## Step CPU time, cached / full-batch (small transformer, seq 32, d 128, 2 layers, "
+              "dropout 0.1; one thread)\n")
+        print("| batch | chunk | full (s) | cached (s) | cached / full | floor / full | cached / floor |")
+        print("|---|---|---|---|---|---|---|")
         for rows, chunk in [(256, 32), (256, 64), (512, 128), (512, 256)]:
             r = time_steps(rows, chunk, length=32, dim=128, repeats=options.repeats)
-            print(f"| {r['rows']} | {r['chunk']} | {r['full']:.3f} | {r['cached']:.3f} | {r['ratio']:.2f} |")
-        print()
+            print(f"| {r['rows']} | {r['chunk']} | {r['full']:.3f} | {r['cached']:.3f} | "
+                  f"{r['ratio']:.2f} | {r['floor']:.2f} | {r['overhead']:.2f} |")
+        print("\nfloor = a no-graph forward of every chunk + a forward and backward of every chunk: "
+              "what any gradient cache must compute; cached / floor is this library's own overhead.\n")
     if options.what in ("memory", "all"):
         chunk, length, dim = 32, 64, 256
         reps_and_grads = 2 * 2 * 32 * chunk * dim * 4  # two groups, reps + grads, float32
