@@ -1,0 +1,423 @@
+"""Contrastive losses for TensorFlow whose memory grows linearly in the batch: InfoNCE, CLIP, SigLIP.
+
+``info_nce``, ``clip_loss`` and ``siglip_loss`` never hold more than one ``tile x tile`` block of
+logits: each is a ``tf.custom_gradient`` function whose forward sweeps the tiles keeping one
+log-sum-exp per row (and column), and whose backward recomputes each tile once and returns the
+gradients of the representations and of the logits' scale and bias (the sweeps are
+:mod:`gradcache._tiled`, shared by every backend). Eagerly the tiles are a Python loop;
+inside ``tf.function`` they are a ``tf.while_loop`` over tiles of one static shape (a last tile that
+does not fit is moved back and its repeated rows masked), so the graph does not grow with the batch.
+The rest (cosine normalisation, turning a temperature into a scale) is ordinary TensorFlow, so a
+learnable temperature, logit scale or bias is a ``tf.Variable`` the tape sees like any other.
+``*_dense`` are the same losses with the whole ``B x B`` matrix, the reference the tiled ones equal.
+They work as the ``loss_fn`` of :func:`gradcache_tf.cached_step`; see ``docs/losses.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import tensorflow as tf
+
+from gradcache import _loss_forms, _tiled
+from gradcache._loss_forms import (
+    DEFAULT_CLIP_SCALE,
+    DEFAULT_SIGLIP_BIAS,
+    DEFAULT_SIGLIP_SCALE,
+    DEFAULT_TEMPERATURE,
+)
+
+__all__ = [
+    "clip_loss",
+    "clip_loss_dense",
+    "info_nce",
+    "info_nce_dense",
+    "siglip_loss",
+    "siglip_loss_dense",
+]
+
+
+def _like(value: Any, other: Any) -> Any:
+    """A Python number as a tensor of ``other``'s dtype (``tf.where`` wants matching dtypes)."""
+    if isinstance(value, (int, float)):
+        return tf.constant(value, dtype=other.dtype)
+    return value
+
+
+class _MathOps:
+    """The element-wise and matrix operations both of TensorFlow's tile loops use."""
+
+    def full(self, shape: tuple, fill: float, like: tf.Tensor) -> tf.Tensor:
+        return tf.fill(shape, tf.constant(fill, like.dtype))
+
+    def scalar(self, value: float, like: tf.Tensor) -> tf.Tensor:
+        return tf.constant(value, like.dtype)
+
+    def rescale(self, private: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+        return private * factor
+
+    def matmul_nt(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(a, b, transpose_b=True)
+
+    def matmul(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(a, b)
+
+    def matmul_tn(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(a, b, transpose_a=True)
+
+    exp = staticmethod(tf.exp)
+    log = staticmethod(tf.math.log)
+    log1p = staticmethod(tf.math.log1p)
+    abs = staticmethod(tf.abs)
+    sigmoid = staticmethod(tf.sigmoid)
+    maximum = staticmethod(tf.maximum)
+    isfinite = staticmethod(tf.math.is_finite)
+
+    # TF's softplus returns x above x = -log(eps) + 2, where log1p(exp(-x)) is below x's rounding
+    softplus = staticmethod(tf.math.softplus)
+
+    def expdiff(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        return tf.exp(a - b)
+
+    def inner(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        return tf.tensordot(a, b, axes=2)
+
+    def where(self, condition: tf.Tensor, a: Any, b: Any) -> tf.Tensor:
+        a, b = _like(a, b), _like(b, a)
+        return tf.where(condition, a, b)
+
+    def every(self, x: tf.Tensor, step: int) -> tf.Tensor:
+        return x[::step]
+
+    def subtract_every(self, private: tf.Tensor, step: int, value: tf.Tensor,
+                       weight: float) -> tf.Tensor:
+        if step == 1:
+            return private - weight * value
+        # rows 0, step, 2 step, ...: the first of each group of `step` rows
+        groups = tf.reshape(private, [-1, step, private.shape[-1]])
+        first = groups[:, :1] - weight * value[:, None]
+        return tf.reshape(tf.concat([first, groups[:, 1:]], axis=1), tf.shape(private))
+
+    def sum(self, x: tf.Tensor, axis: int | None = None) -> tf.Tensor:
+        return tf.reduce_sum(x, axis=axis)
+
+    def logsumexp(self, x: tf.Tensor, axis: int) -> tf.Tensor:
+        return tf.reduce_logsumexp(x, axis=axis)
+
+    def clamp_start(self, start: Any, last: int) -> Any:
+        return tf.minimum(start, last)
+
+    def at_least(self, start: Any, size: int, low: Any) -> tf.Tensor:
+        return start + tf.range(size) >= low
+
+    def outer_and(self, rows: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
+        return tf.logical_and(rows[:, None], columns[None, :])
+
+    def diagonal(self, tile: tf.Tensor, row_start: Any, column_start: Any) -> tf.Tensor:
+        rows, columns = tile.shape
+        return tf.equal((row_start + tf.range(rows))[:, None],
+                        (column_start + tf.range(columns))[None, :])
+
+    def column(self, x: tf.Tensor) -> tf.Tensor:
+        return x[:, None]
+
+    def row(self, x: tf.Tensor) -> tf.Tensor:
+        return x[None, :]
+
+
+class _Tiles:
+    """An eager accumulator kept as one tensor per tile: adding to a tile replaces that tile only,
+    where adding to a slice of one immutable tensor would copy the whole of it."""
+
+    def __init__(self, rows: int, tail: tuple, fill: float, dtype: tf.DType):
+        self.rows, self.tail, self.fill, self.dtype = rows, tuple(tail), fill, dtype
+        self.tiles: dict[int, tf.Tensor] = {}
+
+    def get(self, start: int, size: int) -> tf.Tensor:
+        if start in self.tiles:
+            return self.tiles[start]
+        return tf.fill((size, *self.tail), tf.constant(self.fill, self.dtype))
+
+    def concat(self) -> tf.Tensor:
+        pieces, at = [], 0
+        for start in sorted(self.tiles):
+            if start > at:
+                pieces.append(self.get(at, start - at))
+            pieces.append(self.tiles[start])
+            at = start + int(self.tiles[start].shape[0])
+        if at < self.rows:
+            pieces.append(self.get(at, self.rows - at))
+        return tf.concat(pieces, axis=0)
+
+
+class _EagerOps(_MathOps):
+    """Eager tiles: a Python loop, a smaller last tile, accumulators kept per tile."""
+
+    ragged = True
+
+    def fori(self, count: int, body: Callable, carry: tuple) -> tuple:
+        for index in range(count):
+            carry = body(index, carry)
+        return carry
+
+    def rows(self, x: tf.Tensor, start: int, size: int) -> tf.Tensor:
+        return x[start:start + size]
+
+    def buffer(self, rows: int, tail: tuple, fill: float, like: tf.Tensor) -> _Tiles:
+        return _Tiles(rows, tail, fill, like.dtype)
+
+    def read(self, buffer: _Tiles, start: int, size: int) -> tf.Tensor:
+        return buffer.get(start, size)
+
+    def write(self, buffer: _Tiles, start: int, value: tf.Tensor) -> _Tiles:
+        buffer.tiles[start] = value
+        return buffer
+
+    def add(self, buffer: _Tiles, start: int, value: tf.Tensor) -> _Tiles:
+        return self.write(buffer, start, buffer.get(start, int(value.shape[0])) + value)
+
+    def result(self, buffer: _Tiles) -> tf.Tensor:
+        return buffer.concat()
+
+
+class _GraphOps(_MathOps):
+    """Graph tiles: one ``tf.while_loop`` per sweep level over tiles of one static shape."""
+
+    ragged = False
+
+    def fori(self, count: int, body: Callable, carry: tuple) -> tuple:
+        def step(index: tf.Tensor, *carry: Any) -> tuple:
+            return (index + 1, *body(index, tuple(carry)))
+
+        # parallel_iterations=1: tiles one after the other, so one tile's temporaries are alive
+        out = tf.while_loop(lambda index, *_: index < count, step, (tf.constant(0), *carry),
+                            parallel_iterations=1, maximum_iterations=count)
+        return tuple(out[1:])
+
+    def rows(self, x: tf.Tensor, start: Any, size: int) -> tf.Tensor:
+        rank = x.shape.rank
+        begin = tf.stack([tf.cast(start, tf.int32)] + [tf.constant(0)] * (rank - 1))
+        return tf.slice(x, begin, [size] + [-1] * (rank - 1))
+
+    def buffer(self, rows: int, tail: tuple, fill: float, like: tf.Tensor) -> tf.Tensor:
+        return self.full((rows, *tail), fill, like)
+
+    read = rows
+
+    @staticmethod
+    def _indices(start: Any, size: int) -> tf.Tensor:
+        return (tf.cast(start, tf.int32) + tf.range(size))[:, None]
+
+    def write(self, buffer: tf.Tensor, start: Any, value: tf.Tensor) -> tf.Tensor:
+        return tf.tensor_scatter_nd_update(buffer, self._indices(start, value.shape[0]), value)
+
+    def add(self, buffer: tf.Tensor, start: Any, value: tf.Tensor) -> tf.Tensor:
+        return tf.tensor_scatter_nd_add(buffer, self._indices(start, value.shape[0]), value)
+
+    def result(self, buffer: tf.Tensor) -> tf.Tensor:
+        return buffer
+
+
+_EAGER, _GRAPH = _EagerOps(), _GraphOps()
+
+
+def _tile_ops() -> _MathOps:
+    return _EAGER if tf.executing_eagerly() else _GRAPH
+
+
+def _tiled_sum(kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, beta: tf.Tensor | None,
+               tile: int) -> tf.Tensor:
+    """The summed loss S as a ``tf.custom_gradient`` function (its inputs are plain tensors, so
+    the tape sees variables -- a learnable temperature -- outside of it, through ``alpha``)."""
+
+    @tf.custom_gradient
+    def run(x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, *maybe_beta: tf.Tensor) -> tuple:
+        bias = maybe_beta[0] if maybe_beta else None
+        value, row_lse, column_lse = _tiled.tiled_forward(_tile_ops(), kind, x, y, alpha, bias,
+                                                              tile)
+
+        def grad(upstream: tf.Tensor) -> tuple:
+            dx, dy, dalpha, dbeta = _tiled.tiled_backward(
+                _tile_ops(), kind, x, y, alpha, bias, row_lse, column_lse, upstream, tile)
+            return (dx, dy, dalpha) + ((dbeta,) if bias is not None else ())
+
+        return value, grad
+
+    return run(x, y, alpha, *(() if beta is None else (beta,)))
+
+
+class _LossOps:
+    """:class:`gradcache._loss_forms.LossOps` over TensorFlow."""
+
+    def tiled_sum(self, kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor,
+                  beta: tf.Tensor | None, tile: int) -> tf.Tensor:
+        return _tiled_sum(kind, x, y, alpha, beta, tile)
+
+    def shape(self, x: Any) -> tuple:
+        shape = tf.convert_to_tensor(x).shape
+        return tuple(shape.as_list()) if shape.rank is not None else ()
+
+    def prepare(self, x: Any) -> tf.Tensor:
+        x = tf.convert_to_tensor(x)
+        # fp16/bf16 logits would lose the log-sum-exp; the tape casts the gradient back
+        return tf.cast(x, tf.float32) if x.dtype in (tf.float16, tf.bfloat16) else x
+
+    def as_scalar(self, value: Any, like: tf.Tensor) -> tf.Tensor:
+        if isinstance(value, (int, float)):
+            return tf.constant(value, like.dtype)
+        return tf.reshape(tf.cast(value, like.dtype), [])
+
+    def on_accelerator(self, x: Any) -> bool:
+        return "GPU" in getattr(x, "device", "") or "TPU" in getattr(x, "device", "")
+
+    def normalize(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.math.l2_normalize(x, axis=-1)
+
+
+_OPS = _LossOps()
+
+
+def info_nce(q: Any, p: Any, *, temperature: Any = DEFAULT_TEMPERATURE, similarity: str = "dot",
+             tile_size: int | None = None) -> tf.Tensor:
+    """InfoNCE (multiple-negatives ranking) with in-batch and hard negatives, tiled.
+
+    Query ``i`` is scored against every row of ``p``; its positive is row ``i * (k + 1)``, where
+    ``p`` lays out ``k + 1`` rows per query (the positive, then ``k`` hard negatives). The loss is
+    ``mean_i [logsumexp_j(s_ij / t) - s_i,pos / t]``: equal to :func:`info_nce_dense`, value and
+    gradients, in ``O((B + tile)·d + tile²)`` memory.
+
+    Args:
+        q: ``(B, d)`` query representations (inside ``tf.function``, with a static ``B``).
+        p: ``(B * (k + 1), d)`` passage representations, ``k >= 0``.
+        temperature: a float, a scalar tensor or a ``tf.Variable`` (to learn it).
+        similarity: ``"dot"`` or ``"cosine"`` (rows normalised first).
+        tile_size: rows and columns per tile of logits (default 512, 4096 on a GPU); memory, never the result.
+
+    Returns:
+        The scalar loss.
+
+    >>> import tensorflow as tf
+    >>> from gradcache_tf.losses import info_nce, info_nce_dense
+    >>> q = tf.random.stateless_normal((6, 4), seed=(0, 1), dtype=tf.float64)
+    >>> p = tf.random.stateless_normal((12, 4), seed=(0, 2), dtype=tf.float64)  # 1 hard negative
+    >>> loss = info_nce(q, p, temperature=0.1, tile_size=4)
+    >>> abs(float(loss - info_nce_dense(q, p, temperature=0.1))) < 1e-12
+    True
+    """
+    return _loss_forms.info_nce(_OPS, q, p, temperature, similarity, tile_size)
+
+
+def clip_loss(x: Any, y: Any, *, logit_scale: Any = DEFAULT_CLIP_SCALE, similarity: str = "dot",
+              tile_size: int | None = None) -> tf.Tensor:
+    """The symmetric CLIP loss, tiled: InfoNCE over the rows and over the columns, averaged.
+
+    Logits are ``logit_scale * x @ y.T``; row ``i`` of ``x`` pairs with row ``i`` of ``y``. As in
+    CLIP, learn the scale as ``tf.exp(log_scale)`` (pass the result here).
+
+    Args:
+        x: ``(B, d)`` representations (images).
+        y: ``(B, d)`` representations (texts).
+        logit_scale: a float, a scalar tensor or a ``tf.Variable`` (default ``1 / 0.07``).
+        similarity: ``"dot"`` (CLIP normalises in the model) or ``"cosine"``.
+        tile_size: rows and columns per tile of logits (default 512, 4096 on a GPU).
+
+    Returns:
+        The scalar loss, equal to :func:`clip_loss_dense`.
+
+    >>> import tensorflow as tf
+    >>> from gradcache_tf.losses import clip_loss
+    >>> x = tf.random.stateless_normal((5, 3), seed=(0, 1))
+    >>> y = tf.random.stateless_normal((5, 3), seed=(0, 2))
+    >>> log_scale = tf.Variable(0.5)
+    >>> with tf.GradientTape() as tape:
+    ...     loss = clip_loss(x, y, logit_scale=tf.exp(log_scale), tile_size=2)
+    >>> tape.gradient(loss, log_scale).shape
+    TensorShape([])
+    """
+    return _loss_forms.clip_loss(_OPS, x, y, logit_scale, similarity, tile_size)
+
+
+def siglip_loss(x: Any, y: Any, *, logit_scale: Any = DEFAULT_SIGLIP_SCALE,
+                logit_bias: Any = DEFAULT_SIGLIP_BIAS, similarity: str = "dot",
+                tile_size: int | None = None) -> tf.Tensor:
+    """The SigLIP sigmoid loss, tiled: every pair is a binary problem, positives on the diagonal.
+
+    ``-(1/B) sum_ij log sigmoid(label_ij * (logit_scale * x_i . y_j + logit_bias))`` with
+    ``label = +1`` on the diagonal and ``-1`` elsewhere (SigLIP's ``t`` and ``b``).
+
+    Args:
+        x: ``(B, d)`` representations (images).
+        y: ``(B, d)`` representations (texts).
+        logit_scale: SigLIP's temperature ``t`` (a multiplier; default 10): float, tensor, variable.
+        logit_bias: SigLIP's bias ``b`` (default -10): float, tensor or variable.
+        similarity: ``"dot"`` or ``"cosine"``.
+        tile_size: rows and columns per tile of logits (default 512, 4096 on a GPU).
+
+    Returns:
+        The scalar loss, equal to :func:`siglip_loss_dense`.
+
+    >>> import tensorflow as tf
+    >>> from gradcache_tf.losses import siglip_loss, siglip_loss_dense
+    >>> x = tf.random.stateless_normal((5, 3), seed=(0, 1), dtype=tf.float64)
+    >>> y = tf.random.stateless_normal((5, 3), seed=(0, 2), dtype=tf.float64)
+    >>> abs(float(siglip_loss(x, y, tile_size=2) - siglip_loss_dense(x, y))) < 1e-12
+    True
+    """
+    return _loss_forms.siglip_loss(_OPS, x, y, logit_scale, logit_bias, similarity, tile_size)
+
+
+def _prepared(x: Any, y: Any, similarity: str, loss: str, *,
+              square: bool) -> tuple[tf.Tensor, tf.Tensor, int, int]:
+    n, m = _loss_forms.check_pair(_OPS, x, y, loss, square=square)
+    x, y = _loss_forms.prepare(_OPS, x, y, similarity, loss)
+    return x, y, n, m
+
+
+def _cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+
+
+def info_nce_dense(q: Any, p: Any, *, temperature: Any = DEFAULT_TEMPERATURE,
+                   similarity: str = "dot") -> tf.Tensor:
+    """:func:`info_nce` with the whole ``B x B(k+1)`` logit matrix: plain autodiff, the reference.
+
+    >>> import tensorflow as tf
+    >>> from gradcache_tf.losses import info_nce_dense
+    >>> info_nce_dense(tf.eye(3), tf.eye(3), temperature=1.0).shape
+    TensorShape([])
+    """
+    q, p, n, m = _prepared(q, p, similarity, "info_nce_dense", square=False)
+    logits = tf.matmul(q, p, transpose_b=True) / _OPS.as_scalar(temperature, q)
+    return _cross_entropy(logits, tf.range(n) * (m // n))
+
+
+def clip_loss_dense(x: Any, y: Any, *, logit_scale: Any = DEFAULT_CLIP_SCALE,
+                    similarity: str = "dot") -> tf.Tensor:
+    """:func:`clip_loss` with the whole ``B x B`` logit matrix: plain autodiff, the reference.
+
+    >>> import tensorflow as tf
+    >>> from gradcache_tf.losses import clip_loss_dense
+    >>> clip_loss_dense(tf.eye(3), tf.eye(3), logit_scale=1.0).shape
+    TensorShape([])
+    """
+    x, y, n, _ = _prepared(x, y, similarity, "clip_loss_dense", square=True)
+    logits = _OPS.as_scalar(logit_scale, x) * tf.matmul(x, y, transpose_b=True)
+    labels = tf.range(n)
+    return (_cross_entropy(logits, labels) + _cross_entropy(tf.transpose(logits), labels)) / 2
+
+
+def siglip_loss_dense(x: Any, y: Any, *, logit_scale: Any = DEFAULT_SIGLIP_SCALE,
+                      logit_bias: Any = DEFAULT_SIGLIP_BIAS, similarity: str = "dot") -> tf.Tensor:
+    """:func:`siglip_loss` with the whole ``B x B`` logit matrix: plain autodiff, the reference.
+
+    >>> import tensorflow as tf
+    >>> from gradcache_tf.losses import siglip_loss_dense
+    >>> siglip_loss_dense(tf.eye(3), tf.eye(3)).shape
+    TensorShape([])
+    """
+    x, y, n, _ = _prepared(x, y, similarity, "siglip_loss_dense", square=True)
+    logits = (_OPS.as_scalar(logit_scale, x) * tf.matmul(x, y, transpose_b=True)
+              + _OPS.as_scalar(logit_bias, x))
+    labels = 2 * tf.eye(n, dtype=logits.dtype) - 1
+    return -tf.reduce_sum(tf.math.log_sigmoid(labels * logits)) / n
