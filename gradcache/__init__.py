@@ -5,9 +5,9 @@ bookkeeping, validation and errors -- written once against the small :class:`Bac
 Adapters (``gradcache_torch``, ``gradcache_jax``, ``gradcache_tf``) implement that protocol for their
 framework. Importing this package loads no framework, ever.
 
->>> import gradcache, sys
->>> "torch" in sys.modules and "gradcache_torch" not in sys.modules or True
-True
+>>> import gradcache
+>>> gradcache.ChunkPlan.uniform(batch_size=10, chunk_size=4).bounds
+[(0, 4), (4, 8), (8, 10)]
 """
 
 from gradcache._backend import Backend, ChunkPlan, call_with_convention, python_chunk_loop
