@@ -27,7 +27,7 @@ from typing import Any
 
 from gradcache._bench_child import mentions_memory
 from gradcache._bench_model import DEFAULT, QUICK, sweep
-from gradcache._demo.options import UsageError
+from gradcache._demo.options import UsageError, non_negative_int, positive_int
 
 # backend -> (framework module, adapter module, the name people know it by)
 BACKENDS = {"torch": ("torch", "gradcache_torch", "PyTorch"),
@@ -44,26 +44,6 @@ SETTINGS = {
               "extra_doublings": 1, "time_chunks": (4,), "repeats": 3},
 }
 MIB = 1 << 20
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def _backend_list(text: str) -> list[str]:
@@ -88,22 +68,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", type=_backend_list, default=list(BACKENDS),
                         help="comma-separated, from torch,jax,tf (default: all; one that is not "
                              "installed is skipped)")
-    parser.add_argument("--budget-mib", type=_positive_int, default=None,
+    parser.add_argument("--budget-mib", type=positive_int, default=None,
                         help="memory a step may use; the full-batch sweep stops at the first batch "
                              f"over it (default: {SETTINGS['full']['budget_mib']}; "
                              f"--quick: {SETTINGS['quick']['budget_mib']})")
-    parser.add_argument("--max-batch", type=_positive_int, default=None,
+    parser.add_argument("--max-batch", type=positive_int, default=None,
                         help="largest batch to measure (default: as far as the budget allows; "
                              f"--quick: {SETTINGS['quick']['max_batch']})")
-    parser.add_argument("--chunk-size", type=_positive_int, default=None,
+    parser.add_argument("--chunk-size", type=positive_int, default=None,
                         help="rows per chunk of the cached step; the sweep starts at this batch "
                              f"(default: {SETTINGS['full']['chunk']}; "
                              f"--quick: {SETTINGS['quick']['chunk']})")
-    parser.add_argument("--repeats", type=_positive_int, default=None,
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help="timed steps of each kind (median; default: "
                              f"{SETTINGS['full']['repeats']}; --quick: "
                              f"{SETTINGS['quick']['repeats']})")
-    parser.add_argument("--threads", type=_non_negative_int, default=1,
+    parser.add_argument("--threads", type=non_negative_int, default=1,
                         help="CPU threads per framework process; 0: the framework's default, all "
                              "cores (default: 1, repeatable on a shared machine)")
     parser.add_argument("--quick", action="store_true",

