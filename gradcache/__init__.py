@@ -11,6 +11,7 @@ framework. Importing this package loads no framework, ever.
 """
 
 from gradcache._backend import Backend, ChunkPlan, call_with_convention, python_chunk_loop
+from gradcache._collective import Collective, Rendezvous
 from gradcache._dispatch import cached_step
 from gradcache._errors import GradCacheError
 from gradcache._schedule import CheckedLoss, run_cached_step
@@ -22,6 +23,7 @@ __all__ = [
     "Backend",
     "CheckedLoss",
     "ChunkPlan",
+    "Collective",
     "GradCacheError",
     "TreeSpec",
     "cached_step",
@@ -29,6 +31,7 @@ __all__ = [
     "flatten",
     "map_leaves",
     "python_chunk_loop",
+    "Rendezvous",
     "run_cached_step",
     "unflatten",
 ]

@@ -18,6 +18,7 @@ from typing import Any
 
 from gradcache import _tree
 from gradcache._backend import Backend, ChunkPlan, python_chunk_loop
+from gradcache._collective import Collective, Rendezvous
 from gradcache._errors import GradCacheError, add_location_note, where
 
 
@@ -158,11 +159,17 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
                     chunk_size: int | Sequence[int], get_rep: Any = None,
                     loss_kwargs: Mapping | None = None, split_fn: Callable | None = None,
                     check_finite: bool = False, check_determinism: bool = False,
-                    determinism_tolerance: float = 1e-5, progress: bool = False) -> tuple[Any, Any]:
+                    determinism_tolerance: float = 1e-5, progress: bool = False,
+                    collective: Collective | None = None) -> tuple[Any, Any]:
     """Runs one gradient-cached step on ``backend``; returns ``(loss, grads)``.
 
     This is what every adapter's ``cached_step`` calls after building its backend. ``grads`` is the
     backend's accumulator (``None`` for torch, whose gradients land in ``.grad``).
+
+    With a ``collective`` the step is one rank's part of a distributed step: the loss sees every
+    rank's representations concatenated in rank order (or, if it ``gathers_itself``, this rank's,
+    and communicates on its own), and this rank pulls back the gradient of its own rows, times the
+    collective's ``grad_scale``. Ranks may hold different numbers of rows and chunks.
 
     >>> import numpy as np
     >>> from gradcache.testing import NumpyBackend, LinearEncoder, NumpyInfoNCE
@@ -179,23 +186,82 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
     track = backend.progress_enabled() and progress
     total = 2 * sum(g.plan.num_chunks if g.plan else len(g.pre_split) for g in groups)
     bar = _Progress(track, total)
+    # one agreement after pass 1, one before each encoder's last (synchronising) pass-2 chunk
+    rendezvous = Rendezvous(collective, planned=1 + sum(g.last_for_encoder for g in groups))
     try:
         with backend.transaction():
-            grads = backend.zero_grads()
-            reps, records = [], []
-            for group in groups:
-                rep, record = _pass_one(backend, group, bar)
-                reps.append(rep)
-                records.append(record)
-            loss, rep_grads, grads = backend.loss_and_rep_grads(checked_loss, reps, grads)
-            if check_finite:
-                backend.run_check(_require_finite(backend), loss)
-            for group, rep, rep_grad, record in zip(groups, reps, rep_grads, records):
-                grads = _pass_two(backend, group, rep if check_determinism else None, rep_grad,
-                                  record, grads, determinism_tolerance, bar)
+            try:
+                grads = backend.zero_grads()
+                reps, records = [], []
+                for group in groups:
+                    rep, record = _pass_one(backend, group, bar)
+                    reps.append(rep)
+                    records.append(record)
+                if collective is None:
+                    loss, rep_grads, grads = backend.loss_and_rep_grads(checked_loss, reps, grads)
+                else:
+                    loss, rep_grads, grads = _distributed_loss(backend, collective, rendezvous,
+                                                               groups, checked_loss, reps, grads)
+                if check_finite:
+                    backend.run_check(_require_finite(backend), loss)
+                for group, rep, rep_grad, record in zip(groups, reps, rep_grads, records):
+                    grads = _pass_two(backend, group, rep if check_determinism else None, rep_grad,
+                                      record, grads, determinism_tolerance, bar, rendezvous)
+            except Exception as error:
+                rendezvous.fail(error)
+                raise
     finally:
         bar.close()
     return loss, grads
+
+
+def _rep_signature(backend: Backend, rep: Any) -> tuple[int, Any, tuple]:
+    """``(rows, structure, per-leaf (trailing shape, dtype))`` of one group's representation."""
+    leaves, spec = _tree.flatten(rep, backend.is_leaf)
+    rows = backend.batch_size(leaves[0])
+    return rows, repr(spec), tuple((tuple(backend.shape(leaf))[1:], str(getattr(leaf, "dtype", "")))
+                                   for leaf in leaves)
+
+
+def _agreed_counts(backend: Backend, collective: Collective, rendezvous: Rendezvous,
+                   groups: list[GroupPlan], reps: list) -> list[list[int]]:
+    """Rows per rank for every group, after checking that the ranks' representations fit together."""
+    mine = ([_rep_signature(backend, rep) for rep in reps],
+            [group.last_for_encoder for group in groups])
+    reports = rendezvous.agree("after pass 1", mine)
+    if not rendezvous.active:  # SPMD: one program, identical static shapes on every rank
+        return [[signature[0]] * collective.world_size for signature in mine[0]]
+    signatures, sharing = mine
+    for rank, (other, other_sharing) in enumerate(reports):
+        if len(other) != len(signatures) or other_sharing != sharing:
+            raise GradCacheError(
+                f"rank {rank} runs {len(other)} input groups with encoders shared as {other_sharing}, "
+                f"this rank {len(signatures)} as {sharing}; every rank must run the same step")
+        for index, (theirs, ours) in enumerate(zip(other, signatures)):
+            if theirs[1:] != ours[1:]:
+                raise GradCacheError(
+                    f"the representations of {where(index)} differ between ranks beyond the number of "
+                    f"rows: rank {rank} has {theirs[1:]}, this rank {ours[1:]}")
+    return [[other[index][0] for other, _ in reports] for index in range(len(signatures))]
+
+
+def _distributed_loss(backend: Backend, collective: Collective, rendezvous: Rendezvous,
+                      groups: list[GroupPlan], checked_loss: CheckedLoss, reps: list,
+                      grads: Any) -> tuple[Any, list, Any]:
+    """The global-batch loss and this rank's share of its representation gradients."""
+    counts = _agreed_counts(backend, collective, rendezvous, groups, reps)
+    if checked_loss.gathers_itself:
+        loss, rep_grads, grads = backend.loss_and_rep_grads(checked_loss, reps, grads)
+    else:
+        gathered = [_tree.map_leaves(lambda leaf, c=c: collective.all_gather_rows(leaf, c), rep,
+                                     backend.is_leaf) for rep, c in zip(reps, counts)]
+        loss, global_grads, grads = backend.loss_and_rep_grads(checked_loss, gathered, grads)
+        rep_grads = [_tree.map_leaves(lambda leaf, c=c: collective.local_rows(leaf, c), grad,
+                                      backend.is_leaf) for grad, c in zip(global_grads, counts)]
+    if collective.grad_scale != 1:
+        rep_grads = [_tree.map_leaves(lambda leaf: leaf * collective.grad_scale, grad,
+                                      backend.is_leaf) for grad in rep_grads]
+    return loss, rep_grads, grads
 
 
 class CheckedLoss:
@@ -214,6 +280,12 @@ class CheckedLoss:
     @property
     def supplies_gradient(self) -> bool:
         return callable(getattr(self.loss_fn, "value_and_grad", None))
+
+    @property
+    def gathers_itself(self) -> bool:
+        """The loss takes each rank's own representations and communicates on its own (the
+        distributed tiled losses); a distributed step then gathers nothing for it."""
+        return bool(getattr(self.loss_fn, "gathers_itself", False))
 
     def __call__(self, *reps: Any) -> Any:
         return self._check(self.loss_fn(*reps, **self.loss_kwargs))
@@ -284,7 +356,7 @@ def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress) -> tuple[Any, 
 
 
 def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, records: Any,
-              grads: Any, tolerance: float, bar: _Progress) -> Any:
+              grads: Any, tolerance: float, bar: _Progress, rendezvous: Rendezvous) -> Any:
     last_chunk = group.plan.num_chunks - 1
 
     def body(grads: Any, index: Any, rows: Any, item: Any) -> tuple[Any, tuple[Any, Any]]:
@@ -295,6 +367,10 @@ def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, recor
             record = item
         # Under a compiled loop `index` is traced and this is a traced bool; such backends ignore it.
         final_use = group.last_for_encoder and index == last_chunk
+        if rendezvous.active and final_use:
+            # a distributed wrapper synchronises gradients in this chunk's backward: a rank that
+            # failed earlier in pass 2 must stop the others here, not leave them waiting in it
+            rendezvous.agree(f"in pass 2 before {where(group.index)} synchronised gradients")
         try:
             grads, recomputed = backend.pullback(group.encoder, chunk, record, group.get_rep,
                                                  grad_chunk, grads, final_use=final_use)

@@ -3,9 +3,11 @@
 ``NumpyBackend`` is a complete backend with hand-written gradients (the example of
 ``docs/extending.md``). ``gradcache.testing.contract`` holds ``BackendContract``, the property-based
 test suite every adapter runs (it needs pytest and hypothesis); import it from your own tests and
-subclass it with a harness for your backend.
+subclass it with a harness for your backend. ``ThreadCollective`` and ``run_ranks`` run the
+distributed schedule on threads of one process.
 """
 
 from gradcache.testing._numpy_backend import LinearEncoder, NumpyBackend, NumpyInfoNCE
+from gradcache.testing._threads import ThreadCollective, run_ranks
 
-__all__ = ["LinearEncoder", "NumpyBackend", "NumpyInfoNCE"]
+__all__ = ["LinearEncoder", "NumpyBackend", "NumpyInfoNCE", "ThreadCollective", "run_ranks"]
