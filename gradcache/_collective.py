@@ -33,11 +33,15 @@ class Collective:
             it sums them.
         agrees: true for multi-process engines whose ranks must :meth:`exchange` status to avoid
             hanging; false for SPMD engines, where :meth:`exchange` is never called.
+        same_chunk_counts: every rank must encode the same number of chunks per group, because
+            the encoder itself communicates in each call (FSDP2 gathers its parameters in every
+            forward); checked before pass 1, so that unequal counts raise instead of mismatching.
     """
 
     world_size: int = 1
     grad_scale: float = 1.0
     agrees: bool = False
+    same_chunk_counts: bool = False
 
     def exchange(self, payload: Any) -> list[Any]:
         """Every rank's small picklable ``payload``, in rank order (a host-side all-gather)."""
@@ -91,8 +95,8 @@ class Rendezvous:
             self.failed = True
             rank, error = failures[0]
             raise GradCacheError(
-                f"rank {rank} failed ({error}) {stage}; every rank stopped there and no gradient "
-                f"was applied")
+                f"rank {rank} failed ({error}); every rank stopped ({stage}) and no gradient was "
+                f"applied")
         return [payload for _, payload in reports]
 
     def fail(self, error: BaseException) -> None:

@@ -181,13 +181,21 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
     >>> grads[id(encoder)]["weight"].shape
     (5, 3)
     """
-    groups = plan_groups(backend, encoders, inputs, chunk_size, get_rep=get_rep, split_fn=split_fn)
+    rendezvous = Rendezvous(collective, planned=1)
+    try:
+        groups = plan_groups(backend, encoders, inputs, chunk_size, get_rep=get_rep, split_fn=split_fn)
+    except Exception as error:   # one rank's bad input must not leave the others waiting
+        rendezvous.fail(error)
+        raise
+    # one agreement after pass 1, one before each encoder's last (synchronising) pass-2 chunk
+    rendezvous.planned = 1 + sum(g.last_for_encoder for g in groups)
+    if rendezvous.active and collective.same_chunk_counts:
+        rendezvous.planned += 1
+        _agree_chunk_counts(rendezvous, groups)
     checked_loss = CheckedLoss(backend, loss_fn, loss_kwargs)
     track = backend.progress_enabled() and progress
     total = 2 * sum(g.plan.num_chunks if g.plan else len(g.pre_split) for g in groups)
     bar = _Progress(track, total)
-    # one agreement after pass 1, one before each encoder's last (synchronising) pass-2 chunk
-    rendezvous = Rendezvous(collective, planned=1 + sum(g.last_for_encoder for g in groups))
     try:
         with backend.transaction():
             try:
@@ -213,6 +221,18 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
     finally:
         bar.close()
     return loss, grads
+
+
+def _agree_chunk_counts(rendezvous: Rendezvous, groups: list[GroupPlan]) -> None:
+    """Raises on every rank, before anything runs, if the ranks would encode unequal numbers of chunks."""
+    counts = [g.plan.num_chunks if g.plan else len(g.pre_split) for g in groups]
+    reports = rendezvous.agree("before pass 1", counts)
+    if any(report != counts for report in reports):
+        listing = ", ".join(f"rank {rank}: {report}" for rank, report in enumerate(reports))
+        raise GradCacheError(
+            f"the encoders communicate in every call, so every rank must run the same number of "
+            f"chunks per input group; got {listing}. Give every rank the same local batch size, or "
+            f"chunk sizes that cut every rank's rows into as many chunks")
 
 
 def _rep_signature(backend: Backend, rep: Any) -> tuple[int, Any, tuple]:

@@ -1,7 +1,8 @@
 """gradcache for PyTorch: ``cached_step`` puts full-batch-exact gradients into ``.grad``.
 
 Also here: the migration API of the original GradCache package (``GradCache``, ``cached``,
-``cat_input_tensor``) without its defects, and the backend for anyone composing their own step.
+``cat_input_tensor``) without its defects, the backend for anyone composing their own step, and
+``TorchCollective`` / ``all_gather_rows`` for distributed steps (``cached_step(..., distributed=True)``).
 """
 
 try:
@@ -12,6 +13,7 @@ except ImportError:  # pragma: no cover - exercised only without torch
 from gradcache import GradCacheError
 from gradcache_torch._backend import TorchBackend, trim_padding
 from gradcache_torch._compat import GradCache, cached, cat_input_tensor
+from gradcache_torch._distributed import TorchCollective, all_gather_rows
 from gradcache_torch._rng import RngState
 from gradcache_torch._step import cached_step
 
@@ -20,6 +22,8 @@ __all__ = [
     "GradCacheError",
     "RngState",
     "TorchBackend",
+    "TorchCollective",
+    "all_gather_rows",
     "cached",
     "cached_step",
     "cat_input_tensor",

@@ -11,8 +11,15 @@ from typing import Any
 
 import torch
 
-from gradcache import map_leaves, run_cached_step
+from gradcache import GradCacheError, map_leaves, run_cached_step
 from gradcache_torch._backend import TorchBackend
+from gradcache_torch._distributed import (
+    PlainModuleSync,
+    TorchCollective,
+    is_ddp,
+    is_fsdp,
+    resolve_group,
+)
 
 
 def _is_tensor(value: Any) -> bool:
@@ -62,7 +69,7 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                 scaler: Any = None, pad_trim: bool = False, sort_by_length: bool = False,
                 check_finite: bool = False,
                 check_determinism: bool = False, determinism_tolerance: float = 1e-5,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, distributed: Any = False) -> torch.Tensor:
     """One contrastive step over a batch larger than memory; gradients land in ``.grad``.
 
     Equivalent to ``loss_fn(*[get_rep(enc(x)) for enc, x in zip(encoders, inputs)]).backward()`` on
@@ -95,6 +102,16 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         check_determinism: compare pass 2's representations with pass 1's and raise if they differ
             by more than ``determinism_tolerance`` (relative to their magnitude).
         progress: a tqdm bar over the chunks of both passes.
+        distributed: ``True`` (the default process group) or a ``ProcessGroup``: this call is one
+            rank's part of a step over the *global* batch. Every rank's representations are
+            gathered after pass 1 (rank order), ``loss_fn`` sees the global batch (or, for a loss
+            that ``gathers_itself`` such as :func:`gradcache_torch.losses.across_ranks`, this rank's
+            rows), and each rank pulls back the gradient of its own rows. Afterwards every rank
+            holds the global loss and the gradients of one process running the whole global
+            batch: DDP and FSDP2 wrappers synchronise once per module per step (their averaging
+            is compensated), modules with no wrapper are averaged by one all-reduce. Local batches
+            may differ in size and in number of chunks; a rank that fails makes every rank raise.
+            Per-row ``loss_kwargs`` must be global (see :func:`gradcache_torch.all_gather_rows`).
 
     Returns:
         The loss, detached.
@@ -114,6 +131,9 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     torch.Size([4, 8])
     """
     backend = TorchBackend(scaler=scaler, pad_trim=pad_trim)
+    collective, sync_plain = None, None
+    if distributed is not False and distributed is not None:
+        collective, sync_plain = _distribute(encoders, distributed, sort_by_length)
     if sort_by_length and isinstance(inputs, (list, tuple)):
         orders = [_length_order(group) for group in inputs]
         if any(order is not None for order in orders):
@@ -124,5 +144,30 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
         loss_kwargs=loss_kwargs, split_fn=split_fn, check_finite=check_finite,
         check_determinism=check_determinism, determinism_tolerance=determinism_tolerance,
-        progress=progress)
+        progress=progress, collective=collective)
+    if sync_plain is not None:
+        sync_plain()
     return loss
+
+
+def _distribute(encoders: Any, distributed: Any, sort_by_length: bool) -> tuple[Any, Any]:
+    """The collective of a distributed step and the all-reduce for its unwrapped modules."""
+    group = resolve_group(distributed)
+    if sort_by_length:
+        raise GradCacheError("sort_by_length is not supported with distributed=...: the loss sees "
+                             "the global batch, and each rank's sorting is its own")
+    listed = list(encoders) if isinstance(encoders, (list, tuple)) else [encoders]
+    plain = []
+    for index, encoder in enumerate(listed):
+        if is_ddp(encoder) or is_fsdp(encoder):
+            continue
+        if not isinstance(encoder, torch.nn.Module):
+            raise GradCacheError(
+                f"distributed=... needs every encoder to be a torch.nn.Module (DDP, FSDP2 or plain) "
+                f"so that its gradients can be synchronised; encoder {index} is "
+                f"{type(encoder).__name__}")
+        plain.append(encoder)
+    sync = PlainModuleSync(plain, group) if plain else None
+    # FSDP2 all-gathers its parameters in every forward and backward: equal chunk counts needed
+    fsdp = any(is_fsdp(encoder) for encoder in listed)
+    return TorchCollective(group, same_chunk_counts=fsdp), sync

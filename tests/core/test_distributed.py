@@ -61,7 +61,7 @@ def test_a_failing_rank_stops_every_rank_at_the_same_agreement() -> None:
     for rank in (0, 2):
         error = outcomes[rank][1]
         assert isinstance(error, GradCacheError)
-        assert "rank 1 failed (Boom: no memory left) after pass 1" in str(error)
+        assert "rank 1 failed (Boom: no memory left); every rank stopped (after pass 1)" in str(error)
 
 
 def test_a_rank_failing_in_pass_two_stops_the_others_before_they_synchronise() -> None:
@@ -80,7 +80,7 @@ def test_a_rank_failing_in_pass_two_stops_the_others_before_they_synchronise() -
 
     outcomes = run_ranks(2, rank_step)
     assert isinstance(outcomes[0][1], ValueError)
-    assert "rank 0 failed (ValueError: pass two broke) in pass 2" in str(outcomes[1][1])
+    assert "rank 0 failed (ValueError: pass two broke); every rank stopped (in pass 2" in str(outcomes[1][1])
 
 
 def test_ranks_must_run_the_same_step() -> None:
@@ -161,3 +161,18 @@ def test_a_rank_failing_after_the_last_agreement_does_not_wait_for_the_others() 
     outcomes = run_ranks(2, rank_step, timeout=5)
     assert isinstance(outcomes[0][1], ValueError)
     assert outcomes[1][1] is None
+
+
+def test_bad_input_on_one_rank_stops_every_rank() -> None:
+    rng = np.random.default_rng(6)
+    encoder = LinearEncoder(rng.normal(size=(5, 3)))
+
+    def rank_step(rank, collective):
+        x = rng.normal(size=(4, 5))
+        inputs = (x, x) if rank == 0 else {"not": "a sequence"}
+        return run_cached_step(NumpyBackend(), encoder, inputs, NumpyInfoNCE(), chunk_size=2,
+                               collective=collective)
+
+    outcomes = run_ranks(2, rank_step, timeout=5)
+    assert "inputs must be a list or tuple" in str(outcomes[1][1])
+    assert "rank 1 failed (GradCacheError: inputs must be a list" in str(outcomes[0][1])

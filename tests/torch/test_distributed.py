@@ -1,0 +1,188 @@
+"""Distributed cached steps on gloo (127.0.0.1): gradients equal one process running the global batch.
+
+Each rank holds its own rows (unequal counts, unequal chunk counts); after
+``cached_step(..., distributed=True)`` every rank must hold the global loss and the gradients of a
+single process that ran the whole global batch, for DDP, FSDP2 and unwrapped modules, with one
+gradient reduction per module per step; a failing rank must stop every rank with nothing applied.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+from gradcache import GradCacheError
+from gradcache_torch import cached_step
+from tests.spawn import spawn
+from tests.torch.test_features import Tower, info_nce
+
+pytestmark = pytest.mark.slow
+
+
+def rows_of(rank: int) -> int:
+    return 5 + 3 * rank        # unequal local batches
+
+
+def local_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + rank)
+    n = rows_of(rank)
+    return (torch.randn(n, 6, generator=generator, dtype=torch.float64),
+            torch.randn(2 * n, 6, generator=generator, dtype=torch.float64))   # one hard negative
+
+
+def global_reference(world: int, *, two_towers: bool = False):
+    """Loss, tower gradients and temperature gradient of one process running every rank's rows."""
+    torch.manual_seed(0)
+    towers = [Tower().double(), Tower().double()] if two_towers else [Tower().double()]
+    temperature = torch.nn.Parameter(torch.tensor(0.2, dtype=torch.float64))
+    batches = [local_batch(rank) for rank in range(world)]
+    q = torch.cat([b[0] for b in batches])
+    p = torch.cat([b[1] for b in batches])
+    loss = info_nce(towers[0](q), towers[-1](p), temperature)
+    loss.backward()
+    return loss.detach(), [[t.grad.clone() for t in tower.parameters()] for tower in towers], temperature.grad
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def scenarios(rank: int, world: int) -> dict:
+    """Runs every scenario on this rank; returns what the test compares."""
+    out: dict = {}
+    q, p = local_batch(rank)
+    chunk = 2 + rank               # unequal chunk sizes: unequal numbers of chunks
+
+    # DDP, with a comm hook counting all-reduces, and a learnable temperature outside the model
+    torch.manual_seed(0)
+    model = DistributedDataParallel(Tower().double())
+    temperature = torch.nn.Parameter(torch.tensor(0.2, dtype=torch.float64))
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(1)
+        return allreduce_hook(state, bucket)
+
+    model.register_comm_hook(None, counting_hook)
+    loss = cached_step(model, (q, p), lambda a, b: info_nce(a, b, temperature),
+                       chunk_size=chunk, distributed=True)
+    out["ddp"] = (loss, [t.grad.clone() for t in model.parameters()], temperature.grad.clone(),
+                  len(calls))
+
+    # two separately wrapped towers: one all-reduce each
+    torch.manual_seed(0)
+    towers = [DistributedDataParallel(Tower().double()), DistributedDataParallel(Tower().double())]
+    temperature = torch.nn.Parameter(torch.tensor(0.2, dtype=torch.float64))
+    cached_step(towers, (q, p), lambda a, b: info_nce(a, b, temperature), chunk_size=[chunk, 3],
+                distributed=True)
+    out["two_towers"] = [[t.grad.clone() for t in tower.parameters()] for tower in towers]
+
+    # an unwrapped module: averaged by the adapter's own single all-reduce; gradients accumulate
+    torch.manual_seed(0)
+    plain = Tower().double()
+    for parameter in plain.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    cached_step(plain, (q, p), lambda a, b: info_nce(a, b, 0.2), chunk_size=chunk, distributed=True)
+    out["plain"] = [t.grad.clone() for t in plain.parameters()]
+
+    # FSDP2
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    sharded = Tower().double()
+    fully_shard(sharded.a)
+    fully_shard(sharded)
+    # FSDP2 gathers parameters in every forward: every rank runs 3 chunks per group
+    rows = rows_of(rank)
+    cached_step(sharded, (q, p), lambda a, b: info_nce(a, b, 0.2),
+                chunk_size=[-(-rows // 3), -(-2 * rows // 3)], distributed=True)
+    out["fsdp"] = [full(t.grad).clone() for t in sharded.parameters()]
+    out["fsdp_sync_restored"] = sharded._get_fsdp_state()._fsdp_param_group.reduce_grads
+    try:
+        cached_step(sharded, (q, p), info_nce, chunk_size=chunk, distributed=True)
+        out["fsdp_counts"] = "no error"
+    except GradCacheError as error:
+        out["fsdp_counts"] = str(error)
+
+    # a rank that fails in pass 1 stops every rank, with no gradient anywhere
+    torch.manual_seed(0)
+    model = DistributedDataParallel(Tower().double())
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise MemoryError("out of memory on purpose")
+
+    encoder = model if rank != world - 1 else Broken()
+    try:
+        cached_step(encoder, (q, p), info_nce, chunk_size=chunk, distributed=True)
+        out["failure"] = "no error"
+    except GradCacheError as error:
+        out["failure"] = str(error)
+    except MemoryError as error:
+        out["failure"] = f"own: {error}"
+    out["failure_grads"] = [t.grad for t in model.parameters()]
+    return out
+
+
+def check_against_reference(results: list[dict], world: int) -> None:
+    loss, (tower_grads,), temperature_grad = global_reference(world)
+    for rank, out in enumerate(results):
+        got_loss, got_grads, got_temperature, calls = out["ddp"]
+        torch.testing.assert_close(got_loss, loss, rtol=1e-12, atol=0)
+        for got, want in zip(got_grads, tower_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_temperature, temperature_grad, rtol=1e-10, atol=1e-12)
+        assert calls == 1, "DDP must all-reduce once per step"
+        for got, want in zip(out["fsdp"], tower_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert out["fsdp_sync_restored"], "FSDP2 gradient sync must be switched back on"
+        assert "every rank must run the same number of chunks" in out["fsdp_counts"]
+        for got, want in zip(out["plain"], tower_grads):
+            torch.testing.assert_close(got, want + 1, rtol=1e-10, atol=1e-12)
+        if rank == world - 1:
+            assert out["failure"] == "own: out of memory on purpose"
+        else:
+            assert f"rank {world - 1} failed (MemoryError: out of memory on purpose); every rank " \
+                "stopped (after pass 1)" in out["failure"], out["failure"]
+        assert all(g is None for g in out["failure_grads"])
+    _, towers, _ = global_reference(world, two_towers=True)
+    for out in results:
+        for got_tower, want_tower in zip(out["two_towers"], towers):
+            for got, want in zip(got_tower, want_tower):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_rank_gets_the_global_batch_gradients(world) -> None:
+    check_against_reference(spawn(scenarios, world, timeout=240), world)
+
+
+def absent_rank(rank: int, world: int) -> str:
+    """Rank 1 never takes the step: rank 0 must stop at the group's timeout, not wait forever."""
+    quick = dist.new_group(backend="gloo", timeout=timedelta(seconds=3))
+    if rank == 1:
+        time.sleep(10)   # alive but absent: rank 0's collective can only end by its timeout
+        return "skipped"
+    q, p = local_batch(rank)
+    try:
+        cached_step(Tower().double(), (q, p), info_nce, chunk_size=2, distributed=quick)
+    except Exception as error:  # gloo's timeout error
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def test_a_rank_that_never_comes_times_out_instead_of_hanging() -> None:
+    first, second = spawn(absent_rank, 2, timeout=60)
+    assert second == "skipped"
+    assert "timed out" in first.lower() or "timeout" in first.lower(), first
+
+
+def test_distributed_needs_an_initialised_process_group() -> None:
+    with pytest.raises(GradCacheError, match="init_process_group"):
+        cached_step(Tower().double(), (torch.randn(4, 6, dtype=torch.float64),) * 2, info_nce,
+                    chunk_size=2, distributed=True)
