@@ -68,8 +68,9 @@ class TorchCollective(Collective):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.grad_scale = float(self.world_size if grad_scale is None else grad_scale)
-        #: bytes this rank sent into tensor collectives (the benchmark reads it)
-        self.bytes_sent = 0
+        #: bytes of the global tensors this rank's tensor collectives moved (an all-gather's
+        #: output, a reduce-scatter's input, an all-reduce's tensor), the benchmark's measure
+        self.bytes_communicated = 0
 
     def exchange(self, payload: Any) -> list[Any]:
         reports: list[Any] = [None] * self.world_size
@@ -85,7 +86,7 @@ class TorchCollective(Collective):
             mine = torch.cat([mine, pad])
         parts = [torch.empty_like(mine) for _ in counts]
         dist.all_gather(parts, mine, group=self.group)
-        self.bytes_sent += mine.numel() * mine.element_size()
+        self.bytes_communicated += len(parts) * mine.numel() * mine.element_size()
         return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
     def local_rows(self, leaf: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
@@ -102,13 +103,13 @@ class TorchCollective(Collective):
             parts.append(part.contiguous())
         out = torch.empty_like(parts[0])
         dist.reduce_scatter(out, parts, group=self.group)
-        self.bytes_sent += sum(part.numel() * part.element_size() for part in parts)
+        self.bytes_communicated += sum(part.numel() * part.element_size() for part in parts)
         return out[:counts[self.rank]]
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         total = value.detach().clone()
         dist.all_reduce(total, group=self.group)
-        self.bytes_sent += total.numel() * total.element_size()
+        self.bytes_communicated += total.numel() * total.element_size()
         return total
 
 

@@ -102,7 +102,8 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         check_determinism: compare pass 2's representations with pass 1's and raise if they differ
             by more than ``determinism_tolerance`` (relative to their magnitude).
         progress: a tqdm bar over the chunks of both passes.
-        distributed: ``True`` (the default process group) or a ``ProcessGroup``: this call is one
+        distributed: ``True`` (the default process group), a ``ProcessGroup``, or a
+            :class:`gradcache_torch.TorchCollective` (to read its byte count): this call is one
             rank's part of a step over the *global* batch. Every rank's representations are
             gathered after pass 1 (rank order), ``loss_fn`` sees the global batch (or, for a loss
             that ``gathers_itself`` such as :func:`gradcache_torch.losses.across_ranks`, this rank's
@@ -152,7 +153,8 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
 
 def _distribute(encoders: Any, distributed: Any, sort_by_length: bool) -> tuple[Any, Any]:
     """The collective of a distributed step and the all-reduce for its unwrapped modules."""
-    group = resolve_group(distributed)
+    given = distributed if isinstance(distributed, TorchCollective) else None
+    group = given.group if given is not None else resolve_group(distributed)
     if sort_by_length:
         raise GradCacheError("sort_by_length is not supported with distributed=...: the loss sees "
                              "the global batch, and each rank's sorting is its own")
@@ -170,4 +172,7 @@ def _distribute(encoders: Any, distributed: Any, sort_by_length: bool) -> tuple[
     sync = PlainModuleSync(plain, group) if plain else None
     # FSDP2 all-gathers its parameters in every forward and backward: equal chunk counts needed
     fsdp = any(is_fsdp(encoder) for encoder in listed)
+    if given is not None:
+        given.same_chunk_counts = given.same_chunk_counts or fsdp
+        return given, sync
     return TorchCollective(group, same_chunk_counts=fsdp), sync

@@ -8,6 +8,7 @@ gradient reduction per module per step; a failing rank must stop every rank with
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import timedelta
 
@@ -186,3 +187,19 @@ def test_distributed_needs_an_initialised_process_group() -> None:
     with pytest.raises(GradCacheError, match="init_process_group"):
         cached_step(Tower().double(), (torch.randn(4, 6, dtype=torch.float64),) * 2, info_nce,
                     chunk_size=2, distributed=True)
+
+
+def test_the_torchrun_example_runs_and_is_exact() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.spawn import free_port
+
+    script = Path(__file__).resolve().parents[2] / "docs" / "examples" / "torchrun_step.py"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), "--check"],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "largest relative gradient difference from one process" in result.stdout
