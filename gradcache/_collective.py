@@ -27,6 +27,7 @@ class Collective:
 
     Attributes:
         world_size: number of ranks taking part.
+        rank: this rank's index, ``0 <= rank < world_size`` (a traced integer on SPMD engines).
         grad_scale: the factor applied to every rank's representation gradients before pass 2, so
             that what the framework's gradient reduction leaves equals the global-batch gradient:
             ``world_size`` when the wrapper *averages* gradients over ranks (DDP, FSDP2), ``1`` when
@@ -36,9 +37,15 @@ class Collective:
         same_chunk_counts: every rank must encode the same number of chunks per group, because
             the encoder itself communicates in each call (FSDP2 gathers its parameters in every
             forward); checked before pass 1, so that unequal counts raise instead of mismatching.
+
+    Gradients of parameters the loss owns (a learnable temperature) come from the global loss, the
+    same on every rank; a backend whose gradient reduction would also cover them must count them
+    once (JAX adds them after its ``psum``, TF gives them to replica 0 only, torch leaves them out
+    of every wrapper's reduction).
     """
 
     world_size: int = 1
+    rank: Any = 0
     grad_scale: float = 1.0
     agrees: bool = False
     same_chunk_counts: bool = False
@@ -46,6 +53,17 @@ class Collective:
     def exchange(self, payload: Any) -> list[Any]:
         """Every rank's small picklable ``payload``, in rank order (a host-side all-gather)."""
         raise NotImplementedError
+
+    def row_counts(self, rows: int) -> Any:
+        """Every rank's row count of a group of which this rank holds ``rows``, for an engine that
+        does not :attr:`agree` (agreeing engines learn them from :meth:`exchange`).
+
+        The result is opaque to the core: it only hands it back as the ``counts`` of the row
+        operations of that group. The default, ``[rows] * world_size``, suits SPMD engines whose
+        shards share one static shape (a JAX mesh); an engine whose replicas may differ (TF's
+        ``all_gather`` accepts unequal rows) gathers the counts here, once per group.
+        """
+        return [rows] * self.world_size
 
     def all_gather_rows(self, leaf: Any, counts: Sequence[int]) -> Any:
         """The rank-ordered concatenation of every rank's ``leaf``; rank ``r`` holds ``counts[r]`` rows."""

@@ -244,13 +244,14 @@ def _rep_signature(backend: Backend, rep: Any) -> tuple[int, Any, tuple]:
 
 
 def _agreed_counts(backend: Backend, collective: Collective, rendezvous: Rendezvous,
-                   groups: list[GroupPlan], reps: list) -> list[list[int]]:
-    """Rows per rank for every group, after checking that the ranks' representations fit together."""
+                   groups: list[GroupPlan], reps: list) -> list[Any]:
+    """Rows per rank for every group, after checking that the ranks' representations fit together
+    (SPMD engines: whatever their collective's ``row_counts`` says, checked by the engine)."""
     mine = ([_rep_signature(backend, rep) for rep in reps],
             [group.last_for_encoder for group in groups])
     reports = rendezvous.agree("after pass 1", mine)
-    if not rendezvous.active:  # SPMD: one program, identical static shapes on every rank
-        return [[signature[0]] * collective.world_size for signature in mine[0]]
+    if not rendezvous.active:  # SPMD: one program; the collective knows the other ranks' rows
+        return [collective.row_counts(signature[0]) for signature in mine[0]]
     signatures, sharing = mine
     for rank, (other, other_sharing) in enumerate(reports):
         if len(other) != len(signatures) or other_sharing != sharing:

@@ -4,7 +4,9 @@
 loss's), ready for ``optimizer.apply_gradients``. It runs eagerly and inside ``tf.function``, with
 or without XLA. Also here: ``GradCacheModel``, a ``keras.Model`` whose ``fit`` trains with the
 cached step (imported on first use, so that this package does not import Keras by itself), and the
-backend for anyone composing their own step. See ``docs/tf.md``.
+backend for anyone composing their own step. ``cached_step(..., distributed=True)`` inside
+``strategy.run`` takes one step over the global batch of a ``tf.distribute`` strategy (its
+collective: ``ReplicaCollective``). See ``docs/tf.md``.
 """
 
 import os
@@ -21,6 +23,7 @@ except ImportError:  # pragma: no cover - exercised only without TensorFlow
 
 from gradcache import GradCacheError
 from gradcache_tf._backend import TFBackend
+from gradcache_tf._distributed import ReplicaCollective
 from gradcache_tf._rng import RandomSources
 from gradcache_tf._step import cached_step, trainable_variables
 
@@ -28,6 +31,7 @@ __all__ = [
     "GradCacheError",
     "GradCacheModel",
     "RandomSources",
+    "ReplicaCollective",
     "TFBackend",
     "cached_step",
     "trainable_variables",

@@ -47,6 +47,15 @@ def _add(total: tf.Tensor, gradient: Any) -> tf.Tensor:
     return total + tf.cast(gradient, total.dtype)
 
 
+def _weighted(gradient: Any, weight: Any) -> Any:
+    """``gradient * weight`` for a dense or an ``IndexedSlices`` gradient."""
+    if isinstance(gradient, tf.IndexedSlices):
+        values = gradient.values * tf.cast(weight, gradient.values.dtype)
+        return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+    gradient = tf.convert_to_tensor(gradient)
+    return gradient * tf.cast(weight, gradient.dtype)
+
+
 @dataclass
 class LoopItems:
     """Per-chunk items of a ``tf.while_loop`` pass: stacked for the uniform chunks, plus the last."""
@@ -71,6 +80,10 @@ class TFBackend(Backend):
             then raises if an encoder reads a trainable variable outside that set (one the search
             missed, such as a global). ``None``: no check.
         graph_loop: iterate chunks with ``tf.while_loop`` inside ``tf.function``.
+        loss_grad_weight: ``None``, or a scalar (a Python number or a tensor) multiplying the
+            gradient the loss gives variables directly (a learnable temperature). A distributed
+            step passes 1 on replica 0 and 0 elsewhere: every replica computes the same global-batch
+            loss gradient, and the optimizer sums the replicas' gradients.
     """
 
     name = "tf"
@@ -78,7 +91,8 @@ class TFBackend(Backend):
     def __init__(self, variables: Sequence[Any] | Callable[[], Sequence[Any]], *,
                  random: _rng.RandomSources, training: bool | None = True,
                  loss_scale: Callable | None = None, check_random: bool = True,
-                 check_variables: Callable[[], set[int]] | None = None, graph_loop: bool = True):
+                 check_variables: Callable[[], set[int]] | None = None, graph_loop: bool = True,
+                 loss_grad_weight: Any = None):
         self._variables_source = variables
         self.random = random
         self.training = training
@@ -86,6 +100,7 @@ class TFBackend(Backend):
         self.check_random = check_random
         self.check_variables = check_variables
         self.graph_loop = graph_loop
+        self.loss_grad_weight = loss_grad_weight
         self.variables: list | None = None        # as the caller knows them (Keras or TF)
         self.tf_variables: list[tf.Variable] = []  # unique tf.Variables, in first-seen order
         self.slots: list[int] = []                 # variables[i] -> tf_variables[slots[i]]
@@ -215,7 +230,10 @@ class TFBackend(Backend):
             gradient = by_leaf.get(id(leaf))
             rep_grads.append(tf.zeros_like(leaf) if gradient is None
                              else tf.convert_to_tensor(gradient))
-        grads = self._accumulate(grads, gradients[len(watched):])
+        direct = gradients[len(watched):]
+        if self.loss_grad_weight is not None:
+            direct = [None if g is None else _weighted(g, self.loss_grad_weight) for g in direct]
+        grads = self._accumulate(grads, direct)
         return tf.stop_gradient(loss), unflatten(spec, rep_grads), grads
 
     def pullback(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable, rep_grad: Any,

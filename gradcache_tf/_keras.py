@@ -43,7 +43,10 @@ class GradCacheModel(keras.Model):
         **kwargs: passed to ``keras.Model`` (``name``, ``dtype``).
 
     Compile with an optimizer only (the loss is ``loss_fn``); under the ``mixed_float16`` policy
-    Keras wraps it in a ``LossScaleOptimizer``, which the step uses to scale the loss.
+    Keras wraps it in a ``LossScaleOptimizer``, which the step uses to scale the loss. Built under
+    a ``tf.distribute`` strategy's ``scope()``, ``fit`` takes distributed steps: the loss sees the
+    global batch (every replica's rows), exactly as on one device (``step_options={"distributed":
+    False}`` gives each replica its own contrastive batch instead).
 
     >>> import numpy as np, keras, tensorflow as tf
     >>> from gradcache_tf import GradCacheModel
@@ -119,10 +122,21 @@ class GradCacheModel(keras.Model):
             resolved[:] = self.trainable_variables
             return resolved
 
+        options = dict(self.step_options)
+        # Under strategy.scope() Keras runs this on every replica with its share of the batch:
+        # take one step over the global batch (the optimizer sums the replicas' shares).
+        options.setdefault("distributed", tf.distribute.has_strategy()
+                           and not tf.distribute.in_cross_replica_context())
+        if options["distributed"] and loss_kwargs:
+            raise GradCacheError(
+                f"a distributed fit gives each replica its own rows of the loss keyword arguments "
+                f"({sorted(loss_kwargs)}), but the loss sees the global batch; write the training "
+                f"step yourself and gather them (ReplicaContext.all_gather), or pass "
+                f"step_options={{'distributed': False}} for per-replica contrastive batches")
         loss, grads = cached_step(
             self.encoders, groups, self.contrastive_loss, chunk_size=self.chunk_size,
             variables=variables, get_rep=self.get_rep, loss_kwargs=loss_kwargs or None,
-            optimizer=self.optimizer, **self.step_options)
+            optimizer=self.optimizer, **options)
         self.optimizer.apply_gradients(
             [(grad, variable) for grad, variable in zip(grads, resolved, strict=True)
              if grad is not None])

@@ -18,6 +18,7 @@ import tensorflow as tf
 from gradcache import GradCacheError, flatten, run_cached_step
 from gradcache_tf import _rng
 from gradcache_tf._backend import TFBackend, is_tensor
+from gradcache_tf._distributed import ReplicaCollective
 
 
 def _has_variables(obj: Any, attribute: str = "trainable_variables") -> bool:
@@ -118,7 +119,8 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                 optimizer: Any = None, random_state: Sequence[Any] = (),
                 check_random: bool = True, check_finite: bool = False,
                 check_determinism: bool = False, determinism_tolerance: float = 1e-5,
-                progress: bool = False, graph_loop: bool = True) -> tuple[tf.Tensor, list]:
+                progress: bool = False, graph_loop: bool = True,
+                distributed: bool = False) -> tuple[tf.Tensor, list]:
     """One contrastive step over a batch larger than memory; returns ``(loss, grads)``.
 
     Same gradients as ``tape.gradient(loss_fn(*[get_rep(enc(x)) for enc, x in zip(encoders,
@@ -164,6 +166,15 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         progress: a tqdm bar over the chunks of both passes (eager only).
         graph_loop: inside ``tf.function``, iterate chunks with one ``tf.while_loop`` (the traced
             program does not grow with the number of chunks); ``False`` unrolls them.
+        distributed: this call is one replica's part of a step over the global batch: call it
+            inside ``strategy.run`` (``tf.distribute.MirroredStrategy`` or
+            ``MultiWorkerMirroredStrategy``), each replica with its own rows. The loss sees every
+            replica's representations concatenated in replica order; ``loss`` is the global-batch
+            loss on every replica, and ``grads`` are this replica's share: their sum over replicas
+            -- what a Keras optimizer's ``apply_gradients`` takes in a replica context -- is
+            exactly the gradient of one device running the global batch (a loss-owned variable's
+            gradient is carried by replica 0 alone). Replicas may hold different numbers of rows.
+            Default ``False``: a call inside ``strategy.run`` is a per-replica step, as before.
 
     Returns:
         ``(loss, grads)``: the scalar loss (no gradient attached) and a list with one gradient per
@@ -191,7 +202,7 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         return _cached_step(encoders, inputs, loss_fn, chunk_size, variables, get_rep, loss_kwargs,
                             split_fn, training, optimizer, random_state, check_random,
                             check_finite, check_determinism, determinism_tolerance, progress,
-                            graph_loop)
+                            graph_loop, distributed)
     except GradCacheError as error:
         # Inside a tf.function that AutoGraph converts, an exception type it does not know is
         # re-raised as a StagingError; this flag makes it let ours through unchanged.
@@ -203,7 +214,10 @@ def _cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, chunk_size:
                  variables: Any, get_rep: Any, loss_kwargs: Any, split_fn: Any, training: Any,
                  optimizer: Any, random_state: Any, check_random: bool, check_finite: bool,
                  check_determinism: bool, determinism_tolerance: float, progress: bool,
-                 graph_loop: bool) -> tuple[tf.Tensor, list]:
+                 graph_loop: bool, distributed: bool) -> tuple[tf.Tensor, list]:
+    if not isinstance(distributed, bool):
+        raise GradCacheError(f"distributed must be True or False, got {distributed!r}")
+    collective = ReplicaCollective() if distributed else None
     encoder_list = list(encoders) if isinstance(encoders, (list, tuple)) else [encoders]
     _check_static_batch(inputs)
     if variables is None:
@@ -225,10 +239,21 @@ def _cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, chunk_size:
             return _known_variable_ids(encoder_list, loss_fn)
     backend = TFBackend(source, random=random, training=training, loss_scale=loss_scale,
                         check_random=check_random, check_variables=check_variables,
-                        graph_loop=graph_loop)
+                        graph_loop=graph_loop,
+                        loss_grad_weight=_first_replica_only(collective))
     loss, grads = run_cached_step(
         backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
         loss_kwargs=loss_kwargs, split_fn=split_fn, check_finite=check_finite,
         check_determinism=check_determinism, determinism_tolerance=determinism_tolerance,
-        progress=progress)
+        progress=progress, collective=collective)
     return loss, backend.gradients_for_caller(grads)
+
+
+def _first_replica_only(collective: ReplicaCollective | None) -> Any:
+    """1 on replica 0 and 0 elsewhere (``None`` outside a distributed step with several replicas):
+    every replica computes the same global-batch gradient for a loss-owned variable, and the
+    optimizer sums the replicas' gradients, so only one replica may contribute it."""
+    if collective is None or collective.world_size == 1:
+        return None
+    first = collective.is_first()
+    return float(first) if isinstance(first, bool) else tf.cast(first, tf.float32)
