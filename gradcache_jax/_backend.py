@@ -157,6 +157,8 @@ class JaxBackend(Backend):
     """
 
     name = "jax"
+    # host-side checks run in program order; JAX orders callbacks only on a single device
+    ordered_checks = True
 
     def __init__(self, params: Any, *, rng: Any = None, loss_takes_params: bool = False,
                  scan: bool = True, concrete: bool = False):
@@ -187,6 +189,18 @@ class JaxBackend(Backend):
         for i, grad in zip(self._trainable, grads, strict=True):
             leaves[i] = grad.astype(self._leaves[i].dtype)
         return jax.tree_util.tree_unflatten(self._treedef, leaves)
+
+    def encoder_trainable(self) -> list:
+        """The trainable leaves the encoders are differentiated at (both passes).
+
+        The same as :meth:`trainable` here; a sharded step's backend marks them as varying over its
+        mesh axis, so that pass 2 accumulates each shard's own gradient (summed once at the end).
+        """
+        return self.trainable()
+
+    def add_loss_param_grads(self, grads: Sequence, param_grads: Sequence) -> tuple:
+        """Adds the loss-owned parameters' gradient (``loss_takes_params``) to the accumulator."""
+        return self._add(grads, param_grads)
 
     def loss_params(self) -> Any:
         """The params the loss sees, with their trainable leaves being differentiated."""
@@ -233,7 +247,7 @@ class JaxBackend(Backend):
     def encode(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable) -> Any:
         # A params tree rebuilt from its leaves, as pass 2 gives it: both passes see the same kind
         # of object, and stateful containers (Flax NNX variables) belong to the current trace.
-        return get_rep(self._call(encoder, self.params_with(self.trainable()), chunk, record))
+        return get_rep(self._call(encoder, self.params_with(self.encoder_trainable()), chunk, record))
 
     def loss_and_rep_grads(self, loss_fn: Any, reps: list, grads: Any) -> tuple[Any, list, Any]:
         leaves, spec = flatten(reps, is_tensor)
@@ -259,7 +273,7 @@ class JaxBackend(Backend):
         if self.loss_takes_params:
             loss, (value_grads, param_grads) = jax.value_and_grad(scalar, argnums=(0, 1))(
                 values, self.trainable())
-            grads = self._add(grads, param_grads)
+            grads = self.add_loss_param_grads(grads, param_grads)
         else:
             loss, value_grads = jax.value_and_grad(scalar)(values, self.trainable())
         rep_grads = [jnp.zeros_like(leaf) for leaf in leaves]
@@ -279,7 +293,7 @@ class JaxBackend(Backend):
             specs.append(spec)
             return leaves
 
-        rep_leaves, vjp = jax.vjp(forward, self.trainable())
+        rep_leaves, vjp = jax.vjp(forward, self.encoder_trainable())
         grad_leaves, _ = flatten(rep_grad, is_tensor)
         if len(grad_leaves) != len(rep_leaves):
             raise GradCacheError(
@@ -313,7 +327,7 @@ class JaxBackend(Backend):
         def on_host(*host_leaves: Any) -> None:
             check(*unflatten(spec, list(host_leaves)))
 
-        jax.debug.callback(on_host, *leaves, ordered=True)
+        jax.debug.callback(on_host, *leaves, ordered=self.ordered_checks)
 
     def progress_enabled(self) -> bool:
         # A scanned loop body is traced once for all its chunks: a bar would not follow them.

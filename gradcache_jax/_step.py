@@ -17,6 +17,13 @@ import numpy as np
 
 from gradcache import flatten, map_leaves, run_cached_step
 from gradcache_jax._backend import JaxBackend, is_tensor
+from gradcache_jax._distributed import (
+    MeshCollective,
+    ShardedJaxBackend,
+    on_mesh,
+    resolve_axis,
+    shard_key,
+)
 
 
 def _tracing(*trees: Any) -> bool:
@@ -33,7 +40,8 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                 get_rep: Callable | Sequence | None = None, loss_kwargs: Mapping | None = None,
                 loss_takes_params: bool = False, split_fn: Callable | None = None,
                 check_finite: bool = False, check_determinism: bool = False,
-                determinism_tolerance: float = 1e-5, progress: bool = False) -> tuple[Any, Any]:
+                determinism_tolerance: float = 1e-5, progress: bool = False,
+                axis_name: Any = None, mesh: Any = None) -> tuple[Any, Any]:
     """One contrastive step over a batch larger than memory; returns ``(loss, grads)``.
 
     ``grads`` equals ``jax.grad`` of ``loss_fn(*[get_rep(enc(params, x)) for ...])`` on the full
@@ -72,12 +80,24 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         determinism_tolerance: tolerance of ``check_determinism``, relative to the magnitude.
         progress: a tqdm bar over the chunks of both passes. It follows an eager step (run chunk
             by chunk); under ``jit`` it is off, as the chunks run inside one compiled program.
+        axis_name: distributed step. Without ``mesh``: the name of a mesh axis (or a tuple of
+            them) of the ``jax.shard_map`` this call runs inside; ``inputs`` are this device's rows,
+            the loss sees every device's representations (in device order), and every device
+            returns the global loss and the gradient of the whole global batch. Each device's
+            step key is ``fold_in(rng, axis_index(axis_name))``. With ``mesh``: the axis the batch
+            is split over (default: the mesh's only axis).
+        mesh: a ``jax.sharding.Mesh``: ``cached_step`` runs itself under ``jax.shard_map`` over it,
+            splitting every input group's rows evenly over ``axis_name`` and replicating
+            ``params``, ``rng`` and ``loss_kwargs``; ``chunk_size`` counts rows per device. It
+            returns what one device would on the whole global batch (the dropout masks aside,
+            drawn per device).
 
     Returns:
         ``(loss, grads)``: the scalar loss and the gradients with the structure of ``params``.
 
     Raises:
-        GradCacheError: for malformed input, before anything runs, or a failed eager check.
+        GradCacheError: for malformed input, before anything runs, or a failed eager check; with
+            ``mesh``, for an input group whose rows the devices cannot share evenly.
 
     >>> import jax, jax.numpy as jnp
     >>> from gradcache_jax import cached_step
@@ -96,12 +116,32 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         # numpy batches straight from a data loader: make them device arrays once, not per chunk
         inputs = type(inputs)(map_leaves(jnp.asarray, group, lambda v: isinstance(v, np.ndarray))
                               for group in inputs)
-    traced = _tracing((params, rng), inputs)
-    # Eagerly, a progress bar or a determinism check wants the chunks one by one in Python:
-    # exact chunk numbers in errors, a bar that moves. Under a trace, scan.
-    scan = traced or not (progress or check_determinism)
-    backend = JaxBackend(params, rng=rng, loss_takes_params=loss_takes_params, scan=scan,
-                         concrete=not traced)
+    if mesh is not None:
+        axis = resolve_axis(mesh, axis_name)
+
+        def shard_step(params: Any, rng: Any, inputs: Any, loss_kwargs: Any) -> tuple[Any, Any]:
+            return cached_step(
+                encoders, inputs, loss_fn, chunk_size=chunk_size, params=params, rng=rng,
+                get_rep=get_rep, loss_kwargs=loss_kwargs, loss_takes_params=loss_takes_params,
+                split_fn=split_fn, check_finite=check_finite, check_determinism=check_determinism,
+                determinism_tolerance=determinism_tolerance, progress=progress, axis_name=axis)
+
+        return on_mesh(mesh, axis, shard_step, params, rng, inputs, loss_kwargs)
+    collective = None
+    if axis_name is not None:
+        # one device's part of a step inside shard_map: always traced, one program for all devices
+        collective = MeshCollective(axis_name)
+        if rng is not None:
+            rng = shard_key(rng, axis_name)
+        backend = ShardedJaxBackend(params, axis_name=axis_name, rng=rng,
+                                    loss_takes_params=loss_takes_params, scan=True, concrete=False)
+    else:
+        traced = _tracing((params, rng), inputs)
+        # Eagerly, a progress bar or a determinism check wants the chunks one by one in Python:
+        # exact chunk numbers in errors, a bar that moves. Under a trace, scan.
+        scan = traced or not (progress or check_determinism)
+        backend = JaxBackend(params, rng=rng, loss_takes_params=loss_takes_params, scan=scan,
+                             concrete=not traced)
     if loss_takes_params:
         user_loss = loss_fn
 
@@ -112,5 +152,7 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
         loss_kwargs=loss_kwargs, split_fn=split_fn, check_finite=check_finite,
         check_determinism=check_determinism, determinism_tolerance=determinism_tolerance,
-        progress=progress)
+        progress=progress, collective=collective)
+    if collective is not None:
+        grads = backend.reduce(grads)
     return loss, backend.grads_like_params(grads)
