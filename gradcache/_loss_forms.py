@@ -6,14 +6,34 @@ framework's autodiff: the cosine normalisation and turning the temperature into 
 A learnable temperature, logit scale or bias therefore gets its gradient from the framework,
 exactly once, through the scalar it became. This module also checks shapes and arguments, so that
 every backend words its errors alike. It must never import a framework.
+
+**Across ranks.** Given a :class:`gradcache.Collective`, each loss is one rank's part of the loss of
+the *global* batch (every rank's rows concatenated in rank order): :func:`forward_across` gathers
+the columns ``y`` (one all-gather of ``B x d``), sweeps this rank's rows ``x`` against all of them
+and sums the per-rank values; :func:`backward_across` sweeps them again, keeps ``dx`` of its own rows
+and sends every column's share of ``dy`` to its owner (one reduce-scatter of ``B x d``). The rest is
+scalars, and for CLIP one ``B``-vector per rank: the per-column log-sum-exp over each rank's rows,
+gathered and combined so that the column term is the global one and is counted once. A backend
+runs the two inside its custom-gradient function (``LossOps.tiled_sum_across``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gradcache._collective import Collective
 from gradcache._errors import GradCacheError
-from gradcache._tiled import ROWS, ROWS_AND_COLUMNS, SIGMOID, check_tile_size
+from gradcache._tiled import (
+    ROWS,
+    ROWS_AND_COLUMNS,
+    SIGMOID,
+    TileOps,
+    check_tile_size,
+    subtract_own_positives,
+    tiled_backward,
+    tiled_forward,
+)
 
 SIMILARITIES = ("dot", "cosine")
 
@@ -35,6 +55,40 @@ class LossOps(Protocol):
     def as_scalar(self, value: Any, like: Any) -> Any: ...
     def normalize(self, x: Any) -> Any: ...
     def on_accelerator(self, x: Any) -> bool: ...
+    # only for losses across ranks (a ``collective`` given): the backend's custom-gradient function
+    # around forward_across / backward_across
+    def tiled_sum_across(self, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int,
+                         collective: Collective, layout: RankLayout) -> Any: ...
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """How the global batch is split among ranks, from one rank's point of view.
+
+    ``x`` rows ``counts[r]`` on rank ``r`` and ``y`` ``group`` rows per row of ``x``; this rank's
+    first row of ``x`` is row ``offset`` of the global batch (a traced integer on SPMD engines).
+
+    >>> layout = RankLayout(counts=(3, 5), group=2, offset=3)
+    >>> layout.total, layout.column_counts
+    (8, (6, 10))
+    """
+
+    counts: tuple[int, ...]
+    group: int
+    offset: Any
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def column_counts(self) -> tuple[int, ...]:
+        return tuple(count * self.group for count in self.counts)
+
+
+class _Shapes:
+    def shape(self, x: Any) -> Any:
+        return x
 
 
 def check_pair(ops: LossOps, x: Any, y: Any, loss: str, *, square: bool) -> tuple[int, int]:
@@ -67,6 +121,107 @@ def check_pair(ops: LossOps, x: Any, y: Any, loss: str, *, square: bool) -> tupl
     return n, m
 
 
+def layout_across(ops: LossOps, collective: Collective, x: Any, y: Any, loss: str, *,
+                  square: bool) -> RankLayout:
+    """Every rank's shapes (one :meth:`~gradcache.Collective.exchange`), checked alike on every
+    rank so that all of them raise the same error or none does.
+
+    >>> from gradcache.testing import run_ranks
+    >>> def rank(r, collective):
+    ...     return layout_across(_Shapes(), collective, (2 + r, 4), (2 * (2 + r), 4), "info_nce",
+    ...                          square=False)
+    >>> run_ranks(2, rank)[1][0]
+    RankLayout(counts=(2, 3), group=2, offset=2)
+    """
+    mine = (tuple(ops.shape(x)), tuple(ops.shape(y)))
+    if collective.agrees:
+        shapes = [tuple(pair) for pair in collective.exchange(mine)]
+    else:  # SPMD: one program, the same static shapes on every rank
+        shapes = [mine] * collective.world_size
+    for rank, (x_shape, y_shape) in enumerate(shapes):
+        try:
+            check_pair(_Shapes(), x_shape, y_shape, loss, square=square)
+        except GradCacheError as error:
+            raise GradCacheError(f"on rank {rank}: {error}") from None
+    if len({(x_shape[1], y_shape[1]) for x_shape, y_shape in shapes}) > 1:
+        raise GradCacheError(f"{loss}: the ranks' representations differ in width: "
+                             f"{[list(pair) for pair in shapes]}")
+    groups = [y_shape[0] // x_shape[0] for x_shape, y_shape in shapes]
+    if len(set(groups)) > 1:
+        raise GradCacheError(
+            f"{loss}: every rank's passages must hold the same number of rows per query (k + 1), "
+            f"got {groups} on ranks 0..{len(groups) - 1} (shapes {[list(pair) for pair in shapes]})")
+    counts = tuple(x_shape[0] for x_shape, _ in shapes)
+    rank = getattr(collective, "rank", None)
+    if rank is None:
+        raise GradCacheError(f"{loss} across ranks needs a collective with a `rank` attribute")
+    if isinstance(rank, int):
+        offset = sum(counts[:rank])
+    else:  # a traced rank (SPMD): every rank holds the same number of rows
+        offset = rank * counts[0]
+    return RankLayout(counts, groups[0], offset)
+
+
+def forward_across(ops: TileOps, collective: Collective, layout: RankLayout, kind: str, x: Any,
+                   y: Any, alpha: Any, beta: Any, tile: int) -> tuple[Any, Any, Any, Any]:
+    """The global summed loss ``S`` (the same on every rank) from this rank's ``x`` and ``y``.
+
+    Returns:
+        ``(value, columns, row_lse, column_lse)``: ``columns`` is the gathered ``y`` (every rank's,
+        rank order), ``row_lse`` this rank's rows' statistics, ``column_lse`` the global columns'
+        (``None`` where ``kind`` needs none); :func:`backward_across` takes them.
+    """
+    columns = collective.all_gather_rows(y, layout.column_counts)
+    value, row_lse, partial = tiled_forward(ops, kind, x, columns, alpha, beta, tile,
+                                            offset=layout.offset, group=layout.group,
+                                            column_term=False)
+    value = collective.all_reduce_sum(value)
+    if kind != ROWS_AND_COLUMNS:
+        return value, columns, row_lse, None
+    # every rank's per-column log-sum-exp over its own rows (R x B numbers), combined: the global
+    # column statistic, identical on every rank, whose sum is added once
+    stacked = collective.all_gather_rows(ops.row(partial), [1] * collective.world_size)
+    column_lse = ops.logsumexp(stacked, 0)
+    return value + ops.sum(column_lse), columns, row_lse, column_lse
+
+
+def backward_across(ops: TileOps, collective: Collective, layout: RankLayout, kind: str, x: Any,
+                    columns: Any, alpha: Any, beta: Any, row_lse: Any, column_lse: Any, grad: Any,
+                    tile: int) -> tuple[Any, Any, Any, Any]:
+    """Gradients of ``grad * S`` with respect to this rank's ``x`` and ``y`` and the shared
+    ``alpha`` and ``beta`` (the global ones, the same on every rank); ``grad`` must be too.
+
+    ``dx`` is complete from this rank's rows alone; every rank's share of ``dy`` goes to the rank
+    owning those rows (one reduce-scatter), ``dalpha`` and ``dbeta`` are summed over ranks.
+    """
+    dx, dy, dalpha, dbeta = tiled_backward(ops, kind, x, columns, alpha, beta, row_lse,
+                                           column_lse, grad, tile, offset=layout.offset,
+                                           group=layout.group)
+    dy = collective.reduce_scatter_rows(dy, layout.column_counts)
+    dy = subtract_own_positives(ops, kind, x, dy, grad * alpha, layout.group)
+    dalpha = collective.all_reduce_sum(dalpha)
+    if dbeta is not None:
+        dbeta = collective.all_reduce_sum(dbeta)
+    return dx, dy, dalpha, dbeta
+
+
+def _mean_rows(ops: LossOps, x: Any, y: Any, loss: str, square: bool,
+               collective: Collective | None) -> tuple[int, RankLayout | None]:
+    """The number of rows the loss averages over (all ranks' together), and the layout."""
+    if collective is None:
+        n, _ = check_pair(ops, x, y, loss, square=square)
+        return n, None
+    layout = layout_across(ops, collective, x, y, loss, square=square)
+    return layout.total, layout
+
+
+def _summed(ops: LossOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int,
+            collective: Collective | None, layout: RankLayout | None) -> Any:
+    if collective is None:
+        return ops.tiled_sum(kind, x, y, alpha, beta, tile)
+    return ops.tiled_sum_across(kind, x, y, alpha, beta, tile, collective, layout)
+
+
 def prepare(ops: LossOps, x: Any, y: Any, similarity: str, loss: str) -> tuple[Any, Any]:
     """Half-precision inputs in float32, unit rows for ``similarity="cosine"``."""
     if similarity not in SIMILARITIES:
@@ -78,38 +233,39 @@ def prepare(ops: LossOps, x: Any, y: Any, similarity: str, loss: str) -> tuple[A
 
 
 def info_nce(ops: LossOps, q: Any, p: Any, temperature: Any, similarity: str,
-             tile_size: Any) -> Any:
+             tile_size: Any, collective: Collective | None = None) -> Any:
     """InfoNCE with in-batch and hard negatives: ``mean_i [lse_j(s_ij / t) - s_i,pos(i) / t]``.
 
     ``p`` holds ``k + 1`` rows per query, query ``i``'s positive first at row ``i * (k + 1)``; every
-    query is scored against every row of ``p``.
+    query is scored against every row of ``p``. With a ``collective``, ``q`` and ``p`` are this
+    rank's rows and the result is the loss of every rank's rows together (see the module).
     """
     tile = check_tile_size(tile_size, accelerator=ops.on_accelerator(q))
-    n, _ = check_pair(ops, q, p, "info_nce", square=False)
+    n, layout = _mean_rows(ops, q, p, "info_nce", False, collective)
     q, p = prepare(ops, q, p, similarity, "info_nce")
     alpha = 1 / ops.as_scalar(temperature, q)
-    return ops.tiled_sum(ROWS, q, p, alpha, None, tile) / n
+    return _summed(ops, ROWS, q, p, alpha, None, tile, collective, layout) / n
 
 
 def clip_loss(ops: LossOps, x: Any, y: Any, logit_scale: Any, similarity: str,
-              tile_size: Any) -> Any:
+              tile_size: Any, collective: Collective | None = None) -> Any:
     """Symmetric CLIP loss: the mean of InfoNCE over rows and over columns of ``scale * x y^T``."""
     tile = check_tile_size(tile_size, accelerator=ops.on_accelerator(x))
-    n, _ = check_pair(ops, x, y, "clip_loss", square=True)
+    n, layout = _mean_rows(ops, x, y, "clip_loss", True, collective)
     x, y = prepare(ops, x, y, similarity, "clip_loss")
     alpha = ops.as_scalar(logit_scale, x)
-    return ops.tiled_sum(ROWS_AND_COLUMNS, x, y, alpha, None, tile) / (2 * n)
+    return _summed(ops, ROWS_AND_COLUMNS, x, y, alpha, None, tile, collective, layout) / (2 * n)
 
 
 def siglip_loss(ops: LossOps, x: Any, y: Any, logit_scale: Any, logit_bias: Any,
-                similarity: str, tile_size: Any) -> Any:
+                similarity: str, tile_size: Any, collective: Collective | None = None) -> Any:
     """SigLIP: ``-(1/n) sum_ij log sigmoid(l_ij (scale s_ij + bias))``, ``l = 2 I - 1``.
 
     ``-log sigmoid(u) = softplus(-u)``: ``n`` times the loss is the ``SIGMOID`` summed loss.
     """
     tile = check_tile_size(tile_size, accelerator=ops.on_accelerator(x))
-    n, _ = check_pair(ops, x, y, "siglip_loss", square=True)
+    n, layout = _mean_rows(ops, x, y, "siglip_loss", True, collective)
     x, y = prepare(ops, x, y, similarity, "siglip_loss")
     alpha = ops.as_scalar(logit_scale, x)
     beta = ops.as_scalar(logit_bias, x)
-    return ops.tiled_sum(SIGMOID, x, y, alpha, beta, tile) / n
+    return _summed(ops, SIGMOID, x, y, alpha, beta, tile, collective, layout) / n

@@ -191,16 +191,33 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown loss kind {kind!r}; one of {KINDS}")
 
 
-def _positives(kind: str, x: Any, y: Any) -> tuple[int, float]:
+def _positives(kind: str, x: Any, y: Any, group: int | None = None) -> tuple[int, float]:
     """``(g, w)``: the positive of row ``i`` is column ``i * g``, and ``S`` holds ``-w z_i,ig``."""
     if kind == ROWS:
-        return y.shape[0] // x.shape[0], 1.0
+        return (y.shape[0] // x.shape[0] if group is None else group), 1.0
     return 1, (2.0 if kind == ROWS_AND_COLUMNS else 0.0)
 
 
+def _own_positives(ops: TileOps, x: Any, y: Any, step: int, offset: Any) -> Any:
+    """Rows ``(offset + i) * step`` of ``y`` for the rows ``i`` of ``x``: their positives."""
+    every = ops.every(y, step)
+    return every if offset is None else ops.rows(every, offset, x.shape[0])
+
+
+def _start(offset: Any, row_start: Any) -> Any:
+    return row_start if offset is None else offset + row_start
+
+
 def tiled_forward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any,
-                      tile: int) -> tuple[Any, Any, Any]:
+                      tile: int, *, offset: Any = None, group: int | None = None,
+                      column_term: bool = True) -> tuple[Any, Any, Any]:
     """The summed loss ``S`` of ``kind`` and the statistics its backward sweep needs.
+
+    On one rank of several (:func:`gradcache._loss_forms.forward_across`), ``x`` holds this rank's
+    rows only, the first being row ``offset`` of the global batch, and ``y`` every column: the
+    result is then this rank's share of ``S`` (its rows' terms), and for ``ROWS_AND_COLUMNS`` the
+    column statistics are *partial* (over this rank's rows), to be combined across ranks; with
+    ``column_term=False`` the value leaves out their sum.
 
     Args:
         ops: the framework's :class:`TileOps`.
@@ -210,6 +227,10 @@ def tiled_forward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any
         alpha: the scalar multiplying every similarity.
         beta: the scalar added to every logit (``None`` for none).
         tile: rows and columns per tile.
+        offset: the global index of the first row of ``x`` when ``x`` is one rank's rows (``None``:
+            the whole batch). The positive of row ``i`` is column ``(offset + i) * group``.
+        group: columns per row (InfoNCE's ``k + 1``); by default ``y``'s rows over ``x``'s.
+        column_term: whether the value of ``ROWS_AND_COLUMNS`` includes ``sum_j column_lse_j``.
 
     Returns:
         ``(value, row_lse, column_lse)``: ``S`` and the per-row / per-column log-sum-exp (``None``
@@ -239,7 +260,7 @@ def tiled_forward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any
             logits = _logits(ops, x_scaled, ops.rows(y, column_start, column_size), beta)
             if kind == SIGMOID:
                 both = _mask(ops, row_valid, column_valid)
-                positive = _diagonal(ops, logits, row_start, column_start)
+                positive = _diagonal(ops, logits, _start(offset, row_start), column_start)
                 signed = logits if positive is None else ops.where(positive, -logits, logits)
                 return acc, column_lse, total + ops.sum(_masked(ops, both, ops.softplus(signed), 0.0))
             # Rows an earlier row tile covered keep their full row statistic (recomputed equal);
@@ -263,22 +284,29 @@ def tiled_forward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any
     if kind == SIGMOID:
         return total, None, None
     row_lse = ops.result(row_lse)
-    step, weight = _positives(kind, x, y)
-    value = ops.sum(row_lse) - weight * alpha * ops.inner(x, ops.every(y, step))
+    step, weight = _positives(kind, x, y, group)
+    value = ops.sum(row_lse) - weight * alpha * ops.inner(x, _own_positives(ops, x, y, step, offset))
     if columns_too:
         column_lse = ops.result(column_lse)
-        return value + ops.sum(column_lse), row_lse, column_lse
+        return (value + ops.sum(column_lse) if column_term else value), row_lse, column_lse
     return value, row_lse, None
 
 
 def tiled_backward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any,
                        row_lse: Any, column_lse: Any, grad: Any,
-                       tile: int) -> tuple[Any, Any, Any, Any]:
+                       tile: int, *, offset: Any = None,
+                       group: int | None = None) -> tuple[Any, Any, Any, Any]:
     """Gradients of ``grad * S`` with respect to ``x``, ``y``, ``alpha`` and ``beta``.
 
     Each tile's logits are recomputed once; ``dS/dz`` of the tile is the row softmax (``ROWS``),
     the row plus the column softmax (``ROWS_AND_COLUMNS``) or the signed sigmoid (``SIGMOID``) of
     the logits, from the statistics of :func:`tiled_forward`; the positive pairs' ``-w`` follows.
+
+    With an ``offset`` (``x`` is one rank's rows, see :func:`tiled_forward`; ``column_lse`` must
+    then be the *global* column statistic), ``dx`` is complete, while ``dy``, ``dalpha`` and
+    ``dbeta`` are this rank's rows' shares, to be summed over ranks; ``dy`` then leaves out the
+    positive pairs' term, which falls in this rank's own rows of ``y`` and is subtracted from
+    their sum by :func:`subtract_own_positives` (some backends cannot add at any row offset).
 
     Returns:
         ``(dx, dy, dalpha, dbeta)``; ``dbeta`` is ``None`` when ``beta`` is.
@@ -310,7 +338,7 @@ def tiled_backward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: An
             logits = _logits(ops, x_scaled, y_tile, beta)
             if kind == SIGMOID:
                 # d softplus(-l z) / dz = -l sigmoid(-l z): sigmoid(z) off the diagonal, -sigmoid(-z) on it
-                positive = _diagonal(ops, logits, row_start, column_start)
+                positive = _diagonal(ops, logits, _start(offset, row_start), column_start)
                 if positive is None:
                     weight = ops.sigmoid(logits)
                 else:
@@ -334,17 +362,35 @@ def tiled_backward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: An
 
     dx, dy, dbeta = ops.fori(row_tiles.count, row_step, (dx, dy, zero))
     dx, dy = ops.result(dx), ops.result(dy)
-    step, weight = _positives(kind, x, y)
+    step, weight = _positives(kind, x, y, group)
     if weight:
         # the positive pairs' -w z_i,ig, in place on the sweep's own buffers: no B x d temporary
-        dx = ops.subtract_every(dx, 1, ops.every(y, step), weight)
-        dy = ops.subtract_every(dy, step, x, weight)
+        dx = ops.subtract_every(dx, 1, _own_positives(ops, x, y, step, offset), weight)
+        if offset is None:
+            dy = ops.subtract_every(dy, step, x, weight)
+        # else: they fall in this rank's own rows of y, see subtract_own_positives
     # sum_ij dz_ij (x_i . y_j) = sum_i x_i . (dz y)_i: dalpha from the unscaled dx, with no pass
     # over the tiles; then dx and dy take their common factor, in place where the framework allows.
     dalpha = ops.inner(x, dx) * grad
     factor = grad * alpha
     dx, dy = ops.rescale(dx, factor), ops.rescale(dy, factor)
     return dx, dy, dalpha, None if beta is None else dbeta * grad
+
+
+def subtract_own_positives(ops: TileOps, kind: str, x: Any, dy_own: Any, factor: Any,
+                           group: int) -> Any:
+    """The positive pairs' term of ``grad * dS/dy`` on the rank holding them.
+
+    ``dy_own`` is the summed ``dy`` of :func:`tiled_backward` (given an ``offset``) restricted to
+    this rank's own rows of ``y`` (``group`` per row of ``x``), ``factor`` the ``grad * alpha`` that
+    scaled it.
+
+    >>> x = np.ones((2, 1))
+    >>> subtract_own_positives(NumpyOps(), ROWS, x, np.zeros((4, 1)), 0.5, group=2).ravel()
+    array([-0.5,  0. , -0.5,  0. ])
+    """
+    step, weight = _positives(kind, x, dy_own, group)
+    return ops.subtract_every(dy_own, step, x * factor, weight) if weight else dy_own
 
 
 class NumpyOps:

@@ -9,10 +9,15 @@ cosine normalisation, turning a temperature into a scale -- is ordinary autograd
 and gets its gradient once. ``*_dense`` are the same losses written plainly (a ``B x B`` matrix), the
 reference the tiled ones equal. Use them directly or as the ``loss_fn`` of
 :func:`gradcache_torch.cached_step`; see ``docs/losses.md``.
+
+:func:`across_ranks` turns one of them into the loss of the global batch of a process group, each
+rank computing only its own rows' share: one all-gather and one reduce-scatter of ``B x d`` numbers
+per step (:mod:`gradcache._loss_forms`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -20,15 +25,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradcache import _loss_forms, _tiled
+from gradcache import GradCacheError, _loss_forms, _tiled
 from gradcache._loss_forms import (
     DEFAULT_CLIP_SCALE,
     DEFAULT_SIGLIP_BIAS,
     DEFAULT_SIGLIP_SCALE,
     DEFAULT_TEMPERATURE,
 )
+from gradcache_torch._distributed import TorchCollective
 
 __all__ = [
+    "across_ranks",
     "clip_loss",
     "clip_loss_dense",
     "info_nce",
@@ -147,7 +154,9 @@ class _TileOps:
     def diagonal(self, tile: torch.Tensor, row_start: int, column_start: int) -> torch.Tensor:
         rows, columns = tile.shape
         mask = torch.zeros(rows, columns, dtype=torch.bool, device=tile.device)
-        mask.diagonal(column_start - row_start).fill_(True)
+        # cell (a, b) pairs global row row_start + a with column column_start + b: equal where
+        # b - a = row_start - column_start (on one process only row_start == column_start occurs)
+        mask.diagonal(row_start - column_start).fill_(True)
         return mask
 
     def column(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,12 +193,41 @@ class _TiledSum(torch.autograd.Function):
         return None, None, dx, dy, dalpha, dbeta
 
 
+class _TiledSumAcross(torch.autograd.Function):
+    """The global summed loss S from this rank's rows; its backward communicates too, so every
+    rank of the group must run it (as every rank runs the forward)."""
+
+    @staticmethod
+    def forward(ctx: Any, kind: str, tile: int, collective: Any, layout: Any, x: torch.Tensor,
+                y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            value, columns, row_lse, column_lse = _loss_forms.forward_across(
+                _TILE_OPS, collective, layout, kind, x, y, alpha, beta, tile)
+        ctx.kind, ctx.tile, ctx.collective, ctx.layout = kind, tile, collective, layout
+        ctx.save_for_backward(x, columns, alpha, beta, row_lse, column_lse)
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        x, columns, alpha, beta, row_lse, column_lse = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            dx, dy, dalpha, dbeta = _loss_forms.backward_across(
+                _TILE_OPS, ctx.collective, ctx.layout, ctx.kind, x, columns, alpha, beta, row_lse,
+                column_lse, grad, ctx.tile)
+        return None, None, None, None, dx, dy, dalpha, dbeta
+
+
 class _LossOps:
     """:class:`gradcache._loss_forms.LossOps` over torch autograd."""
 
     def tiled_sum(self, kind: str, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor,
                   beta: torch.Tensor | None, tile: int) -> torch.Tensor:
         return _TiledSum.apply(kind, tile, x, y, alpha, beta)
+
+    def tiled_sum_across(self, kind: str, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor,
+                         beta: torch.Tensor | None, tile: int, collective: Any,
+                         layout: Any) -> torch.Tensor:
+        return _TiledSumAcross.apply(kind, tile, collective, layout, x, y, alpha, beta)
 
     def shape(self, x: torch.Tensor) -> tuple:
         return tuple(x.shape)
@@ -300,6 +338,66 @@ def siglip_loss(x: torch.Tensor, y: torch.Tensor, *,
     return _loss_forms.siglip_loss(_OPS, x, y, logit_scale, logit_bias, similarity, tile_size)
 
 
+class _AcrossRanks:
+    """The object :func:`across_ranks` returns: call it with this rank's rows."""
+
+    #: tells :func:`gradcache_torch.cached_step` (``distributed=...``) to pass this rank's own
+    #: representations rather than the gathered global batch
+    gathers_itself = True
+
+    def __init__(self, loss: Callable, group: Any, loss_kwargs: dict):
+        self.loss = loss
+        self.group = group
+        self.loss_kwargs = loss_kwargs
+        #: the :class:`gradcache_torch._distributed.TorchCollective` of the calls so far (made at
+        #: the first, when the process group exists; it counts the bytes it moved)
+        self.collective: Any = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, **overrides: Any) -> torch.Tensor:
+        if self.collective is None:
+            self.collective = TorchCollective(self.group)
+        kwargs = {**self.loss_kwargs, **overrides}
+        return _ACROSS[self.loss](self.collective, x, y, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"across_ranks({self.loss.__name__}, group={self.group!r}, **{self.loss_kwargs!r})"
+
+
+def across_ranks(loss: Callable, *, group: Any = None, **loss_kwargs: Any) -> _AcrossRanks:
+    """``loss`` over the global batch of a process group, each rank computing its own rows' share.
+
+    The returned callable takes *this rank's* rows, ``(x_local, y_local)``, and returns the loss of
+    the global batch -- every rank's rows concatenated in rank order -- the same value on every
+    rank; its gradient with respect to ``x_local`` and ``y_local`` is that of the global loss, and
+    a learnable temperature, scale or bias gets the global gradient, identical on every rank. Each
+    rank scores only its own rows against every gathered column, so the work and the memory of the
+    loss are divided among ranks; per call it all-gathers ``y`` and reduce-scatters its gradient
+    (``B x d`` numbers each) plus scalars (and, for CLIP, one ``B``-vector per rank). Ranks may
+    hold different numbers of rows; for ``info_nce`` each rank's ``y_local`` holds ``k + 1`` rows per
+    local query, the same ``k`` everywhere. Every rank must call it, and run its backward, at the
+    same point (it communicates in both). As the ``loss_fn`` of ``cached_step(...,
+    distributed=True)`` it is given each rank's own representations (``gathers_itself``).
+
+    Args:
+        loss: :func:`info_nce`, :func:`clip_loss` or :func:`siglip_loss`.
+        group: the ``torch.distributed`` process group (``None``: the default one).
+        **loss_kwargs: the loss's keyword arguments (``temperature``, ``logit_scale``,
+            ``logit_bias``, ``similarity``, ``tile_size``), the same on every rank.
+
+    Returns:
+        A callable ``(x_local, y_local, **more_kwargs) -> loss`` with ``gathers_itself = True``.
+    """
+    if loss not in _ACROSS:
+        raise GradCacheError(
+            f"across_ranks takes info_nce, clip_loss or siglip_loss from gradcache_torch.losses, "
+            f"got {getattr(loss, '__name__', loss)!r}")
+    try:
+        inspect.signature(loss).bind(None, None, **loss_kwargs)
+    except TypeError as error:
+        raise GradCacheError(f"across_ranks({loss.__name__}, ...): {error}") from None
+    return _AcrossRanks(loss, group, loss_kwargs)
+
+
 def _prepared(x: torch.Tensor, y: torch.Tensor, similarity: str, loss: str, *,
               square: bool) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     n, m = _loss_forms.check_pair(_OPS, x, y, loss, square=square)
@@ -354,3 +452,27 @@ def siglip_loss_dense(x: torch.Tensor, y: torch.Tensor, *,
     logits = logit_scale * (x @ y.T) + logit_bias
     labels = 2 * torch.eye(n, dtype=logits.dtype, device=x.device) - 1
     return -F.logsigmoid(labels * logits).sum() / n
+
+
+def _info_nce_across(collective: Any, q: torch.Tensor, p: torch.Tensor, *,
+                     temperature: float | torch.Tensor = DEFAULT_TEMPERATURE,
+                     similarity: str = "dot", tile_size: int | None = None) -> torch.Tensor:
+    return _loss_forms.info_nce(_OPS, q, p, temperature, similarity, tile_size, collective)
+
+
+def _clip_loss_across(collective: Any, x: torch.Tensor, y: torch.Tensor, *,
+                      logit_scale: float | torch.Tensor = DEFAULT_CLIP_SCALE,
+                      similarity: str = "dot", tile_size: int | None = None) -> torch.Tensor:
+    return _loss_forms.clip_loss(_OPS, x, y, logit_scale, similarity, tile_size, collective)
+
+
+def _siglip_loss_across(collective: Any, x: torch.Tensor, y: torch.Tensor, *,
+                        logit_scale: float | torch.Tensor = DEFAULT_SIGLIP_SCALE,
+                        logit_bias: float | torch.Tensor = DEFAULT_SIGLIP_BIAS,
+                        similarity: str = "dot", tile_size: int | None = None) -> torch.Tensor:
+    return _loss_forms.siglip_loss(_OPS, x, y, logit_scale, logit_bias, similarity, tile_size,
+                                   collective)
+
+
+_ACROSS = {info_nce: _info_nce_across, clip_loss: _clip_loss_across,
+           siglip_loss: _siglip_loss_across}
