@@ -69,6 +69,8 @@ def step_run(rank: int, world: int, rows: int, dim: int, steps: int, loss_kind: 
     times, cpu, moved = [], [], 0
     for index in range(steps + 1):
         collective = TorchCollective() if world > 1 else None
+        own = getattr(loss_fn, "collective", None)   # across_ranks communicates on its own
+        own_before = own.bytes_communicated if own is not None else 0
         dist.barrier()
         start, start_cpu = time.perf_counter(), time.process_time()
         cached_step(model, (q, p), loss_fn, chunk_size=256,
@@ -78,7 +80,9 @@ def step_run(rank: int, world: int, rows: int, dim: int, steps: int, loss_kind: 
         if index:   # the first step warms up kernels and DDP's buckets
             times.append(elapsed)
             cpu.append(elapsed_cpu)
-            moved = collective.bytes_communicated if collective is not None else 0
+            own = getattr(loss_fn, "collective", None)
+            moved = (collective.bytes_communicated if collective is not None else 0) + \
+                (own.bytes_communicated - own_before if own is not None else 0)
     return {"seconds": statistics.median(times), "cpu": statistics.median(cpu), "bytes": moved,
             "params": sum(t.numel() * t.element_size() for t in model.parameters())}
 
