@@ -8,10 +8,11 @@ a :class:`Collective` over its framework's own engine (``torch.distributed``, a 
 ``tf.distribute`` replica context); the core never moves a byte itself.
 
 Multi-process engines can hang when one rank raises and the others wait in a collective. The
-:class:`Rendezvous` gives every step a fixed sequence of small *agreements* (after pass 1, and
-before each pass-2 chunk that synchronises a wrapper's gradients): a rank that fails takes part in
-the next agreement with its error instead, so every rank raises at the same point and no gradient
-is applied anywhere. SPMD engines (one program over all devices) fail as a whole and need none.
+:class:`Rendezvous` gives every step a fixed sequence of small *agreements* (after pass 1, after
+pass 2, and before pass 1 where encoders communicate in every call): a rank that fails takes part
+in the next agreement with its error instead, so every rank raises at the same point and no
+gradient is applied anywhere -- the adapter synchronises gradients only after the last agreement.
+SPMD engines (one program over all devices) fail as a whole and need none.
 """
 
 from __future__ import annotations

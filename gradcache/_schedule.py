@@ -187,12 +187,18 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
     except Exception as error:   # one rank's bad input must not leave the others waiting
         rendezvous.fail(error)
         raise
-    # one agreement after pass 1, one before each encoder's last (synchronising) pass-2 chunk
-    rendezvous.planned = 1 + sum(g.last_for_encoder for g in groups)
+    # the ranks meet after pass 1 (to gather) and after pass 2 (so that none applies gradients
+    # while another raises); with encoders that communicate in every call, also before pass 1
+    rendezvous.planned = 2
     if rendezvous.active and collective.same_chunk_counts:
         rendezvous.planned += 1
         _agree_chunk_counts(rendezvous, groups)
     checked_loss = CheckedLoss(backend, loss_fn, loss_kwargs)
+    if checked_loss.gathers_itself and collective is None:
+        raise GradCacheError(
+            "this loss gathers every rank's rows itself and returns the gradient of the global "
+            "loss, so it needs a distributed step: pass distributed=... (without it, averaging "
+            "wrappers would leave the gradients a factor world-size too small)")
     track = backend.progress_enabled() and progress
     total = 2 * sum(g.plan.num_chunks if g.plan else len(g.pre_split) for g in groups)
     bar = _Progress(track, total)
@@ -214,7 +220,8 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
                     backend.run_check(_require_finite(backend), loss)
                 for group, rep, rep_grad, record in zip(groups, reps, rep_grads, records):
                     grads = _pass_two(backend, group, rep if check_determinism else None, rep_grad,
-                                      record, grads, determinism_tolerance, bar, rendezvous)
+                                      record, grads, determinism_tolerance, bar)
+                rendezvous.agree("after pass 2")
             except Exception as error:
                 rendezvous.fail(error)
                 raise
@@ -236,34 +243,34 @@ def _agree_chunk_counts(rendezvous: Rendezvous, groups: list[GroupPlan]) -> None
 
 
 def _rep_signature(backend: Backend, rep: Any) -> tuple[int, Any, tuple]:
-    """``(rows, structure, per-leaf (trailing shape, dtype))`` of one group's representation."""
+    """``(rows, leaf paths, per-leaf (trailing shape, dtype))`` of one group's representation
+    (paths, not the structure's repr: non-tensor leaves may differ between ranks harmlessly)."""
     leaves, spec = _tree.flatten(rep, backend.is_leaf)
     rows = backend.batch_size(leaves[0])
-    return rows, repr(spec), tuple((tuple(backend.shape(leaf))[1:], str(getattr(leaf, "dtype", "")))
-                                   for leaf in leaves)
+    return rows, tuple(_tree.leaf_paths(spec)), tuple(
+        (tuple(backend.shape(leaf))[1:], str(getattr(leaf, "dtype", ""))) for leaf in leaves)
 
 
 def _agreed_counts(backend: Backend, collective: Collective, rendezvous: Rendezvous,
                    groups: list[GroupPlan], reps: list) -> list[Any]:
     """Rows per rank for every group, after checking that the ranks' representations fit together
     (SPMD engines: whatever their collective's ``row_counts`` says, checked by the engine)."""
-    mine = ([_rep_signature(backend, rep) for rep in reps],
-            [group.last_for_encoder for group in groups])
+    mine = [_rep_signature(backend, rep) for rep in reps]
     reports = rendezvous.agree("after pass 1", mine)
     if not rendezvous.active:  # SPMD: one program; the collective knows the other ranks' rows
-        return [collective.row_counts(signature[0]) for signature in mine[0]]
-    signatures, sharing = mine
-    for rank, (other, other_sharing) in enumerate(reports):
-        if len(other) != len(signatures) or other_sharing != sharing:
+        return [collective.row_counts(signature[0]) for signature in mine]
+    signatures = mine
+    for rank, other in enumerate(reports):
+        if len(other) != len(signatures):
             raise GradCacheError(
-                f"rank {rank} runs {len(other)} input groups with encoders shared as {other_sharing}, "
-                f"this rank {len(signatures)} as {sharing}; every rank must run the same step")
+                f"rank {rank} runs {len(other)} input groups, this rank {len(signatures)}; every "
+                f"rank must run the same step")
         for index, (theirs, ours) in enumerate(zip(other, signatures)):
             if theirs[1:] != ours[1:]:
                 raise GradCacheError(
                     f"the representations of {where(index)} differ between ranks beyond the number of "
                     f"rows: rank {rank} has {theirs[1:]}, this rank {ours[1:]}")
-    return [[other[index][0] for other, _ in reports] for index in range(len(signatures))]
+    return [[other[index][0] for other in reports] for index in range(len(signatures))]
 
 
 def _distributed_loss(backend: Backend, collective: Collective, rendezvous: Rendezvous,
@@ -377,7 +384,7 @@ def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress) -> tuple[Any, 
 
 
 def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, records: Any,
-              grads: Any, tolerance: float, bar: _Progress, rendezvous: Rendezvous) -> Any:
+              grads: Any, tolerance: float, bar: _Progress) -> Any:
     last_chunk = group.plan.num_chunks - 1
 
     def body(grads: Any, index: Any, rows: Any, item: Any) -> tuple[Any, tuple[Any, Any]]:
@@ -388,10 +395,6 @@ def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, recor
             record = item
         # Under a compiled loop `index` is traced and this is a traced bool; such backends ignore it.
         final_use = group.last_for_encoder and index == last_chunk
-        if rendezvous.active and final_use:
-            # a distributed wrapper synchronises gradients in this chunk's backward: a rank that
-            # failed earlier in pass 2 must stop the others here, not leave them waiting in it
-            rendezvous.agree(f"in pass 2 before {where(group.index)} synchronised gradients")
         try:
             grads, recomputed = backend.pullback(group.encoder, chunk, record, group.get_rep,
                                                  grad_chunk, grads, final_use=final_use)

@@ -4,9 +4,10 @@ Pass 1 runs under ``torch.no_grad``; the loss's gradient with respect to the rep
 from one ``backward`` on detached leaf copies; pass 2 pulls each chunk's slice back with
 ``torch.autograd.backward(rep, grad_tensors=slice)``. Every tensor whose ``.grad`` a step may touch is
 remembered before the first write so that a failing step puts them all back. Distributed wrappers
-synchronise on the last chunk that uses them only -- DDP is bypassed for the others, FSDP2 has its
-gradient sync switched off for them -- so gradients are reduced once per module per step. No
-control flow of the algorithm lives here.
+synchronise on the last chunk that uses them only -- DDP is bypassed for the others (for all of
+them in a distributed step, whose adapter averages DDP's gradients itself), FSDP2 has its gradient
+sync switched off for them -- so gradients are reduced once per module per step. No control flow
+of the algorithm lives here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from gradcache import Backend, GradCacheError, call_with_convention, flatten, unflatten
 from gradcache_torch import _rng
-from gradcache_torch._distributed import is_fsdp
+from gradcache_torch._distributed import fsdp_units
 
 
 def _is_tensor(value: Any) -> bool:
@@ -88,12 +89,14 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, *, scaler: Any = None, pad_trim: bool = False,
-                 protect: Sequence[torch.Tensor] = ()):
+                 protect: Sequence[torch.Tensor] = (), bypass_ddp: bool = False):
         self.scaler = scaler
         self.pad_trim = pad_trim
         self._saved: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._initial = list(protect)
         self._unsynced: dict[int, Any] = {}   # FSDP2 modules whose gradient sync this step turned off
+        self._units: dict[int, list] = {}      # encoder -> its FSDP2 units
+        self.bypass_ddp = bypass_ddp            # a distributed step averages DDP's gradients itself
 
     # -- tensors ------------------------------------------------------------------------------------
     def is_leaf(self, value: Any) -> bool:
@@ -149,12 +152,14 @@ class TorchBackend(Backend):
 
     def pullback(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable, rep_grad: Any,
                  grads: Any, *, final_use: Any) -> tuple[Any, Any]:
-        module = encoder if final_use else _unwrap_distributed(encoder)
-        if is_fsdp(encoder):
+        module = encoder if final_use and not self.bypass_ddp else _unwrap_distributed(encoder)
+        if id(encoder) not in self._units:
+            self._units[id(encoder)] = fsdp_units(encoder)
+        for unit in self._units[id(encoder)]:
             # FSDP2 cannot be bypassed (its parameters are sharded): accumulate unsharded gradients
             # locally and reduce-scatter once, in the backward of the last chunk
-            encoder.set_requires_gradient_sync(bool(final_use))
-            self._unsynced[id(encoder)] = encoder
+            unit.set_requires_gradient_sync(bool(final_use), recurse=False)
+            self._unsynced[id(unit)] = unit
         with self.rng_replay(record), torch.enable_grad():
             rep = self._call(module, chunk, get_rep)
             rep_leaves, rep_spec = flatten(rep, _is_tensor)
@@ -191,9 +196,10 @@ class TorchBackend(Backend):
             raise
         finally:
             self._saved.clear()
-            for module in self._unsynced.values():   # FSDP2's default, for the caller's own steps
-                module.set_requires_gradient_sync(True)
+            for unit in self._unsynced.values():   # FSDP2's default, for the caller's own steps
+                unit.set_requires_gradient_sync(True, recurse=False)
             self._unsynced.clear()
+            self._units.clear()
 
     # -- checks -------------------------------------------------------------------------------------
     def is_finite(self, value: torch.Tensor) -> bool:

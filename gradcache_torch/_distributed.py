@@ -3,11 +3,11 @@
 Every byte moves through ``torch.distributed`` collectives on the caller's process group (gloo,
 NCCL, whatever ``torchrun`` set up): representations are all-gathered with padding to the largest
 rank so that ranks may hold different numbers of rows, and the small agreements of the core's
-:class:`gradcache.Rendezvous` are ``all_gather_object`` calls. Gradient synchronisation stays with the
-wrapper that owns it -- DDP's all-reduce, FSDP2's reduce-scatter -- which run once per module per
-step because the backend lets them synchronise on the last chunk only. Both *average* over ranks,
-so representation gradients are scaled by the world size; a module with no wrapper gets the same
-average from one all-reduce of what this step added to its gradients.
+:class:`gradcache.Rendezvous` are ``all_gather_object`` calls. Parameter gradients are averaged over
+ranks once per step: FSDP2 reduce-scatters in the last chunk's backward (its sync is off for the
+others); DDP's hooks are bypassed for the whole step and :class:`GradientSync` averages what the
+step added to DDP and unwrapped modules, after the ranks' last agreement, with bucketed
+all-reduces as DDP would. Both average, so representation gradients are scaled by the world size.
 """
 
 from __future__ import annotations
@@ -124,36 +124,85 @@ def all_gather_rows(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     return collective.all_gather_rows(tensor.detach(), counts)
 
 
-class PlainModuleSync:
-    """Averages over ranks what one step adds to the gradients of modules with no DDP/FSDP wrapper.
+def fsdp_units(module: Any) -> list[Any]:
+    """The FSDP2 units in ``module`` (itself included): the modules whose gradient sync a step
+    toggles. Empty for anything that is not an ``nn.Module`` or holds no ``fully_shard`` unit."""
+    if fsdp_module_type() is None or not isinstance(module, torch.nn.Module):
+        return []
+    return [sub for sub in module.modules() if is_fsdp(sub)]
 
-    Snapshot before the step, one flat all-reduce of the increments after it: the same averaging
-    DDP applies, so that with the core's ``grad_scale`` the result is the global-batch gradient.
+
+class GradientSync:
+    """Averages over ranks what one distributed step adds to the gradients of the modules that
+    FSDP2 does not reduce itself: DDP-wrapped modules (whose hooks the step bypasses for every
+    chunk) and unwrapped ones.
+
+    Before the step the caller's gradients are set aside (kept, not copied) and ``.grad`` starts
+    empty; after the step's last agreement, :meth:`finish` averages this step's gradients over the
+    ranks with bucketed all-reduces -- DDP's own reduction, done once -- and adds them to what was
+    set aside; a parameter no rank touched keeps its gradient (``None`` stays ``None``). If the step
+    fails, :meth:`restore` puts the caller's gradients back. Bypassing DDP entirely, rather than
+    letting it synchronise in the last chunk, keeps the step exact when a parameter is not used by
+    that chunk (a second tower, a loss-owned temperature inside the module), which DDP would
+    otherwise leave unreduced without a word.
     """
 
-    def __init__(self, modules: Iterable[Any], group: Any):
-        self.group = group
-        seen: dict[int, torch.nn.Parameter] = {}
-        for module in modules:
-            for parameter in module.parameters():
-                if parameter.requires_grad:
-                    seen.setdefault(id(parameter), parameter)
-        self.parameters = list(seen.values())
-        self.before = [None if p.grad is None else p.grad.detach().clone() for p in self.parameters]
+    #: the all-reduce bucket, as DDP's default
+    BUCKET_BYTES = 25 * 2**20
 
-    def __call__(self) -> None:
-        buckets: dict[tuple, list[tuple[torch.nn.Parameter, torch.Tensor | None]]] = {}
-        for parameter, before in zip(self.parameters, self.before):
-            buckets.setdefault((parameter.dtype, parameter.device), []).append((parameter, before))
-        world = dist.get_world_size(self.group)
-        for members in buckets.values():   # one all-reduce per dtype and device, usually one
-            increments = []
-            for parameter, before in members:
-                grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
-                increments.append((grad if before is None else grad - before).reshape(-1))
-            flat = torch.cat(increments)
-            dist.all_reduce(flat, group=self.group)
-            flat /= world
-            for (parameter, before), part in zip(members, torch.split(flat, [p.numel() for p, _ in members])):
-                increment = part.view_as(parameter)
-                parameter.grad = increment.clone() if before is None else before + increment
+    def __init__(self, modules: Iterable[tuple[Any, Any]]):
+        self.groups: list[tuple[Any, list[torch.nn.Parameter]]] = []
+        seen: set[int] = set()
+        for module, group in modules:
+            params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in params)
+            if params:
+                self.groups.append((group, params))
+        self.set_aside = [[p.grad for p in params] for _, params in self.groups]
+        for _, params in self.groups:
+            for parameter in params:
+                parameter.grad = None
+
+    def restore(self) -> None:
+        for (_, params), aside in zip(self.groups, self.set_aside):
+            for parameter, grad in zip(params, aside):
+                parameter.grad = grad
+
+    def finish(self) -> None:
+        for (group, params), aside in zip(self.groups, self.set_aside):
+            self._average(group, params, aside)
+
+    def _average(self, group: Any, params: list, aside: list) -> None:
+        world = dist.get_world_size(group)
+        buckets: dict[tuple, list[list[int]]] = {}
+        for index, parameter in enumerate(params):
+            runs = buckets.setdefault((parameter.dtype, parameter.device), [[]])
+            size = sum(params[i].numel() for i in runs[-1]) * parameter.element_size()
+            if runs[-1] and size + parameter.numel() * parameter.element_size() > self.BUCKET_BYTES:
+                runs.append([])
+            runs[-1].append(index)
+        for runs in buckets.values():
+            for run in runs:
+                # one all-reduce per bucket; its tail counts the ranks that touched each parameter,
+                # so that a parameter no rank used keeps its gradient (None stays None)
+                grads = [params[i].grad if params[i].grad is not None
+                         else torch.zeros_like(params[i]) for i in run]
+                touched = torch.tensor([float(params[i].grad is not None) for i in run],
+                                       dtype=grads[0].dtype, device=grads[0].device)
+                flat = torch.cat([grad.reshape(-1) for grad in grads] + [touched])
+                dist.all_reduce(flat, group=group)
+                sizes = [params[i].numel() for i in run]
+                parts = torch.split(flat, sizes + [len(run)])
+                for i, part, count in zip(run, parts, parts[-1].tolist()):
+                    if not count:
+                        params[i].grad = aside[i]
+                        continue
+                    mean = part.view_as(params[i]) / world
+                    params[i].grad = mean if aside[i] is None else aside[i] + mean
+
+
+def broadcast_buffers(module: Any, group: Any) -> None:
+    """Rank 0's buffers to every rank, as DDP does before each forward (``broadcast_buffers``)."""
+    source = 0 if group is None else dist.get_global_rank(group, 0)
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=source, group=group)

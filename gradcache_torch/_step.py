@@ -14,10 +14,11 @@ import torch
 from gradcache import GradCacheError, map_leaves, run_cached_step
 from gradcache_torch._backend import TorchBackend
 from gradcache_torch._distributed import (
-    PlainModuleSync,
+    GradientSync,
     TorchCollective,
+    broadcast_buffers,
+    fsdp_units,
     is_ddp,
-    is_fsdp,
     resolve_group,
 )
 
@@ -109,9 +110,11 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             that ``gathers_itself`` such as :func:`gradcache_torch.losses.across_ranks`, this rank's
             rows), and each rank pulls back the gradient of its own rows. Afterwards every rank
             holds the global loss and the gradients of one process running the whole global
-            batch: DDP and FSDP2 wrappers synchronise once per module per step (their averaging
-            is compensated), modules with no wrapper are averaged by one all-reduce. Local batches
-            may differ in size and in number of chunks; a rank that fails makes every rank raise.
+            batch: FSDP2 reduce-scatters once per unit per step; DDP's hooks are bypassed and what
+            the step adds to DDP and unwrapped modules is averaged by bucketed all-reduces after
+            the ranks' last agreement (DDP's averaging, done once; unused parameters are fine).
+            Local batches may differ in size and in number of chunks (FSDP2 aside); a rank that
+            fails makes every rank raise, with every ``.grad`` as it was.
             Per-row ``loss_kwargs`` must be global (see :func:`gradcache_torch.all_gather_rows`).
 
     Returns:
@@ -131,48 +134,61 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     >>> encoder.weight.grad.shape
     torch.Size([4, 8])
     """
-    backend = TorchBackend(scaler=scaler, pad_trim=pad_trim)
-    collective, sync_plain = None, None
+    collective, sync = None, None
     if distributed is not False and distributed is not None:
-        collective, sync_plain = _distribute(encoders, distributed, sort_by_length)
+        collective, sync = _distribute(encoders, loss_fn, distributed, sort_by_length)
+    backend = TorchBackend(scaler=scaler, pad_trim=pad_trim, bypass_ddp=collective is not None)
     if sort_by_length and isinstance(inputs, (list, tuple)):
         orders = [_length_order(group) for group in inputs]
         if any(order is not None for order in orders):
             inputs = [group if order is None else map_leaves(lambda leaf, o=order: leaf[o.to(leaf.device)], group, _is_tensor)
                       for group, order in zip(inputs, orders)]
             loss_fn = _InOriginalOrder(loss_fn, orders)
-    loss, _ = run_cached_step(
-        backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
-        loss_kwargs=loss_kwargs, split_fn=split_fn, check_finite=check_finite,
-        check_determinism=check_determinism, determinism_tolerance=determinism_tolerance,
-        progress=progress, collective=collective)
-    if sync_plain is not None:
-        sync_plain()
+    try:
+        loss, _ = run_cached_step(
+            backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
+            loss_kwargs=loss_kwargs, split_fn=split_fn, check_finite=check_finite,
+            check_determinism=check_determinism, determinism_tolerance=determinism_tolerance,
+            progress=progress, collective=collective)
+    except BaseException:
+        if sync is not None:
+            sync.restore()
+        raise
+    if sync is not None:
+        sync.finish()   # every rank passed the step's last agreement: none of them raised
     return loss
 
 
-def _distribute(encoders: Any, distributed: Any, sort_by_length: bool) -> tuple[Any, Any]:
-    """The collective of a distributed step and the all-reduce for its unwrapped modules."""
+def _distribute(encoders: Any, loss_fn: Any, distributed: Any,
+                sort_by_length: bool) -> tuple[TorchCollective, GradientSync | None]:
+    """The collective of a distributed step and the averaging of its DDP and unwrapped modules."""
     given = distributed if isinstance(distributed, TorchCollective) else None
     group = given.group if given is not None else resolve_group(distributed)
     if sort_by_length:
         raise GradCacheError("sort_by_length is not supported with distributed=...: the loss sees "
                              "the global batch, and each rank's sorting is its own")
+    loss_group = getattr(loss_fn, "group", None)
+    if getattr(loss_fn, "gathers_itself", False) and loss_group is not group:
+        raise GradCacheError(
+            f"the loss communicates over process group {loss_group!r} but the step over "
+            f"{group!r}; give across_ranks(..., group=...) the step's group")
     listed = list(encoders) if isinstance(encoders, (list, tuple)) else [encoders]
-    plain = []
+    averaged, sharded = [], False
     for index, encoder in enumerate(listed):
-        if is_ddp(encoder) or is_fsdp(encoder):
-            continue
-        if not isinstance(encoder, torch.nn.Module):
+        if fsdp_units(encoder):
+            sharded = True   # FSDP2 reduce-scatters its own gradients
+        elif is_ddp(encoder):
+            averaged.append((encoder.module, encoder.process_group))
+            if encoder.broadcast_buffers and any(True for _ in encoder.module.buffers()):
+                broadcast_buffers(encoder.module, encoder.process_group)
+        elif isinstance(encoder, torch.nn.Module):
+            averaged.append((encoder, group))
+        else:
             raise GradCacheError(
                 f"distributed=... needs every encoder to be a torch.nn.Module (DDP, FSDP2 or plain) "
                 f"so that its gradients can be synchronised; encoder {index} is "
                 f"{type(encoder).__name__}")
-        plain.append(encoder)
-    sync = PlainModuleSync(plain, group) if plain else None
     # FSDP2 all-gathers its parameters in every forward and backward: equal chunk counts needed
-    fsdp = any(is_fsdp(encoder) for encoder in listed)
-    if given is not None:
-        given.same_chunk_counts = given.same_chunk_counts or fsdp
-        return given, sync
-    return TorchCollective(group, same_chunk_counts=fsdp), sync
+    collective = given if given is not None else TorchCollective(group)
+    collective.same_chunk_counts = sharded
+    return collective, GradientSync(averaged) if averaged else None

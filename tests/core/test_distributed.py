@@ -80,7 +80,7 @@ def test_a_rank_failing_in_pass_two_stops_the_others_before_they_synchronise() -
 
     outcomes = run_ranks(2, rank_step)
     assert isinstance(outcomes[0][1], ValueError)
-    assert "rank 0 failed (ValueError: pass two broke); every rank stopped (in pass 2" in str(outcomes[1][1])
+    assert "rank 0 failed (ValueError: pass two broke); every rank stopped (after pass 2)" in str(outcomes[1][1])
 
 
 def test_ranks_must_run_the_same_step() -> None:
@@ -139,7 +139,7 @@ def test_collectives_run_once_per_step(world) -> None:
         assert calls == ["exchange", "all_gather", "all_gather", "exchange"]
 
 
-def test_a_rank_failing_after_the_last_agreement_does_not_wait_for_the_others() -> None:
+def test_a_rank_failing_in_its_last_chunk_still_stops_every_rank() -> None:
     rng = np.random.default_rng(5)
     weight = rng.normal(size=(5, 3))
 
@@ -148,7 +148,7 @@ def test_a_rank_failing_after_the_last_agreement_does_not_wait_for_the_others() 
 
         def vjp(self, x, rep_grad):
             FailsLast.calls += 1
-            if FailsLast.calls == 3:    # the last chunk, after the agreement before it
+            if FailsLast.calls == 3:    # the last chunk of pass 2
                 raise ValueError("late")
             return super().vjp(x, rep_grad)
 
@@ -160,7 +160,18 @@ def test_a_rank_failing_after_the_last_agreement_does_not_wait_for_the_others() 
 
     outcomes = run_ranks(2, rank_step, timeout=5)
     assert isinstance(outcomes[0][1], ValueError)
-    assert outcomes[1][1] is None
+    assert "rank 0 failed (ValueError: late); every rank stopped (after pass 2)" in str(outcomes[1][1])
+
+
+def test_a_loss_that_gathers_itself_needs_a_distributed_step() -> None:
+    class Local(NumpyInfoNCE):
+        gathers_itself = True
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(4, 5))
+    with pytest.raises(GradCacheError, match="needs a distributed step"):
+        run_cached_step(NumpyBackend(), LinearEncoder(rng.normal(size=(5, 3))), (x, x), Local(),
+                        chunk_size=2)
 
 
 def test_bad_input_on_one_rank_stops_every_rank() -> None:

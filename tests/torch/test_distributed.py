@@ -8,6 +8,7 @@ gradient reduction per module per step; a failing rank must stop every rank with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from datetime import timedelta
@@ -15,7 +16,6 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from gradcache import GradCacheError
@@ -50,6 +50,34 @@ def global_reference(world: int, *, two_towers: bool = False):
     return loss.detach(), [[t.grad.clone() for t in tower.parameters()] for tower in towers], temperature.grad
 
 
+class TwoTowers(torch.nn.Module):
+    """Both towers and the temperature in one module, the usual CLIP layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.query, self.passage = Tower().double(), Tower().double()
+        self.temperature = torch.nn.Parameter(torch.tensor(0.2, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor, side: str) -> torch.Tensor:
+        return self.query(x) if side == "query" else self.passage(x)
+
+
+@contextlib.contextmanager
+def counting(module, name: str):
+    """Counts calls of ``module.name`` (looked up at call time) inside the block."""
+    original, calls = getattr(module, name), []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(module, name, counted)
+    try:
+        yield calls
+    finally:
+        setattr(module, name, original)
+
+
 def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
@@ -60,21 +88,24 @@ def scenarios(rank: int, world: int) -> dict:
     q, p = local_batch(rank)
     chunk = 2 + rank               # unequal chunk sizes: unequal numbers of chunks
 
-    # DDP, with a comm hook counting all-reduces, and a learnable temperature outside the model
+    # DDP, counting all-reduces, and a learnable temperature outside the model
     torch.manual_seed(0)
     model = DistributedDataParallel(Tower().double())
     temperature = torch.nn.Parameter(torch.tensor(0.2, dtype=torch.float64))
-    calls = []
-
-    def counting_hook(state, bucket):
-        calls.append(1)
-        return allreduce_hook(state, bucket)
-
-    model.register_comm_hook(None, counting_hook)
-    loss = cached_step(model, (q, p), lambda a, b: info_nce(a, b, temperature),
-                       chunk_size=chunk, distributed=True)
+    with counting(dist, "all_reduce") as calls:
+        loss = cached_step(model, (q, p), lambda a, b: info_nce(a, b, temperature),
+                           chunk_size=chunk, distributed=True)
     out["ddp"] = (loss, [t.grad.clone() for t in model.parameters()], temperature.grad.clone(),
                   len(calls))
+
+    # one DDP module holding both towers and the temperature: the last chunk uses one tower only,
+    # and the temperature none (DDP's own sync would leave those unreduced)
+    torch.manual_seed(0)
+    both = TwoTowers()
+    model = DistributedDataParallel(both)
+    cached_step(model, ({"x": q, "side": "query"}, {"x": p, "side": "passage"}),
+                lambda a, b: info_nce(a, b, both.temperature), chunk_size=chunk, distributed=True)
+    out["one_module"] = [t.grad.clone() for t in both.parameters()]
 
     # two separately wrapped towers: one all-reduce each
     torch.manual_seed(0)
@@ -84,13 +115,41 @@ def scenarios(rank: int, world: int) -> dict:
                 distributed=True)
     out["two_towers"] = [[t.grad.clone() for t in tower.parameters()] for tower in towers]
 
-    # an unwrapped module: averaged by the adapter's own single all-reduce; gradients accumulate
+    # an unwrapped module: averaged by the adapter's own all-reduce; gradients accumulate, and a
+    # parameter no rank uses keeps no gradient
     torch.manual_seed(0)
     plain = Tower().double()
     for parameter in plain.parameters():
         parameter.grad = torch.ones_like(parameter)
+    plain.unused = torch.nn.Linear(2, 2)
     cached_step(plain, (q, p), lambda a, b: info_nce(a, b, 0.2), chunk_size=chunk, distributed=True)
-    out["plain"] = [t.grad.clone() for t in plain.parameters()]
+    out["plain"] = [t.grad.clone() for t in (plain.a.weight, plain.a.bias, plain.b.weight, plain.b.bias)]
+    out["unused"] = plain.unused.weight.grad
+
+    # the last rank fails in its very last pass-2 chunk: every rank raises, every .grad restored
+    class FailsLate(torch.nn.Module):
+        def __init__(self, tower, fail):
+            super().__init__()
+            self.tower, self.fail, self.calls = tower, fail, 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.fail and torch.is_grad_enabled() and self.calls == self.fail:
+                raise RuntimeError("late failure")
+            return self.tower(x)
+
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(Tower().double())
+    chunks = -(-len(q) // chunk) + -(-len(p) // chunk)
+    late = FailsLate(ddp.module, 2 * chunks if rank == world - 1 else 0)
+    for parameter in ddp.parameters():
+        parameter.grad = torch.full_like(parameter, 7.0)
+    try:
+        cached_step([late, late], (q, p), info_nce, chunk_size=chunk, distributed=True)
+        out["late"] = "no error"
+    except Exception as error:
+        out["late"] = f"{type(error).__name__}: {error}"
+    out["late_grads_kept"] = all(bool((t.grad == 7).all()) for t in ddp.parameters())
 
     # FSDP2
     from torch.distributed.fsdp import fully_shard
@@ -100,20 +159,10 @@ def scenarios(rank: int, world: int) -> dict:
     fully_shard(sharded)
     # FSDP2 gathers parameters in every forward: every rank runs 3 chunks per group
     rows = rows_of(rank)
-    scatters = []
-    original = dist.reduce_scatter_single if hasattr(dist, "reduce_scatter_single") else None
-    if original is not None:   # count FSDP2's gradient reductions (it looks the function up per call)
-        def counting_scatter(*args, **kwargs):
-            scatters.append(1)
-            return original(*args, **kwargs)
-        dist.reduce_scatter_single = counting_scatter
-    try:
+    with counting(dist, "reduce_scatter_single") as scatters:   # FSDP2's gradient reductions
         cached_step(sharded, (q, p), lambda a, b: info_nce(a, b, 0.2),
                     chunk_size=[-(-rows // 3), -(-2 * rows // 3)], distributed=True)
-    finally:
-        if original is not None:
-            dist.reduce_scatter_single = original
-    out["fsdp_scatters"] = len(scatters) if original is not None else None
+    out["fsdp_scatters"] = len(scatters)
     out["fsdp"] = [full(t.grad).clone() for t in sharded.parameters()]
     out["fsdp_sync_restored"] = sharded._get_fsdp_state()._fsdp_param_group.reduce_grads
     try:
@@ -150,26 +199,36 @@ def check_against_reference(results: list[dict], world: int) -> None:
         for got, want in zip(got_grads, tower_grads):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got_temperature, temperature_grad, rtol=1e-10, atol=1e-12)
-        assert calls == 1, "DDP must all-reduce once per step"
+        assert calls == 1, "DDP's gradients must be all-reduced once per step (one bucket here)"
         for got, want in zip(out["fsdp"], tower_grads):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
         assert out["fsdp_sync_restored"], "FSDP2 gradient sync must be switched back on"
         # one reduce-scatter per FSDP2 unit (the inner layer and the root) per step
-        assert out["fsdp_scatters"] in (None, 2), out["fsdp_scatters"]
+        assert out["fsdp_scatters"] == 2, out["fsdp_scatters"]
         assert "every rank must run the same number of chunks" in out["fsdp_counts"]
         for got, want in zip(out["plain"], tower_grads):
             torch.testing.assert_close(got, want + 1, rtol=1e-10, atol=1e-12)
+        assert out["unused"] is None
+        if rank == world - 1:
+            assert out["late"] == "RuntimeError: late failure", out["late"]
+        else:
+            assert "failed (RuntimeError: late failure); every rank stopped (after pass 2)" \
+                in out["late"], out["late"]
+        assert out["late_grads_kept"]
         if rank == world - 1:
             assert out["failure"] == "own: out of memory on purpose"
         else:
             assert f"rank {world - 1} failed (MemoryError: out of memory on purpose); every rank " \
                 "stopped (after pass 1)" in out["failure"], out["failure"]
         assert all(g is None for g in out["failure_grads"])
-    _, towers, _ = global_reference(world, two_towers=True)
+    _, towers, temperature_grad = global_reference(world, two_towers=True)
     for out in results:
         for got_tower, want_tower in zip(out["two_towers"], towers):
             for got, want in zip(got_tower, want_tower):
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        want = [temperature_grad] + towers[0] + towers[1]   # own parameters first
+        for got, expected in zip(out["one_module"], want, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("world", [2, 4])
