@@ -148,6 +148,9 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         def loss_fn(*reps: Any, **kwargs: Any) -> Any:
             return user_loss(backend.loss_params(), *reps, **kwargs)
 
+        # a loss that communicates itself (across_ranks) must still be handed local rows
+        loss_fn.gathers_itself = getattr(user_loss, "gathers_itself", False)
+
     loss, grads = run_cached_step(
         backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
         loss_kwargs=loss_kwargs, split_fn=split_fn, check_finite=check_finite,

@@ -12,10 +12,15 @@ your params like any other. ``*_dense`` are the same losses with the whole ``B x
 reference the tiled ones equal. They are jit-able and work as the ``loss_fn`` of
 :func:`gradcache_jax.cached_step` (with ``loss_takes_params=True`` for learnable parameters); see
 ``docs/losses.md``.
+
+:func:`across_ranks` turns one of them into the loss of the global batch of a mesh axis inside
+``jax.shard_map``, each device computing only its own rows' share: one all-gather and one
+reduce-scatter of ``B x d`` numbers per step (:mod:`gradcache._loss_forms`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -24,15 +29,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gradcache import _loss_forms, _tiled
+from gradcache import GradCacheError, _loss_forms, _tiled
 from gradcache._loss_forms import (
     DEFAULT_CLIP_SCALE,
     DEFAULT_SIGLIP_BIAS,
     DEFAULT_SIGLIP_SCALE,
     DEFAULT_TEMPERATURE,
+    RankLayout,
 )
+from gradcache_jax._distributed import MeshCollective, _varying_axes, to_varying
 
 __all__ = [
+    "across_ranks",
     "clip_loss",
     "clip_loss_dense",
     "info_nce",
@@ -47,7 +55,14 @@ class _TileOps:
 
     ragged = False
 
+    def __init__(self, axis_name: Any = None):
+        #: across a mesh axis (inside shard_map): the loops' carries start out varying over it, as
+        #: the values this device's rows add to them are (a loop's carry keeps one type)
+        self.axis_name = axis_name
+
     def fori(self, count: int, body: Callable, carry: tuple) -> tuple:
+        if self.axis_name is not None:
+            carry = jax.tree_util.tree_map(lambda leaf: to_varying(leaf, self.axis_name), carry)
         return lax.fori_loop(0, count, body, carry)
 
     def rows(self, x: jax.Array, start: Any, size: int) -> jax.Array:
@@ -160,12 +175,52 @@ def _tiled_backward(kind: str, tile: int, residuals: tuple, grad: jax.Array) -> 
 _tiled_sum.defvjp(_tiled_forward, _tiled_backward)
 
 
+def _tiled_sum_across(kind: str, tile: int, collective: MeshCollective, counts: tuple, group: int,
+                      x: jax.Array, y: jax.Array, alpha: jax.Array,
+                      beta: jax.Array | None) -> jax.Array:
+    """The global summed loss S from this device's rows, as a ``jax.custom_vjp`` function made per
+    call: it closes over the collective and the static layout, and takes this device's offset from
+    ``lax.axis_index`` inside each rule (a traced offset may not cross into custom_vjp's static
+    arguments). Under shard_map's type checks the value and ``dalpha``/``dbeta`` come out of
+    ``psum`` -- invariant, the same on every device, so autodiff adds no sum over devices to them --
+    and ``dx``, ``dy`` are varying, this device's rows."""
+
+    ops = _TileOps(collective.axis_name)
+
+    def layout() -> RankLayout:
+        return RankLayout(counts, group, collective.rank * counts[0])  # SPMD: equal rows
+
+    def forward(x: jax.Array, y: jax.Array, alpha: jax.Array,
+                beta: jax.Array | None) -> tuple[jax.Array, tuple]:
+        value, columns, row_lse, column_lse = _loss_forms.forward_across(
+            ops, collective, layout(), kind, x, y, alpha, beta, tile)
+        return value, (x, columns, alpha, beta, row_lse, column_lse)
+
+    def backward(residuals: tuple, grad: jax.Array) -> tuple:
+        x, columns, alpha, beta, row_lse, column_lse = residuals
+        return _loss_forms.backward_across(ops, collective, layout(), kind, x, columns, alpha,
+                                           beta, row_lse, column_lse, grad, tile)
+
+    @jax.custom_vjp
+    def summed(x: jax.Array, y: jax.Array, alpha: jax.Array, beta: jax.Array | None) -> jax.Array:
+        return forward(x, y, alpha, beta)[0]
+
+    summed.defvjp(forward, backward)
+    return summed(x, y, alpha, beta)
+
+
 class _LossOps:
     """:class:`gradcache._loss_forms.LossOps` over ``jax.numpy``."""
 
     def tiled_sum(self, kind: str, x: jax.Array, y: jax.Array, alpha: jax.Array,
                   beta: jax.Array | None, tile: int) -> jax.Array:
         return _tiled_sum(kind, tile, x, y, alpha, beta)
+
+    def tiled_sum_across(self, kind: str, x: jax.Array, y: jax.Array, alpha: jax.Array,
+                         beta: jax.Array | None, tile: int, collective: MeshCollective,
+                         layout: RankLayout) -> jax.Array:
+        return _tiled_sum_across(kind, tile, collective, layout.counts, layout.group, x, y, alpha,
+                                 beta)
 
     def shape(self, x: Any) -> tuple:
         return tuple(jnp.shape(x))
@@ -275,6 +330,81 @@ def siglip_loss(x: Any, y: Any, *, logit_scale: Any = DEFAULT_SIGLIP_SCALE,
     return _loss_forms.siglip_loss(_OPS, x, y, logit_scale, logit_bias, similarity, tile_size)
 
 
+class _AcrossRanks:
+    """The object :func:`across_ranks` returns: call it, inside ``jax.shard_map``, with this
+    device's rows."""
+
+    #: tells :func:`gradcache_jax.cached_step` (``mesh=`` or ``axis_name=``) to pass this device's
+    #: own representations rather than the gathered global batch
+    gathers_itself = True
+
+    def __init__(self, loss: Callable, axis_name: Any, loss_kwargs: dict):
+        self.loss = loss
+        self.axis_name = axis_name
+        self.loss_kwargs = loss_kwargs
+
+    def __call__(self, x: Any, y: Any, **overrides: Any) -> jax.Array:
+        try:
+            collective = MeshCollective(self.axis_name)  # the axis bound where it is called
+        except GradCacheError:
+            raise GradCacheError(
+                f"{self!r} was called where mesh axis {self.axis_name!r} is not bound: call it "
+                f"inside jax.shard_map over a mesh with that axis (or as the loss_fn of "
+                f"gradcache_jax.cached_step(..., mesh=...) or (..., axis_name=...))") from None
+        typed = _varying_axes(collective.rank)  # empty without shard_map's type checks
+        for name, rows in (("x", x), ("y", y)):
+            if typed and not typed <= _varying_axes(rows):
+                raise GradCacheError(
+                    f"{self!r} takes this device's own rows, varying over the mesh axis, but its "
+                    f"{name} is the same on every device (shape {jnp.shape(rows)}): the global "
+                    f"batch, gathered already? As the loss_fn of cached_step it is given each "
+                    f"device's rows because it gathers_itself; a function wrapping it must say so "
+                    f"too (fn.gathers_itself = True)")
+        kwargs = {**self.loss_kwargs, **overrides}
+        return _ACROSS[self.loss](collective, x, y, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"across_ranks({self.loss.__name__}, axis_name={self.axis_name!r}, "
+                f"**{self.loss_kwargs!r})")
+
+
+def across_ranks(loss: Callable, *, axis_name: Any, **loss_kwargs: Any) -> _AcrossRanks:
+    """``loss`` over the global batch of a mesh axis, each device computing its own rows' share.
+
+    The returned callable, called inside ``jax.shard_map`` (or as the ``loss_fn`` of
+    ``cached_step(..., mesh=...)`` / ``(..., axis_name=...)``), takes *this device's* rows,
+    ``(x_local, y_local)``, and returns the loss of the global batch -- every device's rows
+    concatenated in device order along ``axis_name`` -- the same value on every device (typed
+    invariant over the axis). Its gradient with respect to ``x_local`` and ``y_local`` is that of
+    the global loss, and a learnable temperature, scale or bias (replicated, i.e. invariant over
+    the axis) gets the global gradient, identical on every device and not summed again. Each device
+    scores only its own rows against every gathered column; per call it all-gathers ``y`` and
+    reduce-scatters its gradient (``B x d`` numbers each) plus scalars (and, for CLIP, one
+    ``B``-vector per device). Every device holds the same number of rows (shard_map's shapes are
+    static); for ``info_nce`` ``y_local`` holds ``k + 1`` rows per local query.
+
+    Args:
+        loss: :func:`info_nce`, :func:`clip_loss` or :func:`siglip_loss`.
+        axis_name: the mesh axis the batch is split over (or a tuple of axes, counted as one in
+            row-major order, as ``lax.axis_index`` numbers them).
+        **loss_kwargs: the loss's keyword arguments (``temperature``, ``logit_scale``,
+            ``logit_bias``, ``similarity``, ``tile_size``); more, or overrides, may be given per
+            call: ``loss_fn(x_local, y_local, temperature=jnp.exp(params["log_t"]))``.
+
+    Returns:
+        A callable ``(x_local, y_local, **more_kwargs) -> loss`` with ``gathers_itself = True``.
+    """
+    if loss not in _ACROSS:
+        raise GradCacheError(
+            f"across_ranks takes info_nce, clip_loss or siglip_loss from gradcache_jax.losses, "
+            f"got {getattr(loss, '__name__', loss)!r}")
+    try:
+        inspect.signature(loss).bind(None, None, **loss_kwargs)
+    except TypeError as error:
+        raise GradCacheError(f"across_ranks({loss.__name__}, ...): {error}") from None
+    return _AcrossRanks(loss, axis_name, loss_kwargs)
+
+
 def _prepared(x: Any, y: Any, similarity: str, loss: str, *,
               square: bool) -> tuple[jax.Array, jax.Array, int, int]:
     n, m = _loss_forms.check_pair(_OPS, x, y, loss, square=square)
@@ -329,3 +459,27 @@ def siglip_loss_dense(x: Any, y: Any, *, logit_scale: Any = DEFAULT_SIGLIP_SCALE
     logits = logit_scale * (x @ y.T) + logit_bias
     labels = 2 * jnp.eye(n, dtype=logits.dtype) - 1
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / n
+
+
+def _info_nce_across(collective: MeshCollective, q: Any, p: Any, *,
+                     temperature: Any = DEFAULT_TEMPERATURE, similarity: str = "dot",
+                     tile_size: int | None = None) -> jax.Array:
+    return _loss_forms.info_nce(_OPS, q, p, temperature, similarity, tile_size, collective)
+
+
+def _clip_loss_across(collective: MeshCollective, x: Any, y: Any, *,
+                      logit_scale: Any = DEFAULT_CLIP_SCALE, similarity: str = "dot",
+                      tile_size: int | None = None) -> jax.Array:
+    return _loss_forms.clip_loss(_OPS, x, y, logit_scale, similarity, tile_size, collective)
+
+
+def _siglip_loss_across(collective: MeshCollective, x: Any, y: Any, *,
+                        logit_scale: Any = DEFAULT_SIGLIP_SCALE,
+                        logit_bias: Any = DEFAULT_SIGLIP_BIAS, similarity: str = "dot",
+                        tile_size: int | None = None) -> jax.Array:
+    return _loss_forms.siglip_loss(_OPS, x, y, logit_scale, logit_bias, similarity, tile_size,
+                                   collective)
+
+
+_ACROSS = {info_nce: _info_nce_across, clip_loss: _clip_loss_across,
+           siglip_loss: _siglip_loss_across}

@@ -11,24 +11,35 @@ The rest (cosine normalisation, turning a temperature into a scale) is ordinary 
 learnable temperature, logit scale or bias is a ``tf.Variable`` the tape sees like any other.
 ``*_dense`` are the same losses with the whole ``B x B`` matrix, the reference the tiled ones equal.
 They work as the ``loss_fn`` of :func:`gradcache_tf.cached_step`; see ``docs/losses.md``.
+
+:func:`across_ranks` turns one of them into the loss of the global batch of the replicas of a
+``tf.distribute`` strategy (inside ``strategy.run``), each replica computing only its own rows'
+share: one all-gather of ``B x d`` numbers and one sum of its gradient per step
+(:mod:`gradcache._loss_forms`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
 
-from gradcache import _loss_forms, _tiled
+from gradcache import GradCacheError, _loss_forms, _tiled
+from gradcache._collective import Collective
 from gradcache._loss_forms import (
     DEFAULT_CLIP_SCALE,
     DEFAULT_SIGLIP_BIAS,
     DEFAULT_SIGLIP_SCALE,
     DEFAULT_TEMPERATURE,
+    RankLayout,
 )
+from gradcache_tf._distributed import ReplicaCollective, replica_context
 
 __all__ = [
+    "across_ranks",
     "clip_loss",
     "clip_loss_dense",
     "info_nce",
@@ -247,12 +258,95 @@ def _tiled_sum(kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, beta: tf
     return run(x, y, alpha, *(() if beta is None else (beta,)))
 
 
+class _ReplicaColumns(Collective):
+    """The replicas' collective as :func:`gradcache._loss_forms.forward_across` and
+    ``backward_across`` use it: the reduce-scatter of ``dy`` takes ``ReplicaCollective``'s
+    ``counts`` -- ``(this replica's columns, every replica's)`` -- and, traced, the gathered rows
+    keep the static number the tiles are planned for (checked when the graph runs)."""
+
+    agrees = False
+
+    def __init__(self, replicas: ReplicaCollective, columns: tuple[int, Any], traced: bool):
+        self.replicas, self.columns, self.traced = replicas, columns, traced
+        self.world_size, self.rank = replicas.world_size, replicas.rank
+
+    def all_gather_rows(self, leaf: Any, counts: Any) -> Any:
+        gathered = self.replicas.all_gather_rows(leaf, counts)  # TF gathers unequal rows as given
+        if self.traced:
+            gathered = tf.ensure_shape(gathered, [sum(counts), *leaf.shape[1:]])
+        return gathered
+
+    def reduce_scatter_rows(self, leaf: Any, counts: Any) -> Any:
+        return self.replicas.reduce_scatter_rows(leaf, self.columns)
+
+    def all_reduce_sum(self, value: Any) -> Any:
+        return self.replicas.all_reduce_sum(value)
+
+
+def _replica_layout(replicas: ReplicaCollective, layout: RankLayout, x: tf.Tensor,
+                    y: tf.Tensor) -> tuple[Collective, RankLayout, float]:
+    """The collective and the layout the sweeps need, and the factor that turns the loss's mean
+    over ``layout.total`` rows into the mean over every replica's rows.
+
+    :func:`gradcache._loss_forms.layout_across` takes a non-agreeing engine's shapes to be one
+    static shape on every rank (``layout.total`` is ``world_size`` times this replica's rows). So it
+    is inside ``tf.function``, where the tiles are planned from static shapes: a replica holding
+    other rows fails the gathered rows' shape check when the graph runs. Eagerly TF's replicas may
+    hold different numbers of rows: one all-gather of two numbers per replica finds them."""
+    rows, columns = int(x.shape[0]), int(y.shape[0])
+    if not tf.executing_eagerly() or replicas.world_size == 1:
+        every = [columns] * replicas.world_size
+        return _ReplicaColumns(replicas, (columns, every), traced=True), layout, 1.0
+    pairs = tf.get_static_value(
+        replicas.all_gather_rows(tf.constant([[rows, columns]], tf.int32), None))
+    if any(int(c) != int(r) * layout.group for r, c in pairs):
+        raise GradCacheError(
+            f"every replica's passages must hold the same number of rows per query (k + 1); the "
+            f"replicas hold (queries, passages) {[[int(r), int(c)] for r, c in pairs]}")
+    every = [int(r) for r, _ in pairs]
+    replica = int(replicas.replica)
+    return (_ReplicaColumns(replicas, (columns, [int(c) for _, c in pairs]), traced=False),
+            dataclasses.replace(layout, offset=sum(every[:replica])), layout.total / sum(every))
+
+
+def _tiled_sum_across(kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor,
+                      beta: tf.Tensor | None, tile: int, replicas: ReplicaCollective,
+                      layout: RankLayout) -> tf.Tensor:
+    """The global summed loss S from this replica's rows (``tf.custom_gradient``; its gradient
+    communicates too). ``dalpha``/``dbeta`` are the global ones on every replica: inside
+    ``cached_step(..., distributed=True)`` replica 0 alone carries a loss-owned variable's gradient
+    (``loss_grad_weight``), so the sum over replicas counts it once."""
+    collective, layout, factor = _replica_layout(replicas, layout, x, y)
+
+    @tf.custom_gradient
+    def run(x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, *maybe_beta: tf.Tensor) -> tuple:
+        bias = maybe_beta[0] if maybe_beta else None
+        value, columns, row_lse, column_lse = _loss_forms.forward_across(
+            _tile_ops(), collective, layout, kind, x, y, alpha, bias, tile)
+
+        def grad(upstream: tf.Tensor) -> tuple:
+            dx, dy, dalpha, dbeta = _loss_forms.backward_across(
+                _tile_ops(), collective, layout, kind, x, columns, alpha, bias, row_lse,
+                column_lse, upstream, tile)
+            return (dx, dy, dalpha) + ((dbeta,) if bias is not None else ())
+
+        return value, grad
+
+    value = run(x, y, alpha, *(() if beta is None else (beta,)))
+    return value if factor == 1.0 else value * factor
+
+
 class _LossOps:
     """:class:`gradcache._loss_forms.LossOps` over TensorFlow."""
 
     def tiled_sum(self, kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor,
                   beta: tf.Tensor | None, tile: int) -> tf.Tensor:
         return _tiled_sum(kind, x, y, alpha, beta, tile)
+
+    def tiled_sum_across(self, kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor,
+                         beta: tf.Tensor | None, tile: int, collective: ReplicaCollective,
+                         layout: RankLayout) -> tf.Tensor:
+        return _tiled_sum_across(kind, x, y, alpha, beta, tile, collective, layout)
 
     def shape(self, x: Any) -> tuple:
         shape = tf.convert_to_tensor(x).shape
@@ -367,6 +461,84 @@ def siglip_loss(x: Any, y: Any, *, logit_scale: Any = DEFAULT_SIGLIP_SCALE,
     return _loss_forms.siglip_loss(_OPS, x, y, logit_scale, logit_bias, similarity, tile_size)
 
 
+class _AcrossRanks:
+    """The object :func:`across_ranks` returns: call it, inside ``strategy.run``, with this
+    replica's rows."""
+
+    #: tells :func:`gradcache_tf.cached_step` (``distributed=True``) to pass this replica's own
+    #: representations rather than the gathered global batch
+    gathers_itself = True
+
+    def __init__(self, loss: Callable, loss_kwargs: dict):
+        self.loss = loss
+        self.loss_kwargs = loss_kwargs
+
+    @property
+    def trainable_variables(self) -> list:
+        """The trainable ``tf.Variable`` keyword arguments (a temperature): what
+        :func:`gradcache_tf.cached_step` differentiates as the loss's own variables."""
+        return [v for v in self.variables if v.trainable]
+
+    @property
+    def variables(self) -> list:
+        return [value for value in self.loss_kwargs.values() if isinstance(value, tf.Variable)]
+
+    @tf.autograph.experimental.do_not_convert
+    def __call__(self, x: Any, y: Any, **overrides: Any) -> tf.Tensor:
+        if tf.distribute.get_replica_context() is None:
+            raise GradCacheError(f"{self!r} was called in a cross-replica context (inside "
+                                 f"strategy.scope() but outside strategy.run); call it inside the "
+                                 f"function that strategy.run runs on every replica")
+        collective = ReplicaCollective(replica_context())
+        kwargs = {**self.loss_kwargs, **overrides}
+        return _ACROSS[self.loss](collective, x, y, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"across_ranks({self.loss.__name__}, **{self.loss_kwargs!r})"
+
+
+def across_ranks(loss: Callable, **loss_kwargs: Any) -> _AcrossRanks:
+    """``loss`` over the global batch of a ``tf.distribute`` strategy's replicas, each replica
+    computing its own rows' share.
+
+    The returned callable, called inside ``strategy.run`` (``MirroredStrategy``,
+    ``MultiWorkerMirroredStrategy``; the current replica context is the group), takes *this
+    replica's* rows, ``(x_local, y_local)``, and returns the loss of the global batch -- every
+    replica's rows concatenated in replica order -- the same value on every replica. Its gradient
+    with respect to ``x_local`` and ``y_local`` is that of the global loss, so the replicas' encoder
+    gradients sum to the global batch's. A learnable temperature, scale or bias gets the *global*
+    gradient on every replica: as the ``loss_fn`` of ``cached_step(..., distributed=True)``, which
+    passes each replica's own representations (``gathers_itself``), replica 0 alone carries it and
+    the optimizer's sum over replicas is exact; in your own ``tf.GradientTape`` under
+    ``strategy.run``, count it once yourself. Per call it all-gathers ``y`` (``B x d`` numbers) and
+    every replica's row counts, and sums ``dy`` over replicas (MirroredStrategy has no
+    reduce-scatter), plus scalars (and, for CLIP, one ``B``-vector per replica). Replicas may hold
+    different numbers of rows; for ``info_nce`` each replica's ``y_local`` holds ``k + 1`` rows per
+    local query, the same ``k`` everywhere. Every replica must call it, and run its gradient.
+
+    Args:
+        loss: :func:`info_nce`, :func:`clip_loss` or :func:`siglip_loss`.
+        **loss_kwargs: the loss's keyword arguments (``temperature``, ``logit_scale``,
+            ``logit_bias``, ``similarity``, ``tile_size``), the same on every replica. A
+            ``tf.Variable`` among them is the loss's own variable for ``cached_step``
+            (``trainable_variables``); a scale computed from one (``tf.exp(log_scale)``) must be
+            computed inside the loss: wrap it, ``def loss_fn(x, y): return
+            across(x, y, logit_scale=tf.exp(log_scale))``, with ``loss_fn.gathers_itself = True``.
+
+    Returns:
+        A callable ``(x_local, y_local, **more_kwargs) -> loss`` with ``gathers_itself = True``.
+    """
+    if loss not in _ACROSS:
+        raise GradCacheError(
+            f"across_ranks takes info_nce, clip_loss or siglip_loss from gradcache_tf.losses, "
+            f"got {getattr(loss, '__name__', loss)!r}")
+    try:
+        inspect.signature(loss).bind(None, None, **loss_kwargs)
+    except TypeError as error:
+        raise GradCacheError(f"across_ranks({loss.__name__}, ...): {error}") from None
+    return _AcrossRanks(loss, loss_kwargs)
+
+
 def _prepared(x: Any, y: Any, similarity: str, loss: str, *,
               square: bool) -> tuple[tf.Tensor, tf.Tensor, int, int]:
     n, m = _loss_forms.check_pair(_OPS, x, y, loss, square=square)
@@ -421,3 +593,27 @@ def siglip_loss_dense(x: Any, y: Any, *, logit_scale: Any = DEFAULT_SIGLIP_SCALE
               + _OPS.as_scalar(logit_bias, x))
     labels = 2 * tf.eye(n, dtype=logits.dtype) - 1
     return -tf.reduce_sum(tf.math.log_sigmoid(labels * logits)) / n
+
+
+def _info_nce_across(collective: ReplicaCollective, q: Any, p: Any, *,
+                     temperature: Any = DEFAULT_TEMPERATURE, similarity: str = "dot",
+                     tile_size: int | None = None) -> tf.Tensor:
+    return _loss_forms.info_nce(_OPS, q, p, temperature, similarity, tile_size, collective)
+
+
+def _clip_loss_across(collective: ReplicaCollective, x: Any, y: Any, *,
+                      logit_scale: Any = DEFAULT_CLIP_SCALE, similarity: str = "dot",
+                      tile_size: int | None = None) -> tf.Tensor:
+    return _loss_forms.clip_loss(_OPS, x, y, logit_scale, similarity, tile_size, collective)
+
+
+def _siglip_loss_across(collective: ReplicaCollective, x: Any, y: Any, *,
+                        logit_scale: Any = DEFAULT_SIGLIP_SCALE,
+                        logit_bias: Any = DEFAULT_SIGLIP_BIAS, similarity: str = "dot",
+                        tile_size: int | None = None) -> tf.Tensor:
+    return _loss_forms.siglip_loss(_OPS, x, y, logit_scale, logit_bias, similarity, tile_size,
+                                   collective)
+
+
+_ACROSS = {info_nce: _info_nce_across, clip_loss: _clip_loss_across,
+           siglip_loss: _siglip_loss_across}
