@@ -68,20 +68,19 @@ def step_run(rank: int, world: int, rows: int, dim: int, steps: int, loss_kind: 
         loss_fn = across_ranks(info_nce, temperature=0.05)
     times, cpu, moved = [], [], 0
     for index in range(steps + 1):
-        collective = TorchCollective() if world > 1 else None
+        collective = TorchCollective()   # at 1 process too: across_ranks needs a distributed step
         own = getattr(loss_fn, "collective", None)   # across_ranks communicates on its own
         own_before = own.bytes_communicated if own is not None else 0
         dist.barrier()
         start, start_cpu = time.perf_counter(), time.process_time()
-        cached_step(model, (q, p), loss_fn, chunk_size=256,
-                    distributed=collective if collective is not None else False)
+        cached_step(model, (q, p), loss_fn, chunk_size=256, distributed=collective)
         elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         model.zero_grad(set_to_none=True)
         if index:   # the first step warms up kernels and DDP's buckets
             times.append(elapsed)
             cpu.append(elapsed_cpu)
             own = getattr(loss_fn, "collective", None)
-            moved = (collective.bytes_communicated if collective is not None else 0) + \
+            moved = collective.bytes_communicated + \
                 (own.bytes_communicated - own_before if own is not None else 0)
     return {"seconds": statistics.median(times), "cpu": statistics.median(cpu), "bytes": moved,
             "params": sum(t.numel() * t.element_size() for t in model.parameters())}
