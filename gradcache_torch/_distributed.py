@@ -80,14 +80,16 @@ class TorchCollective(Collective):
     def all_gather_rows(self, leaf: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         counts = list(counts)
         most = max(counts)
-        mine = leaf.contiguous()
-        if mine.shape[0] < most:   # collectives move equal shapes: pad, then cut each rank's rows
-            pad = mine.new_zeros((most - mine.shape[0],) + tuple(mine.shape[1:]))
-            mine = torch.cat([mine, pad])
-        parts = [torch.empty_like(mine) for _ in counts]
-        dist.all_gather(parts, mine, group=self.group)
-        self.bytes_communicated += len(parts) * mine.numel() * mine.element_size()
-        return torch.cat([part[:count] for part, count in zip(parts, counts)])
+        mine = _padded(leaf.contiguous(), most)
+        # one output buffer, no concatenation: the gathered batch exists once
+        out = mine.new_empty((len(counts) * most,) + tuple(mine.shape[1:]))
+        _all_gather_single(out, mine, group=self.group)
+        self.bytes_communicated += out.numel() * out.element_size()
+        if len(set(counts)) == 1:
+            return out
+        keep = torch.cat([torch.arange(rank * most, rank * most + count, device=out.device)
+                          for rank, count in enumerate(counts)])
+        return out.index_select(0, keep)
 
     def local_rows(self, leaf: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         start = sum(counts[:self.rank])
@@ -96,14 +98,13 @@ class TorchCollective(Collective):
     def reduce_scatter_rows(self, leaf: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         counts = list(counts)
         most = max(counts)
-        parts = []
-        for part in torch.split(leaf, counts):
-            if part.shape[0] < most:
-                part = torch.cat([part, part.new_zeros((most - part.shape[0],) + tuple(part.shape[1:]))])
-            parts.append(part.contiguous())
-        out = torch.empty_like(parts[0])
-        dist.reduce_scatter(out, parts, group=self.group)
-        self.bytes_communicated += sum(part.numel() * part.element_size() for part in parts)
+        if len(set(counts)) == 1:
+            full = leaf.contiguous()
+        else:   # equal shares for the collective: every rank's rows padded to the largest
+            full = torch.cat([_padded(part, most) for part in torch.split(leaf, counts)])
+        out = full.new_empty((most,) + tuple(full.shape[1:]))
+        _reduce_scatter_single(out, full, group=self.group)
+        self.bytes_communicated += full.numel() * full.element_size()
         return out[:counts[self.rank]]
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
@@ -111,6 +112,28 @@ class TorchCollective(Collective):
         dist.all_reduce(total, group=self.group)
         self.bytes_communicated += total.numel() * total.element_size()
         return total
+
+
+def _all_gather_single(out: torch.Tensor, mine: torch.Tensor, group: Any) -> None:
+    # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single
+    if hasattr(dist, "all_gather_single"):
+        dist.all_gather_single(out, mine, group=group)
+    else:  # pragma: no cover - older torch
+        dist.all_gather_into_tensor(out, mine, group=group)
+
+
+def _reduce_scatter_single(out: torch.Tensor, full: torch.Tensor, group: Any) -> None:
+    if hasattr(dist, "reduce_scatter_single"):
+        dist.reduce_scatter_single(out, full, group=group)
+    else:  # pragma: no cover - older torch
+        dist.reduce_scatter_tensor(out, full, group=group)
+
+
+def _padded(rows: torch.Tensor, most: int) -> torch.Tensor:
+    """``rows`` with zero rows appended up to ``most`` (collectives move equal shapes)."""
+    if rows.shape[0] == most:
+        return rows
+    return torch.cat([rows, rows.new_zeros((most - rows.shape[0],) + tuple(rows.shape[1:]))])
 
 
 def all_gather_rows(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:

@@ -38,6 +38,7 @@ def _main(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tu
         result = ("error", traceback.format_exc())
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     try:
+        dist.barrier()   # nobody tears the group down while another rank still works in it
         dist.destroy_process_group()
     except Exception:
         pass
