@@ -215,7 +215,7 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
                     loss, rep_grads, grads = backend.loss_and_rep_grads(checked_loss, reps, grads)
                 else:
                     loss, rep_grads, grads = _distributed_loss(backend, collective, rendezvous,
-                                                               groups, checked_loss, reps, grads)
+                                                               checked_loss, reps, grads)
                 if check_finite:
                     backend.run_check(_require_finite(backend), loss)
                 for group, rep, rep_grad, record in zip(groups, reps, rep_grads, records):
@@ -252,7 +252,7 @@ def _rep_signature(backend: Backend, rep: Any) -> tuple[int, Any, tuple]:
 
 
 def _agreed_counts(backend: Backend, collective: Collective, rendezvous: Rendezvous,
-                   groups: list[GroupPlan], reps: list) -> list[Any]:
+                   reps: list) -> list[Any]:
     """Rows per rank for every group, after checking that the ranks' representations fit together
     (SPMD engines: whatever their collective's ``row_counts`` says, checked by the engine)."""
     mine = [_rep_signature(backend, rep) for rep in reps]
@@ -274,10 +274,9 @@ def _agreed_counts(backend: Backend, collective: Collective, rendezvous: Rendezv
 
 
 def _distributed_loss(backend: Backend, collective: Collective, rendezvous: Rendezvous,
-                      groups: list[GroupPlan], checked_loss: CheckedLoss, reps: list,
-                      grads: Any) -> tuple[Any, list, Any]:
+                      checked_loss: CheckedLoss, reps: list, grads: Any) -> tuple[Any, list, Any]:
     """The global-batch loss and this rank's share of its representation gradients."""
-    counts = _agreed_counts(backend, collective, rendezvous, groups, reps)
+    counts = _agreed_counts(backend, collective, rendezvous, reps)
     if checked_loss.gathers_itself:
         loss, rep_grads, grads = backend.loss_and_rep_grads(checked_loss, reps, grads)
     else:
