@@ -126,6 +126,13 @@ def scenarios(rank: int, world: int) -> dict:
     out["plain"] = [t.grad.clone() for t in (plain.a.weight, plain.a.bias, plain.b.weight, plain.b.bias)]
     out["unused"] = plain.unused.weight.grad
 
+    # representations carrying a non-tensor leaf that differs between ranks (a tag) still fit
+    torch.manual_seed(0)
+    tagged = Tower().double()
+    cached_step(tagged, (q, p), lambda a, b: info_nce(a["rep"], b["rep"], 0.2), chunk_size=chunk,
+                get_rep=lambda out: {"rep": out, "from": f"rank {rank}"}, distributed=True)
+    out["tagged"] = [t.grad.clone() for t in tagged.parameters()]
+
     # the last rank fails in its very last pass-2 chunk: every rank raises, every .grad restored
     class FailsLate(torch.nn.Module):
         def __init__(self, tower, fail):
@@ -209,6 +216,8 @@ def check_against_reference(results: list[dict], world: int) -> None:
         for got, want in zip(out["plain"], tower_grads):
             torch.testing.assert_close(got, want + 1, rtol=1e-10, atol=1e-12)
         assert out["unused"] is None
+        for got, want in zip(out["tagged"], tower_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
         if rank == world - 1:
             assert out["late"] == "RuntimeError: late failure", out["late"]
         else:
