@@ -9,13 +9,16 @@ gradient reduction per module per step; a failing rank must stop every rank with
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import random
 import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from gradcache import GradCacheError
@@ -285,3 +288,59 @@ def test_the_torchrun_example_runs_and_is_exact() -> None:
         capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "largest relative gradient difference from one process" in result.stdout
+
+
+def random_case(seed: int, rank: int, world: int) -> dict:
+    """A seeded random configuration: rows per rank, chunk sizes, 1-3 groups, shared or separate
+    encoders, wrapped in DDP or not; the same description on every rank."""
+    rng = random.Random(seed)
+    groups = rng.randint(1, 3)
+    return {
+        "rows": [rng.randint(1, 6) for _ in range(world)],
+        "chunks": [rng.randint(1, 4) for _ in range(groups)],
+        "shared": rng.random() < 0.5,
+        "ddp": rng.random() < 0.5,
+        "groups": groups,
+    }
+
+
+def case_inputs(seed: int, rank: int, case: dict) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 * seed + rank)
+    return [torch.randn(case["rows"][rank], 6, generator=generator, dtype=torch.float64)
+            for _ in range(case["groups"])]
+
+
+def everything_loss(*reps: torch.Tensor) -> torch.Tensor:
+    """InfoNCE of the first group against the rows of every group: couples every row."""
+    columns = torch.cat(reps)
+    return F.cross_entropy(reps[0] @ columns.T / 0.3, torch.arange(len(reps[0])))
+
+
+def random_cases(rank: int, world: int) -> list[float]:
+    """Worst relative error against one process on the global batch, per random case."""
+    errors = []
+    for seed in range(6):
+        case = random_case(seed, rank, world)
+        torch.manual_seed(seed)
+        towers = [Tower().double() for _ in range(1 if case["shared"] else case["groups"])]
+        reference = [copy.deepcopy(t) for t in towers]
+        wrapped = [DistributedDataParallel(t) if case["ddp"] else t for t in towers]
+        encoders = wrapped[0] if case["shared"] else wrapped
+        cached_step(encoders, case_inputs(seed, rank, case), everything_loss,
+                    chunk_size=case["chunks"], distributed=True)
+        every_rank = [case_inputs(seed, r, case) for r in range(world)]
+        global_inputs = [torch.cat([inputs[g] for inputs in every_rank]) for g in range(case["groups"])]
+        reps = [reference[0 if case["shared"] else g](x) for g, x in enumerate(global_inputs)]
+        everything_loss(*reps).backward()
+        worst = 0.0
+        for got, want in zip(towers, reference):
+            for a, b in zip(got.parameters(), want.parameters()):
+                worst = max(worst, float((a.grad - b.grad).abs().max() / b.grad.abs().max()))
+        errors.append(worst)
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_random_configurations_match_one_process(world) -> None:
+    for rank, errors in enumerate(spawn(random_cases, world, timeout=240)):
+        assert max(errors) <= 1e-10, (rank, errors)
