@@ -19,6 +19,7 @@ runs the two inside its custom-gradient function (``LossOps.tiled_sum_across``).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -269,3 +270,31 @@ def siglip_loss(ops: LossOps, x: Any, y: Any, logit_scale: Any, logit_bias: Any,
     alpha = ops.as_scalar(logit_scale, x)
     beta = ops.as_scalar(logit_bias, x)
     return _summed(ops, SIGMOID, x, y, alpha, beta, tile, collective, layout) / n
+
+
+def check_across(loss: Any, front_ends: tuple, module: str, loss_kwargs: dict) -> None:
+    """What every backend's ``across_ranks(loss, **loss_kwargs)`` checks before it returns: that
+    ``loss`` is one of the backend's tiled losses and takes those keyword arguments."""
+    if loss not in front_ends:
+        raise GradCacheError(
+            f"across_ranks takes info_nce, clip_loss or siglip_loss from {module}, got "
+            f"{getattr(loss, '__name__', loss)!r}")
+    try:
+        inspect.signature(loss).bind(None, None, **loss_kwargs)
+    except TypeError as error:
+        raise GradCacheError(f"across_ranks({loss.__name__}, ...): {error}") from None
+
+
+def across(ops: LossOps, loss: str, collective: Collective, x: Any, y: Any, *,
+           temperature: Any = DEFAULT_TEMPERATURE, logit_scale: Any = None,
+           logit_bias: Any = DEFAULT_SIGLIP_BIAS, similarity: str = "dot",
+           tile_size: Any = None) -> Any:
+    """The loss named ``loss`` (a tiled front-end's name) over every rank's rows, from this rank's
+    ``x`` and ``y``, with the front-end's defaults: the body of every backend's ``across_ranks``."""
+    if loss == "info_nce":
+        return info_nce(ops, x, y, temperature, similarity, tile_size, collective)
+    if loss == "clip_loss":
+        scale = DEFAULT_CLIP_SCALE if logit_scale is None else logit_scale
+        return clip_loss(ops, x, y, scale, similarity, tile_size, collective)
+    scale = DEFAULT_SIGLIP_SCALE if logit_scale is None else logit_scale
+    return siglip_loss(ops, x, y, scale, logit_bias, similarity, tile_size, collective)

@@ -20,7 +20,6 @@ reduce-scatter of ``B x d`` numbers per step (:mod:`gradcache._loss_forms`).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -361,7 +360,7 @@ class _AcrossRanks:
                     f"device's rows because it gathers_itself; a function wrapping it must say so "
                     f"too (fn.gathers_itself = True)")
         kwargs = {**self.loss_kwargs, **overrides}
-        return _ACROSS[self.loss](collective, x, y, **kwargs)
+        return _loss_forms.across(_OPS, self.loss.__name__, collective, x, y, **kwargs)
 
     def __repr__(self) -> str:
         return (f"across_ranks({self.loss.__name__}, axis_name={self.axis_name!r}, "
@@ -394,14 +393,7 @@ def across_ranks(loss: Callable, *, axis_name: Any, **loss_kwargs: Any) -> _Acro
     Returns:
         A callable ``(x_local, y_local, **more_kwargs) -> loss`` with ``gathers_itself = True``.
     """
-    if loss not in _ACROSS:
-        raise GradCacheError(
-            f"across_ranks takes info_nce, clip_loss or siglip_loss from gradcache_jax.losses, "
-            f"got {getattr(loss, '__name__', loss)!r}")
-    try:
-        inspect.signature(loss).bind(None, None, **loss_kwargs)
-    except TypeError as error:
-        raise GradCacheError(f"across_ranks({loss.__name__}, ...): {error}") from None
+    _loss_forms.check_across(loss, (info_nce, clip_loss, siglip_loss), "gradcache_jax.losses", loss_kwargs)
     return _AcrossRanks(loss, axis_name, loss_kwargs)
 
 
@@ -460,26 +452,3 @@ def siglip_loss_dense(x: Any, y: Any, *, logit_scale: Any = DEFAULT_SIGLIP_SCALE
     labels = 2 * jnp.eye(n, dtype=logits.dtype) - 1
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / n
 
-
-def _info_nce_across(collective: MeshCollective, q: Any, p: Any, *,
-                     temperature: Any = DEFAULT_TEMPERATURE, similarity: str = "dot",
-                     tile_size: int | None = None) -> jax.Array:
-    return _loss_forms.info_nce(_OPS, q, p, temperature, similarity, tile_size, collective)
-
-
-def _clip_loss_across(collective: MeshCollective, x: Any, y: Any, *,
-                      logit_scale: Any = DEFAULT_CLIP_SCALE, similarity: str = "dot",
-                      tile_size: int | None = None) -> jax.Array:
-    return _loss_forms.clip_loss(_OPS, x, y, logit_scale, similarity, tile_size, collective)
-
-
-def _siglip_loss_across(collective: MeshCollective, x: Any, y: Any, *,
-                        logit_scale: Any = DEFAULT_SIGLIP_SCALE,
-                        logit_bias: Any = DEFAULT_SIGLIP_BIAS, similarity: str = "dot",
-                        tile_size: int | None = None) -> jax.Array:
-    return _loss_forms.siglip_loss(_OPS, x, y, logit_scale, logit_bias, similarity, tile_size,
-                                   collective)
-
-
-_ACROSS = {info_nce: _info_nce_across, clip_loss: _clip_loss_across,
-           siglip_loss: _siglip_loss_across}

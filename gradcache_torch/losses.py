@@ -17,7 +17,6 @@ per step (:mod:`gradcache._loss_forms`).
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradcache import GradCacheError, _loss_forms, _tiled
+from gradcache import _loss_forms, _tiled
 from gradcache._loss_forms import (
     DEFAULT_CLIP_SCALE,
     DEFAULT_SIGLIP_BIAS,
@@ -357,7 +356,7 @@ class _AcrossRanks:
         if self.collective is None:
             self.collective = TorchCollective(self.group)
         kwargs = {**self.loss_kwargs, **overrides}
-        return _ACROSS[self.loss](self.collective, x, y, **kwargs)
+        return _loss_forms.across(_OPS, self.loss.__name__, self.collective, x, y, **kwargs)
 
     def __repr__(self) -> str:
         return f"across_ranks({self.loss.__name__}, group={self.group!r}, **{self.loss_kwargs!r})"
@@ -387,14 +386,7 @@ def across_ranks(loss: Callable, *, group: Any = None, **loss_kwargs: Any) -> _A
     Returns:
         A callable ``(x_local, y_local, **more_kwargs) -> loss`` with ``gathers_itself = True``.
     """
-    if loss not in _ACROSS:
-        raise GradCacheError(
-            f"across_ranks takes info_nce, clip_loss or siglip_loss from gradcache_torch.losses, "
-            f"got {getattr(loss, '__name__', loss)!r}")
-    try:
-        inspect.signature(loss).bind(None, None, **loss_kwargs)
-    except TypeError as error:
-        raise GradCacheError(f"across_ranks({loss.__name__}, ...): {error}") from None
+    _loss_forms.check_across(loss, (info_nce, clip_loss, siglip_loss), "gradcache_torch.losses", loss_kwargs)
     return _AcrossRanks(loss, group, loss_kwargs)
 
 
@@ -453,26 +445,3 @@ def siglip_loss_dense(x: torch.Tensor, y: torch.Tensor, *,
     labels = 2 * torch.eye(n, dtype=logits.dtype, device=x.device) - 1
     return -F.logsigmoid(labels * logits).sum() / n
 
-
-def _info_nce_across(collective: Any, q: torch.Tensor, p: torch.Tensor, *,
-                     temperature: float | torch.Tensor = DEFAULT_TEMPERATURE,
-                     similarity: str = "dot", tile_size: int | None = None) -> torch.Tensor:
-    return _loss_forms.info_nce(_OPS, q, p, temperature, similarity, tile_size, collective)
-
-
-def _clip_loss_across(collective: Any, x: torch.Tensor, y: torch.Tensor, *,
-                      logit_scale: float | torch.Tensor = DEFAULT_CLIP_SCALE,
-                      similarity: str = "dot", tile_size: int | None = None) -> torch.Tensor:
-    return _loss_forms.clip_loss(_OPS, x, y, logit_scale, similarity, tile_size, collective)
-
-
-def _siglip_loss_across(collective: Any, x: torch.Tensor, y: torch.Tensor, *,
-                        logit_scale: float | torch.Tensor = DEFAULT_SIGLIP_SCALE,
-                        logit_bias: float | torch.Tensor = DEFAULT_SIGLIP_BIAS,
-                        similarity: str = "dot", tile_size: int | None = None) -> torch.Tensor:
-    return _loss_forms.siglip_loss(_OPS, x, y, logit_scale, logit_bias, similarity, tile_size,
-                                   collective)
-
-
-_ACROSS = {info_nce: _info_nce_across, clip_loss: _clip_loss_across,
-           siglip_loss: _siglip_loss_across}
