@@ -122,7 +122,10 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return diff / scale if scale > 0 else diff
 
 
-TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+# float64 is the exactness check. In float32 the full-batch reference rounds too, in another order:
+# a gradient that is a sum with cancellation (a loss-owned scale's, over every logit) differs from it
+# by up to ~1.8e-5 relative in random draws (seen on TF and JAX), so 1e-5 was a coin toss there.
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
 
 
 def assert_results_close(actual: Result, expected: Result, dtype: str) -> None:
