@@ -66,6 +66,15 @@ class Collective:
         """
         return [rows] * self.world_size
 
+    def every_shape(self, shape: Any) -> list[Any]:
+        """Every rank's value of a small static ``shape`` (a tuple of ints), in rank order: what
+        :func:`gradcache._loss_forms.layout_across` plans from. The default exchanges it on
+        agreeing engines and takes it to be the same everywhere on SPMD ones; an engine whose
+        replicas may differ eagerly (TF) gathers it."""
+        if self.agrees:
+            return list(self.exchange(shape))
+        return [shape] * self.world_size
+
     def all_gather_rows(self, leaf: Any, counts: Sequence[int]) -> Any:
         """The rank-ordered concatenation of every rank's ``leaf``; rank ``r`` holds ``counts[r]`` rows."""
         raise NotImplementedError

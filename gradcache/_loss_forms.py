@@ -135,10 +135,7 @@ def layout_across(ops: LossOps, collective: Collective, x: Any, y: Any, loss: st
     RankLayout(counts=(2, 3), group=2, offset=2)
     """
     mine = (tuple(ops.shape(x)), tuple(ops.shape(y)))
-    if collective.agrees:
-        shapes = [tuple(pair) for pair in collective.exchange(mine)]
-    else:  # SPMD: one program, the same static shapes on every rank
-        shapes = [mine] * collective.world_size
+    shapes = [(tuple(a), tuple(b)) for a, b in collective.every_shape(mine)]
     for rank, (x_shape, y_shape) in enumerate(shapes):
         try:
             check_pair(_Shapes(), x_shape, y_shape, loss, square=square)

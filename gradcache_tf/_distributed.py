@@ -87,6 +87,16 @@ class ReplicaCollective(Collective):
         return tf.ensure_shape(rows, shape) if shape.is_fully_defined() else rows
 
     # -- the protocol -------------------------------------------------------------------------------
+    def every_shape(self, shape: Any) -> list[Any]:
+        """Eagerly, every replica's ``shape`` (nested ints), gathered: replicas may differ. Inside
+        ``tf.function`` shapes are planned statically, so this replica's stands for all of them
+        (a replica that differs fails the gathered rows' shape check when the graph runs)."""
+        if self.world_size == 1 or not tf.executing_eagerly():
+            return [shape] * self.world_size
+        flat = tf.nest.flatten(shape)
+        every = tf.get_static_value(self.context.all_gather(tf.constant([flat], tf.int64), axis=0))
+        return [tf.nest.pack_sequence_as(shape, [int(v) for v in row]) for row in every]
+
     def row_counts(self, rows: int) -> tuple[int, Any]:
         """``(this replica's static rows, every replica's rows)``: the ``counts`` of one group."""
         if self.world_size == 1:

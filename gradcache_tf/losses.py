@@ -20,7 +20,6 @@ share: one all-gather of ``B x d`` numbers and one sum of its gradient per step
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -282,30 +281,13 @@ class _ReplicaColumns(Collective):
         return self.replicas.all_reduce_sum(value)
 
 
-def _replica_layout(replicas: ReplicaCollective, layout: RankLayout, x: tf.Tensor,
-                    y: tf.Tensor) -> tuple[Collective, RankLayout, float]:
-    """The collective and the layout the sweeps need, and the factor that turns the loss's mean
-    over ``layout.total`` rows into the mean over every replica's rows.
-
-    :func:`gradcache._loss_forms.layout_across` takes a non-agreeing engine's shapes to be one
-    static shape on every rank (``layout.total`` is ``world_size`` times this replica's rows). So it
-    is inside ``tf.function``, where the tiles are planned from static shapes: a replica holding
-    other rows fails the gathered rows' shape check when the graph runs. Eagerly TF's replicas may
-    hold different numbers of rows: one all-gather of two numbers per replica finds them."""
-    rows, columns = int(x.shape[0]), int(y.shape[0])
-    if not tf.executing_eagerly() or replicas.world_size == 1:
-        every = [columns] * replicas.world_size
-        return _ReplicaColumns(replicas, (columns, every), traced=True), layout, 1.0
-    pairs = tf.get_static_value(
-        replicas.all_gather_rows(tf.constant([[rows, columns]], tf.int32), None))
-    if any(int(c) != int(r) * layout.group for r, c in pairs):
-        raise GradCacheError(
-            f"every replica's passages must hold the same number of rows per query (k + 1); the "
-            f"replicas hold (queries, passages) {[[int(r), int(c)] for r, c in pairs]}")
-    every = [int(r) for r, _ in pairs]
-    replica = int(replicas.replica)
-    return (_ReplicaColumns(replicas, (columns, [int(c) for _, c in pairs]), traced=False),
-            dataclasses.replace(layout, offset=sum(every[:replica])), layout.total / sum(every))
+def _replica_columns(replicas: ReplicaCollective, layout: RankLayout, y: tf.Tensor) -> Collective:
+    """The collective the sweeps use: ``dy``'s reduce-scatter in ``ReplicaCollective``'s counts,
+    and, traced, the static column count the tiles are planned for."""
+    columns = int(y.shape[0])
+    every = [count * layout.group for count in layout.counts]
+    traced = not tf.executing_eagerly() or replicas.world_size == 1
+    return _ReplicaColumns(replicas, (columns, every), traced=traced)
 
 
 def _tiled_sum_across(kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor,
@@ -315,7 +297,7 @@ def _tiled_sum_across(kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor,
     communicates too). ``dalpha``/``dbeta`` are the global ones on every replica: inside
     ``cached_step(..., distributed=True)`` replica 0 alone carries a loss-owned variable's gradient
     (``loss_grad_weight``), so the sum over replicas counts it once."""
-    collective, layout, factor = _replica_layout(replicas, layout, x, y)
+    collective = _replica_columns(replicas, layout, y)
 
     @tf.custom_gradient
     def run(x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, *maybe_beta: tf.Tensor) -> tuple:
@@ -331,8 +313,7 @@ def _tiled_sum_across(kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor,
 
         return value, grad
 
-    value = run(x, y, alpha, *(() if beta is None else (beta,)))
-    return value if factor == 1.0 else value * factor
+    return run(x, y, alpha, *(() if beta is None else (beta,)))
 
 
 class _LossOps:

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradcache import GradCacheError, _loss_forms, _tiled
+from gradcache import Collective, GradCacheError, _loss_forms, _tiled
 from gradcache.testing import run_ranks
 from tests.losses.common import assert_same, default_params, relative_error
 from tests.losses.test_core import dense_summed_loss
@@ -35,7 +35,7 @@ class _NumpyShapes:
         return x.shape
 
 
-class Recording:
+class Recording(Collective):
     """A collective that notes what every tensor collective moved (``(name, shape)``)."""
 
     def __init__(self, inner):
