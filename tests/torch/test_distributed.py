@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from gradcache import GradCacheError
-from gradcache_torch import cached_step
+from gradcache_torch import all_gather_rows, cached_step
 from tests.spawn import spawn
 from tests.torch.test_features import Tower, info_nce
 
@@ -136,6 +136,26 @@ def scenarios(rank: int, world: int) -> dict:
                 get_rep=lambda out: {"rep": out, "from": f"rank {rank}"}, distributed=True)
     out["tagged"] = [t.grad.clone() for t in tagged.parameters()]
 
+    # the options the guide lists as supported: a GradScaler, check_determinism, check_finite
+    torch.manual_seed(0)
+    scaled = Tower().double()
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    cached_step(scaled, (q, p), lambda a, b: info_nce(a, b, 0.2), chunk_size=chunk, scaler=scaler,
+                check_determinism=True, check_finite=True, distributed=True)
+    out["scaled"] = [t.grad / 8 for t in scaled.parameters()]
+
+    # DDP's buffers come from rank 0 at the start of the step (broadcast_buffers)
+    torch.manual_seed(0)
+    buffered = Tower().double()
+    buffered.register_buffer("seen", torch.full((3,), float(rank)))
+    ddp_buffered = DistributedDataParallel(buffered)
+    buffered.seen.fill_(float(rank))   # DDP's constructor synchronised it; make it differ again
+    cached_step(ddp_buffered, (q, p), info_nce, chunk_size=chunk, distributed=True)
+    out["buffer"] = buffered.seen.tolist()
+
+    # per-row loss arguments gathered in rank order, unequal rows included
+    out["gathered_rows"] = all_gather_rows(torch.full((rows_of(rank), 2), float(rank))).tolist()
+
     # the last rank fails in its very last pass-2 chunk: every rank raises, every .grad restored
     class FailsLate(torch.nn.Module):
         def __init__(self, tower, fail):
@@ -219,6 +239,10 @@ def check_against_reference(results: list[dict], world: int) -> None:
         for got, want in zip(out["plain"], tower_grads):
             torch.testing.assert_close(got, want + 1, rtol=1e-10, atol=1e-12)
         assert out["unused"] is None
+        for got, want in zip(out["scaled"], tower_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert out["buffer"] == [0.0, 0.0, 0.0]
+        assert out["gathered_rows"] == [[float(r)] * 2 for r in range(world) for _ in range(rows_of(r))]
         for got, want in zip(out["tagged"], tower_grads, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
         if rank == world - 1:
