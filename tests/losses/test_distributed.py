@@ -9,11 +9,7 @@ ways to loop; the torch front-end (:func:`gradcache_torch.losses.across_ranks`) 
 
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
 import traceback
-from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -194,12 +190,6 @@ HARD_NEGATIVES = 2
 DIM = 5
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def global_data(loss: str, total: int) -> tuple[np.ndarray, np.ndarray]:
     group = 1 + HARD_NEGATIVES if loss == "info_nce" else 1
     rng = np.random.default_rng({"info_nce": 1, "clip_loss": 2, "siglip_loss": 3}[loss])
@@ -285,45 +275,21 @@ def _cached_step_on_rank(rank: int, world: int) -> dict:
             **{name: param.grad.numpy() for name, param in model.module.named_parameters()}}
 
 
-def worker(rank: int, world: int, port: int, out_dir: str, with_step: bool) -> None:
-    import torch
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    result: dict = {}
-    try:
-        result["losses"] = _losses_on_rank(rank, world)
-        if with_step:
-            try:
-                result["step"] = _cached_step_on_rank(rank, world)
-            except Exception:   # reported, not raised: the loss results above still count
-                result["step_error"] = traceback.format_exc()
-    finally:
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+def rank_results(rank: int, world: int, with_step: bool) -> dict:
+    """What one gloo rank measures (run by ``tests.spawn.spawn``)."""
+    result: dict = {"losses": _losses_on_rank(rank, world)}
+    if with_step:
+        try:
+            result["step"] = _cached_step_on_rank(rank, world)
+        except Exception:   # reported, not raised: the loss results above still count
+            result["step_error"] = traceback.format_exc()
+    return result
 
 
 def run_world(world: int, with_step: bool) -> list[dict]:
-    import torch
-    import torch.multiprocessing as mp
+    from tests.spawn import spawn  # imports torch
 
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.spawn(worker, args=(world, free_port(), out_dir, with_step), nprocs=world,
-                           join=False)
-        done = False
-        for _ in range(6):   # join returns False while processes still run; 90 s in all
-            if context.join(timeout=15):
-                done = True
-                break
-        if not done:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
-            pytest.fail(f"{world} gloo workers did not finish within 90 s")
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
-                for r in range(world)]
+    return spawn(rank_results, world, with_step, timeout=90)
 
 
 def dense_reference(loss: str, world: int) -> dict:
