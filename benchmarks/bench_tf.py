@@ -150,32 +150,36 @@ def time_table(runs: list, repeats: int) -> None:
 
 
 def memory_child(kind: str, batch: int, shape: dict) -> None:
-    """One step of ``kind`` at ``batch`` rows in this (fresh) process; prints the peak of memory
-    that TensorFlow's CPU allocator held during the step above what it held before (exact, like
-    torch's allocator statistics: importing and tracing, which dwarf a step, are left out)."""
-    import tensorflow as tf
+    """One step of ``kind`` at ``batch`` rows in this (fresh) process; prints its peak memory above
+    what was held before the step: TensorFlow's CPU allocator where it keeps statistics (exact,
+    like torch's allocator statistics: importing and tracing, which dwarf a step, are left out),
+    else resident-memory growth (``gradcache._demo.tf_memory``)."""
+    from gradcache._demo import memory, tf_memory
     encoder = build(**shape)
     cached, full = steps(encoder, shape["chunk"])
     fn = cached if kind == "cached" else full
     q, p = data(shape, batch)
-    run_once(fn, q, p)  # trace, optimise and warm up
-    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    run_once(fn, q, p)
-    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-    print(json.dumps({"peak_mib": (peak - before) / 2**20}))
+    found = tf_memory.step_peak(lambda: run_once(fn, q, p), lambda: run_once(fn, q, p),
+                                memory.default_budget())
+    if found["bytes"] is None:
+        sys.exit(f"{kind} step at batch {batch}: {found.get('note', 'no figure')}")
+    print(json.dumps({"peak_mib": found["bytes"] / 2**20, "method": found["method"]}))
 
 
 def memory_table(shape: dict, mode: str) -> None:
     chunk, dim_out = shape["chunk"], shape["dim_out"]
     runs = [("cached", chunk), ("cached", 32 * chunk), ("full", chunk), ("full", 32 * chunk)]
-    peaks = {}
+    peaks, methods = {}, set()
     for kind, batch in runs:
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind, str(batch),
                               "--mode", mode], capture_output=True, text=True, check=True)
-        peaks[(kind, batch)] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+        found = json.loads(out.stdout.strip().splitlines()[-1])
+        peaks[(kind, batch)] = found["peak_mib"]
+        methods.add(found["method"])
     mib = 1 / (1024 * 1024)
-    print(f"\nStep peak memory (TensorFlow CPU allocator, above what it held before the step), each "
+    source = ("TensorFlow CPU allocator" if methods == {"allocator"} else
+              "resident memory: TensorFlow's CPU allocator keeps no statistics here")
+    print(f"\nStep peak memory ({source}, above what was held before the step), each "
           f"configuration in a fresh process, inside tf.function: "
           f"{describe(shape)}, chunk {chunk}, 2 groups, float32")
     print(f"  {'step':<8}{'batch':>7}{'step peak':>10}{'growth':>8}{'reps+grads':>12}{'inputs':>8}"

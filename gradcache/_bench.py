@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gradcache._bench_child import mentions_memory
 from gradcache._bench_model import DEFAULT, QUICK, sweep
+from gradcache._demo.memory import mentions_memory
 from gradcache._demo.options import UsageError, non_negative_int, positive_int
 
 # backend -> (framework module, adapter module, the name people know it by)

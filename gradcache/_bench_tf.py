@@ -19,8 +19,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402 - the log level must be set before the import
 
 import gradcache_tf  # noqa: E402
-from gradcache._bench_child import mentions_memory, rss_growth  # noqa: E402
 from gradcache._bench_model import SCALE, init_weights, time_interleaved, token_batch  # noqa: E402
+from gradcache._demo import tf_memory  # noqa: E402
 
 
 class Encoder(tf.Module):
@@ -85,40 +85,20 @@ def _threads(payload: dict) -> None:
 def memory(payload: dict) -> dict:
     """One step of ``payload["kind"]`` at ``payload["batch"]`` rows: its peak memory growth.
 
-    With oneDNN (TensorFlow's default on x86), TensorFlow's CPU allocator is a pooling (BFC)
-    allocator that keeps what it once held, so after a warm-up at the same shape -- needed, or the
-    trace would be measured -- resident memory no longer moves; its own statistics are then the
-    exact figure: the peak it had in use during the step above what it had before. Without them
-    (oneDNN off: a plain allocator that returns memory), resident-memory growth, as for torch.
+    Measured by :func:`gradcache._demo.tf_memory.step_peak`: TensorFlow's CPU allocator statistics
+    where it keeps them (oneDNN on: a pooling allocator that keeps what it once held, so after a
+    warm-up at the same shape -- needed, or the trace would be measured -- resident memory no longer
+    moves), else resident-memory growth (a plain allocator that returns memory), as for torch.
     """
     _threads(payload)
     model = payload["model"]
     step = _steps(model, payload["chunk"])[payload["kind"]]
     q, p = _batch(model, payload["batch"])
 
-    def is_oom(error: BaseException) -> bool:
-        return isinstance(error, tf.errors.ResourceExhaustedError) or mentions_memory(error)
-
     def once() -> None:
         _run_once(step, q, p)
 
-    try:
-        tf.config.experimental.get_memory_info("CPU:0")
-    except ValueError:  # "Allocator stats not available": a plain allocator, read the RSS
-        return {**rss_growth(once, once, payload["budget"], is_oom), "method": "rss"}
-    found: dict = {}
-
-    def measured() -> None:
-        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-        tf.config.experimental.reset_memory_stats("CPU:0")
-        once()
-        found["bytes"] = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
-
-    result = rss_growth(measured, once, payload["budget"], is_oom)  # for its cap and OOM handling
-    if result["bytes"] is not None:
-        result = {"bytes": int(found["bytes"]), "fits": found["bytes"] <= payload["budget"],
-                  "rss_bytes": result["bytes"]}
-    return {**result, "method": "allocator"}
+    return tf_memory.step_peak(once, once, payload["budget"])
 
 
 def time(payload: dict) -> dict:

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradcache._bench_child import mentions_memory, rss_growth
 from gradcache._bench_model import SCALE, init_weights, time_interleaved, token_batch
+from gradcache._demo.memory import mentions_memory, rss_growth
 from gradcache_torch import cached_step
 
 

@@ -32,9 +32,13 @@ from gradcache_jax import cached_step
 
 SCALE = 20.0  # cosine similarities times 20: sentence-transformers' MultipleNegativesRankingLoss
 
-# How the runner should name what ``step_memory(args, "measure")`` returns (see runner).
-MEMORY_HOW = {"measure": "compiled: XLA's buffer assignment of each jitted step, temporaries and "
-                         "outputs, exact"}
+
+def memory_how(mode: str) -> str | None:
+    """How the runner should name what ``step_memory(args, mode)`` returns (None: its default)."""
+    if mode == "measure":
+        return "compiled: XLA's buffer assignment of each jitted step, temporaries and outputs, exact"
+    return None
+
 
 EMBED_BLOCK = 1024  # rows embedded per call at evaluation; the last block is padded to this size
 

@@ -13,12 +13,14 @@ machine into swap. Standard library only; the child's work is the backend module
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import resource
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 
@@ -121,6 +123,63 @@ def default_budget() -> int:
     """How much a probe may allocate: half of the machine's available memory (8 GiB if unknown)."""
     available = available_bytes()
     return available // 2 if available else 8 << 30
+
+
+def trim_heap() -> None:
+    """Collects garbage and hands glibc's free heap pages back to the kernel (no-op elsewhere)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim, the figure is merely noisier
+        pass
+
+
+def cap_guard(budget: int) -> int:
+    """The address-space headroom a probe gets: twice the budget plus 512 MiB, within what the
+    machine has free.
+
+    Address space is not resident memory (thread stacks, glibc arenas and library mappings reserve
+    far more than they touch), so a cap at the budget itself would fail steps that fit; the cap
+    only keeps a step far over the budget from swapping. Whether a step fits is decided by its
+    measured peak against the budget.
+    """
+    guard = 2 * budget + (512 << 20)
+    available = available_bytes()
+    return min(guard, available) if available else guard
+
+
+def rss_growth(step: Callable[[], Any], warm_up: Callable[[], Any], budget: int,
+               is_out_of_memory: Callable[[BaseException], bool]) -> dict:
+    """Peak resident-memory growth of ``step()`` over the resident memory just before it.
+
+    ``warm_up()`` runs first, under the same cap: it pays the one-off costs (thread pools, kernel
+    workspaces, a tf.function's trace) that are no part of what the batch costs. Returns
+    ``{"bytes": n, "fits": n <= budget}``, or ``{"bytes": None, "fits": False, "note": ...}``
+    when an allocation failed under the cap.
+    """
+    capped = cap_address_space(cap_guard(budget))
+    try:
+        warm_up()
+        trim_heap()
+        before = rss_bytes()
+        reset_peak()
+        step()
+        grown = max(peak_rss_bytes() - before, 0)
+    except (MemoryError, Exception) as error:  # noqa: BLE001 - the framework's own OOM types vary
+        if not (isinstance(error, MemoryError) or is_out_of_memory(error)):
+            raise
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0] if capped else None
+        return {"bytes": None, "fits": False,
+                "note": "allocation failed" + (f" under a {limit >> 20} MiB address-space cap"
+                                               if limit else "")}
+    return {"bytes": grown, "fits": grown <= budget}
+
+
+def mentions_memory(error: BaseException) -> bool:
+    """Whether an error's message says that an allocation failed (torch, TF, XLA wording)."""
+    text = str(error).lower()
+    return any(word in text for word in ("alloc", "out of memory", "oom", "resource exhausted",
+                                         "resourceexhausted", "bad_alloc", "cannot allocate"))
 
 
 def run_probe(module: str, payload: Mapping[str, Any], *, timeout: float = 900) -> StepMemory:

@@ -223,7 +223,7 @@ def _report_memory(say: Callable[[str], None], backend: Any, args: argparse.Name
                       "process",
            "compute": "computed from the sizes of what the step holds"}[args.memory]
     # A backend that obtains the figure another way (JAX: XLA's compiled account) names it itself.
-    how = getattr(backend, "MEMORY_HOW", {}).get(args.memory, how)
+    how = getattr(backend, "memory_how", lambda mode: None)(args.memory) or how
     say(f"memory of one step at batch {batch} ({how})")
     cached, full, parts = backend.step_memory(args, args.memory)
     size = metrics.format_bytes

@@ -7,7 +7,8 @@ normalised. It trains with the same InfoNCE loss (cosine similarity times 20, cr
 the diagonal) and Keras' Adam. The large-batch step is ``gradcache_tf.cached_step`` inside a
 ``tf.function``; the small-batch comparison takes plain ``tf.GradientTape`` steps. Memory is
 measured as for torch, each step in a fresh process (:mod:`gradcache._demo.memory`), but read from
-TensorFlow's CPU allocator, whose peak counts the step's buffers exactly. The runner
+TensorFlow's CPU allocator where it keeps statistics (its peak counts the step's buffers exactly),
+else from resident memory (:mod:`gradcache._demo.tf_memory`). The runner
 (:mod:`gradcache._demo.runner`) owns the story and the printing; this module only knows TensorFlow.
 Run as ``python -m gradcache._demo.tf_demo --probe JSON`` it is the child process that measures
 one step's memory.
@@ -33,15 +34,27 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from gradcache._demo import memory, tokenizer  # noqa: E402
+from gradcache._demo import memory, tf_memory, tokenizer  # noqa: E402
 from gradcache._demo.data import Pair  # noqa: E402
 from gradcache_tf import cached_step  # noqa: E402
 
 SCALE = 20.0  # cosine similarities times 20: sentence-transformers' MultipleNegativesRankingLoss
 
-# How the runner should name what ``step_memory(args, "measure")`` returns (see runner).
-MEMORY_HOW = {"measure": "measured: peak of TensorFlow's CPU allocator during one step in "
-                         "tf.function, after a warm-up call, each in a fresh process"}
+
+def memory_how(mode: str) -> str | None:
+    """How the runner should name what ``step_memory(args, mode)`` returns (None: its default).
+
+    The probes inherit this process's environment, so they read memory the way it would here.
+    """
+    if mode != "measure":
+        return None
+    if tf_memory.allocator_stats_available():
+        return ("measured: peak of TensorFlow's CPU allocator during one step in tf.function, "
+                "after a warm-up call, each in a fresh process")
+    return ("measured: peak resident memory growth during one step in tf.function, after a "
+            "warm-up call, each in a fresh process; TensorFlow's plain CPU allocator keeps no "
+            "statistics here")
+
 
 EMBED_BLOCK = 1024  # rows embedded per call at evaluation
 PROBE_ROWS = 1024  # rows of the eager forward whose tape the computed breakdown measures
@@ -274,10 +287,8 @@ def computed_breakdown(args: argparse.Namespace) -> memory.Breakdown:
     graph_per_row, rep_bytes = 0.0, 0
     for tower, ids in zip(model.encoders(), (queries, code), strict=True):
         part = tf.constant(np.resize(ids.numpy(), (PROBE_ROWS, ids.shape[1])))
-        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-        with tf.GradientTape() as tape:
-            rep = tower(part, training=True)
-        held = tf.config.experimental.get_memory_info("CPU:0")["current"] - before
+        _record(tower, part)  # the first eager call builds kernels and caches: not the tape's
+        (tape, rep), held = tf_memory.held_bytes(lambda tower=tower, part=part: _record(tower, part))
         del tape
         rep_size = int(np.prod(rep.shape)) * rep.dtype.size
         graph_per_row += max(held - rep_size, 0) / PROBE_ROWS
@@ -286,6 +297,13 @@ def computed_breakdown(args: argparse.Namespace) -> memory.Breakdown:
         encoder_cached=int(graph_per_row * chunk), encoder_full=int(graph_per_row * batch),
         loss=int(3 * batch * batch * 4 + 2 * rep_bytes),
         gradients=sum(int(np.prod(v.shape)) * 4 for v in model.variables))  # all float32
+
+
+def _record(tower: Any, part: tf.Tensor) -> tuple[tf.GradientTape, tf.Tensor]:
+    """One eager forward of ``tower`` under a tape, both returned (so the tape keeps what it saved)."""
+    with tf.GradientTape() as tape:
+        rep = tower(part, training=True)
+    return tape, rep
 
 
 def probe_main(payload: dict) -> None:
@@ -304,23 +322,14 @@ def probe_main(payload: dict) -> None:
                                variables=model.variables)
         return full_gradients(model, queries, code)
 
-    memory.cap_address_space(budget)
-    try:
-        # The first call traces and optimises the graph and starts TensorFlow's thread pools; the
-        # second, measured, call is the step alone. Resident memory cannot see it: TensorFlow keeps
-        # the pages of the first call's freed buffers and reuses them. Its CPU allocator's own
-        # statistics count every buffer the step allocates (blocks under ~256 KiB excepted).
-        result = one_step(queries, code)
-        del result
-        baseline = tf.config.experimental.get_memory_info("CPU:0")["current"]
-        tf.config.experimental.reset_memory_stats("CPU:0")
-        one_step(queries, code)
-        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-    except (MemoryError, tf.errors.ResourceExhaustedError):
-        memory.report({"bytes": None, "limit": budget, "note": "allocation failed"})
+    # The first call traces and optimises the graph and starts TensorFlow's thread pools; the
+    # second, measured, call is the step alone (see tf_memory for how it is read, and why).
+    result = tf_memory.step_peak(lambda: one_step(queries, code), lambda: one_step(queries, code),
+                                 budget)
+    if result["bytes"] is None:
+        memory.report({"bytes": None, "limit": budget, "note": result.get("note", "")})
         return
-    memory.report({"bytes": max(peak - baseline, 0)})
-
+    memory.report({"bytes": result["bytes"], "note": result["method"]})
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--probe":

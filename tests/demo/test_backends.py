@@ -13,7 +13,6 @@ import importlib
 import importlib.util
 import io
 import os
-import time
 
 import pytest
 
@@ -37,12 +36,11 @@ def keep_environment(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
 
 
-def _run(backend: str, argv: list[str], demo_cache) -> tuple[dict, str, float]:
+def _run(backend: str, argv: list[str], demo_cache) -> tuple[dict, str]:
     args = options.parse([*SMALL, "--backend", backend, "--cache-dir", str(demo_cache), *argv])
     out = io.StringIO()
-    started = time.perf_counter()
     figures = runner.run(args, out=out)
-    return figures, out.getvalue(), time.perf_counter() - started
+    return figures, out.getvalue()
 
 
 def _check_report(figures: dict, text: str, memory_how: str) -> None:
@@ -82,8 +80,7 @@ def _check_report(figures: dict, text: str, memory_how: str) -> None:
 @_needs("jax")
 def test_jax_demo_trains_and_reports(demo_cache, keep_environment):
     # --memory measure is XLA's compiled account: in-process and quick, so the tiny run uses it.
-    figures, text, seconds = _run("jax", ["--memory", "measure"], demo_cache)
-    assert seconds < 30
+    figures, text = _run("jax", ["--memory", "measure"], demo_cache)
     assert "(jax: jax " in text.splitlines()[0]
     _check_report(figures, text, "compiled: XLA's buffer assignment")
     # The encoder's share is what caching cuts: batch / chunk = 4 here.
@@ -94,8 +91,7 @@ def test_jax_demo_trains_and_reports(demo_cache, keep_environment):
 @_needs("tf")
 def test_tf_demo_trains_and_reports(demo_cache):
     # The measured memory takes two fresh TensorFlow processes; test_tf_memory_probe covers it.
-    figures, text, seconds = _run("tf", ["--memory", "compute"], demo_cache)
-    assert seconds < 30
+    figures, text = _run("tf", ["--memory", "compute"], demo_cache)
     assert "(tf: tensorflow " in text.splitlines()[0]
     _check_report(figures, text, "computed from the sizes of what the step holds")
     parts = figures["memory"]["breakdown"]
