@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean
+.PHONY: test test-deep demo bench lint clean
 
 $(STAMP): pyproject.toml requirements/test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml requirements/test.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The long random exploration: every property test draws 10x its examples, afresh each run.
+test-deep: $(STAMP)
+	GRADCACHE_DEEP=10 $(PY) -m pytest -q
 
 demo: $(STAMP)
 	$(PY) -m gradcache demo

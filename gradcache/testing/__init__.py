@@ -4,10 +4,13 @@
 ``docs/extending.md``). ``gradcache.testing.contract`` holds ``BackendContract``, the property-based
 test suite every adapter runs (it needs pytest and hypothesis); import it from your own tests and
 subclass it with a harness for your backend. ``ThreadCollective`` and ``run_ranks`` run the
-distributed schedule on threads of one process.
+distributed schedule on threads of one process. ``examples(n)`` is a property test's example
+budget: ``n``, times ``GRADCACHE_DEEP`` in a deep run (``make test-deep``).
 """
 
+from gradcache.testing._budget import examples
 from gradcache.testing._numpy_backend import LinearEncoder, NumpyBackend, NumpyInfoNCE
 from gradcache.testing._threads import ThreadCollective, run_ranks
 
-__all__ = ["LinearEncoder", "NumpyBackend", "NumpyInfoNCE", "ThreadCollective", "run_ranks"]
+__all__ = ["LinearEncoder", "NumpyBackend", "NumpyInfoNCE", "ThreadCollective", "examples",
+           "run_ranks"]

@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradcache import GradCacheError
+from gradcache.testing._budget import examples
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ class BackendContract:
                     self.examples_for.get(test_name, self.max_examples))
 
         def decorate(check: Any) -> Any:
-            return settings(max_examples=max(1, limit), **_SETTINGS)(given(strategy)(check))
+            return settings(max_examples=examples(limit), **_SETTINGS)(given(strategy)(check))
         return decorate
 
     # -- exactness ------------------------------------------------------------------------------------

@@ -9,14 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradcache import GradCacheError, run_cached_step
-from gradcache.testing import LinearEncoder, NumpyBackend, NumpyInfoNCE, run_ranks
+from gradcache.testing import LinearEncoder, NumpyBackend, NumpyInfoNCE, examples, run_ranks
 
 
 def split(rows: np.ndarray, counts: list[int]) -> list[np.ndarray]:
     return np.split(rows, np.cumsum(counts)[:-1])
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(counts=st.lists(st.integers(1, 7), min_size=1, max_size=4),
        chunk=st.integers(1, 5), scale=st.sampled_from([1.0, 2.0]), seed=st.integers(0, 99))
 def test_sum_over_ranks_equals_the_global_batch_gradient(counts, chunk, scale, seed) -> None:

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradcache import GradCacheError, _loss_forms, _tiled
+from gradcache.testing import examples
 from tests.losses.common import relative_error
 
 OPS = {"eager": _tiled.NumpyOps(), "compiled": _tiled.CompiledNumpyOps()}
@@ -49,7 +50,7 @@ def dense_summed_loss(kind: str, x: np.ndarray, y: np.ndarray, alpha: float,
             weight.sum() if beta is not None else None)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(kind=st.sampled_from(_tiled.KINDS), loop=st.sampled_from(sorted(OPS)),
        rows=st.integers(1, 11), group=st.integers(1, 4), dim=st.integers(1, 5),
        tile=st.integers(1, 13), seed=st.integers(0, 2**16))

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradcache import Collective, GradCacheError, _loss_forms, _tiled
-from gradcache.testing import run_ranks
+from gradcache.testing import examples, run_ranks
 from tests.losses.common import assert_same, default_params, relative_error
 from tests.losses.test_core import dense_summed_loss
 
@@ -60,7 +60,7 @@ def split(rows: np.ndarray, counts: list[int]) -> list[np.ndarray]:
     return np.split(rows, np.cumsum(counts)[:-1])
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(kind=st.sampled_from(_tiled.KINDS), loop=st.sampled_from(sorted(OPS)),
        counts=st.lists(st.integers(1, 6), min_size=1, max_size=4), group=st.integers(1, 3),
        dim=st.integers(1, 4), tile=st.integers(1, 9), seed=st.integers(0, 2**16))
@@ -368,7 +368,7 @@ def test_across_ranks_takes_only_the_tiled_losses_and_their_arguments():
     assert fn.gathers_itself and "siglip_loss" in repr(fn)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(kind=st.sampled_from(_tiled.KINDS), counts=st.lists(st.integers(1, 5), min_size=2, max_size=3),
        rank=st.integers(0, 2), tile=st.integers(1, 6), seed=st.integers(0, 2**16))
 def test_torch_sweeps_of_one_rank_equal_numpy(kind, counts, rank, tile, seed):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
+from gradcache.testing import examples
 from tests.losses.common import Case, assert_same, cases, check_drawn, default_params
 
 jax = pytest.importorskip("jax")
@@ -50,7 +51,7 @@ def evaluate(case: Case, dense: bool, dtype=jnp.float64) -> dict:
             **{k: np.asarray(v) for k, v in dparams.items()}}
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(case=cases(max_rows=10))
 def test_tiled_equals_dense_under_jit(case):
     check_drawn(evaluate(case, dense=False), evaluate(case, dense=True))

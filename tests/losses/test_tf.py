@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 
 import tests.tf  # noqa: F401  (TensorFlow's environment first, as the TF tests set it)
+from gradcache.testing import examples
 from tests.losses.common import Case, assert_same, cases, check_drawn, default_params
 
 tf = pytest.importorskip("tensorflow")
@@ -38,13 +39,13 @@ def evaluate(case: Case, dense: bool, mode: str = "eager", dtype=tf.float64) -> 
     return out
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(case=cases())
 def test_tiled_equals_dense_eagerly(case):
     check_drawn(evaluate(case, dense=False), evaluate(case, dense=True))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(case=cases(max_rows=9))
 def test_tiled_equals_dense_in_tf_function(case):
     check_drawn(evaluate(case, dense=False, mode="graph"), evaluate(case, dense=True))

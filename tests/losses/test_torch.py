@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 
 from gradcache import GradCacheError
+from gradcache.testing import examples
 from tests.losses.common import Case, assert_same, cases, check_drawn, default_params
 
 torch = pytest.importorskip("torch")
@@ -29,7 +30,7 @@ def evaluate(case: Case, dense: bool, dtype: torch.dtype = torch.float64) -> dic
     return out
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=examples(120), deadline=None)
 @given(case=cases())
 def test_tiled_equals_dense(case):
     check_drawn(evaluate(case, dense=False), evaluate(case, dense=True))
