@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Test files run on this many worker processes (pytest-xdist), a whole file per worker so that a
+# file's shared subprocesses and compiled steps are made once; 0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: test test-deep demo bench lint clean
 
@@ -14,11 +18,11 @@ $(STAMP): pyproject.toml requirements/test.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # The long random exploration: every property test draws 10x its examples, afresh each run.
 test-deep: $(STAMP)
-	GRADCACHE_DEEP=10 $(PY) -m pytest -q
+	GRADCACHE_DEEP=10 $(PYTEST)
 
 demo: $(STAMP)
 	$(PY) -m gradcache demo
