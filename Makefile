@@ -17,10 +17,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m gradcache demo
+	$(PY) -m gradcache_cli demo
 
 bench: $(STAMP)
-	$(PY) -m gradcache bench --out bench-out
+	$(PY) -m gradcache_cli bench --out bench-out
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
