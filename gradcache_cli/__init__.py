@@ -9,8 +9,9 @@ The library is ``gradcache`` (the framework-neutral core) and its adapters ``gra
   framework.
 * :mod:`gradcache_cli.bench` -- the bench, memory and speed curves of the cached step against the
   full-batch step, measured in child processes.
-* :mod:`gradcache_cli.memory` -- peak resident-memory measurement, shared by the demo and the
-  bench; :mod:`gradcache_cli.tf_memory` reads TensorFlow's memory on top of it.
+* :mod:`gradcache_cli.memory` -- peak resident-memory measurement, the one helper that the demo,
+  the bench and the scripts in ``benchmarks/`` share; :mod:`gradcache_cli.tf_memory` reads
+  TensorFlow's memory on top of it.
 
 Importing this package, the command line, or the demo's and bench's shared parts loads no
 framework: a framework is imported only by the module of the backend that runs.
