@@ -36,8 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
 from gradcache_cli import memory  # noqa: E402
+from gradcache_cli.spawn import spawn  # noqa: E402
 from gradcache_torch import TorchCollective, cached_step  # noqa: E402
-from tests.spawn import spawn  # noqa: E402
 
 IN_DIM = 64
 

@@ -12,6 +12,8 @@ The library is ``gradcache`` (the framework-neutral core) and its adapters ``gra
 * :mod:`gradcache_cli.memory` -- peak resident-memory measurement, the one helper that the demo,
   the bench and the scripts in ``benchmarks/`` share; :mod:`gradcache_cli.tf_memory` reads
   TensorFlow's memory on top of it.
+* :mod:`gradcache_cli.spawn` -- runs a function on local torch.distributed (gloo) ranks, for the
+  tests and the distributed benchmarks.
 
 Importing this package, the command line, or the demo's and bench's shared parts loads no
 framework: a framework is imported only by the module of the backend that runs.
