@@ -1,4 +1,4 @@
-"""The demo behind ``python -m gradcache demo``: code search on the Python standard library.
+"""The demo behind ``gradcache demo`` (``make demo``): code search on the Python standard library.
 
 It trains a small dual encoder to find a function's source from its docstring (the CodeSearchNet
 task, in miniature), with a contrastive batch far larger than the chunk that bounds memory, and
