@@ -25,10 +25,10 @@ test-deep: $(STAMP)
 	GRADCACHE_DEEP=10 $(PYTEST)
 
 demo: $(STAMP)
-	$(PY) -m gradcache demo
+	$(PY) -m gradcache_cli demo
 
 bench: $(STAMP)
-	$(PY) -m gradcache bench --out bench-out
+	$(PY) -m gradcache_cli bench --out bench-out
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

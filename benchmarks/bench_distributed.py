@@ -33,13 +33,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
-from bench_losses import _peak_rss, _reset_peak, _rss  # noqa: E402
-
+from gradcache_cli import memory  # noqa: E402
+from gradcache_cli.spawn import spawn  # noqa: E402
 from gradcache_torch import TorchCollective, cached_step  # noqa: E402
-from tests.spawn import spawn  # noqa: E402
 
 IN_DIM = 64
 
@@ -98,16 +96,14 @@ def loss_memory_run(rank: int, world: int, rows: int, dim: int, form: str) -> in
         x = torch.randn(n, dim, requires_grad=True)
         y = torch.randn(n, dim, requires_grad=True)
         dist.barrier()
-        _reset_peak()
-        before = _rss() - 2 * n * dim * 4     # count the inputs, as the single-process figure does
+        before = memory.baseline() - 2 * n * dim * 4   # count the inputs, as the single-process one does
         fn(x, y).backward()
     else:   # the dense loss on the gathered global batch, as a loss without gathers_itself gets it
         x = torch.randn(rows, dim, requires_grad=True)
         y = torch.randn(rows, dim, requires_grad=True)
-        _reset_peak()
-        before = _rss() - 2 * rows * dim * 4
+        before = memory.baseline() - 2 * rows * dim * 4
         dense_info_nce(x, y).backward()
-    return _peak_rss() - before
+    return memory.peak_rss_bytes() - before
 
 
 def single_loss_memory(rows: int, dim: int) -> int:
@@ -116,12 +112,11 @@ def single_loss_memory(rows: int, dim: int) -> int:
     warm = torch.randn(64, dim, requires_grad=True)
     info_nce(warm, warm).backward()
     del warm
-    _reset_peak()
-    before = _rss()
+    before = memory.baseline()
     x = torch.randn(rows, dim, requires_grad=True)
     y = torch.randn(rows, dim, requires_grad=True)
     info_nce(x, y).backward()
-    return _peak_rss() - before
+    return memory.peak_rss_bytes() - before
 
 
 def main() -> None:

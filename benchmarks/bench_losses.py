@@ -23,19 +23,18 @@ their gradients, ``4·B·d`` numbers for two ``(B, d)`` groups.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
+from gradcache_cli import memory
+
 LOSSES = ("info_nce", "clip_loss", "siglip_loss")
 DIM = 128
-FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tiles go back to the OS at once
+FIXED_MMAP = memory.fixed_mmap_env(128 << 10)  # freed tiles go back to the OS at once
 
 
 def floor_bytes(rows: int, dim: int = DIM, itemsize: int = 4) -> int:
@@ -78,27 +77,7 @@ def jax_memory_table(tile: int | None) -> None:
     print()
 
 
-# -- torch: peak resident set of a fresh process --------------------------------------------------------
-def _rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
-
-
-def _reset_peak() -> None:
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
+# -- torch: peak resident set of a fresh process (read by gradcache_cli.memory) ---------------------------
 def torch_memory_here(loss: str, form: str, rows: int, tile: int | None) -> dict:
     """In a fresh process: peak RSS growth of making the inputs and one value-and-gradient."""
     import torch
@@ -110,14 +89,13 @@ def torch_memory_here(loss: str, form: str, rows: int, tile: int | None) -> dict
     warm = torch.randn(256, DIM, requires_grad=True)
     fn(warm, warm, **extra).backward()  # thread pools and kernels, once
     del warm
-    _reset_peak()
-    before = _rss()
+    before = memory.baseline()
     x = torch.randn(rows, DIM, requires_grad=True)
     y = torch.randn(rows, DIM, requires_grad=True)
     start = time.perf_counter()
     fn(x, y, **extra).backward()
     seconds = time.perf_counter() - start
-    return {"peak": _peak_rss() - before, "seconds": seconds}
+    return {"peak": memory.peak_rss_bytes() - before, "seconds": seconds}
 
 
 def torch_memory_table(tile: int | None) -> None:
@@ -220,8 +198,7 @@ def headline(rows: int, chunk: int, tile: int | None, device: str = "cpu") -> No
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        _reset_peak()
-        before = _rss()
+        before = memory.baseline()
     queries = torch.randn(rows, features, device=device)
     passages = torch.randn(rows, features, device=device)
     inputs = 2 * rows * features * 4
@@ -230,7 +207,7 @@ def headline(rows: int, chunk: int, tile: int | None, device: str = "cpu") -> No
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if cuda else _peak_rss()) - before
+    peak = (torch.cuda.max_memory_allocated() if cuda else memory.peak_rss_bytes()) - before
     where = (torch.cuda.get_device_name() if cuda else f"{torch.get_num_threads()} CPU threads")
     print(f"## Headline: one torch cached_step, tiled InfoNCE, B = {rows:,}, d = {DIM}, "
           f"chunk = {chunk}, tile = {tile or 'default'}, {where}\n")
@@ -279,12 +256,11 @@ def headline_jax(rows: int, chunk: int, tile: int | None) -> None:
     queries = jnp.asarray(rng.normal(size=(rows, features)), jnp.float32)
     passages = jnp.asarray(rng.normal(size=(rows, features)), jnp.float32)
     inputs = 2 * rows * features * 4
-    _reset_peak()
-    before = _rss()
+    before = memory.baseline()
     start = time.perf_counter()
     loss, grads = jax.block_until_ready(compiled(params, queries, passages))
     seconds = time.perf_counter() - start
-    peak = _peak_rss() - before
+    peak = memory.peak_rss_bytes() - before
     print(f"## Headline: one jitted JAX cached_step, tiled InfoNCE, B = {rows:,}, d = {DIM}, "
           f"chunk = {chunk}, tile = {tile or 'default'}\n")
     print("| loss | time (s) | compiled step memory (MiB) | peak RSS growth (MiB) | inputs (MiB) | "

@@ -153,8 +153,8 @@ def memory_child(kind: str, batch: int, shape: dict) -> None:
     """One step of ``kind`` at ``batch`` rows in this (fresh) process; prints its peak memory above
     what was held before the step: TensorFlow's CPU allocator where it keeps statistics (exact,
     like torch's allocator statistics: importing and tracing, which dwarf a step, are left out),
-    else resident-memory growth (``gradcache._demo.tf_memory``)."""
-    from gradcache._demo import memory, tf_memory
+    else resident-memory growth (``gradcache_cli.tf_memory``)."""
+    from gradcache_cli import memory, tf_memory
     encoder = build(**shape)
     cached, full = steps(encoder, shape["chunk"])
     fn = cached if kind == "cached" else full

@@ -3,7 +3,7 @@
 Prints markdown tables; asserts nothing (these machines are shared and noisy, so every figure is a
 ratio of measurements taken side by side in one run). Memory is the peak resident set of a fresh
 process per configuration (after a warm-up step, with the heap trimmed and the kernel's peak mark
-reset), minus its resident set just before the step. Linux only.
+reset), minus its resident set just before the step, read by ``gradcache_cli.memory``. Linux only.
 
     python benchmarks/bench_torch.py time      # cached / full-batch step CPU time
     python benchmarks/bench_torch.py memory    # peak memory at batch = chunk and 32 x chunk
@@ -13,11 +13,8 @@ reset), minus its resident set just before the step. Linux only.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from gradcache_cli import memory
 from gradcache_torch import cached_step
 
 VOCAB = 1000
@@ -101,27 +99,6 @@ def time_steps(rows: int, chunk: int, length: int, dim: int, repeats: int) -> di
             "floor": floor / t["full"], "overhead": t["cached"] / floor}
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def reset_peak_rss() -> None:
-    """Returns freed heap to the OS and resets the kernel's peak-RSS mark (Linux)."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
 def measure_memory_here(mode: str, rows: int, chunk: int, length: int, dim: int) -> dict:
     """Runs in a fresh process: peak RSS growth of one step over the RSS just before it.
 
@@ -135,15 +112,15 @@ def measure_memory_here(mode: str, rows: int, chunk: int, length: int, dim: int)
     step(*batch(chunk, length))
     model.zero_grad(set_to_none=True)
     q, p = batch(rows, length)
-    reset_peak_rss()
-    before = rss_bytes()
+    before = memory.baseline()
     step(q, p)
-    return {"mode": mode, "rows": rows, "chunk": chunk, "step_peak": max(0, peak_rss_bytes() - before)}
+    return {"mode": mode, "rows": rows, "chunk": chunk,
+            "step_peak": max(0, memory.peak_rss_bytes() - before)}
 
 
-# glibc raises its mmap threshold after large frees, after which freed chunk activations stay in a
-# fragmented heap: a fixed threshold returns them to the OS, so RSS shows what the step holds.
-FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+# freed chunk activations go back to the OS at once, so RSS shows what the step holds (128 KiB: the
+# threshold the README's figures were taken with)
+FIXED_MMAP = memory.fixed_mmap_env(128 << 10)
 
 
 def memory_table(chunk: int, length: int, dim: int, env: dict) -> list[dict]:

@@ -6,6 +6,7 @@
 #     bash benchmarks/gpu_check.sh            (about a minute or two on an H100/H200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the library and gradcache_cli (bench_losses.py reads memory through gradcache_cli.memory)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
 # a warm-up size first: shows the scaling and catches problems in seconds

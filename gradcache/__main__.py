@@ -1,5 +1,9 @@
-"""``python -m gradcache``: the same command line as the ``gradcache`` console script."""
+"""``python -m gradcache``: forwards to the ``gradcache`` command line, which lives in ``gradcache_cli``.
 
-from gradcache._cli import main
+Only ``python -m gradcache`` runs this module; ``import gradcache`` never imports it, so the core
+still imports neither the tools nor any adapter.
+"""
+
+from gradcache_cli._main import main
 
 raise SystemExit(main())

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from gradcache import _bench, _bench_report, _cli
-from gradcache._bench_model import DEFAULT, sweep
+from gradcache_cli import _main
+from gradcache_cli.bench import report, runner
+from gradcache_cli.bench.model import DEFAULT, sweep
 
 MIB = 1 << 20
 INSTALLED = [name for name in ("torch", "jax")
@@ -26,7 +27,7 @@ INSTALLED = [name for name in ("torch", "jax")
 
 def _run_main(argv, capsys):
     try:
-        status = _cli.main(argv)
+        status = _main.main(argv)
     except SystemExit as exit_:  # argparse's own errors exit from inside
         status = exit_.code
     captured = capsys.readouterr()
@@ -86,7 +87,7 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
 
 
 def test_a_missing_backend_is_skipped_with_a_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(_bench, "installed", lambda backend: "tensorflow is not installed")
+    monkeypatch.setattr(runner, "installed", lambda backend: "tensorflow is not installed")
     status, out, err = _run_main(["bench", "--backends", "tf", "--out", str(tmp_path)], capsys)
     assert "skipping tf: tensorflow is not installed" in out
     # nothing left to measure: a usage error, in one line
@@ -133,8 +134,8 @@ def test_the_report_marks_steps_over_the_budget_and_steps_that_did_not_fit(tmp_p
                                                          "note": "allocation failed"}}},
                                "method": "allocator"},
                     "time": {"error": "exit 1: boom"}}}
-    machine = _bench_report.machine(1.0, 2.0, seconds=3)
-    text = _bench_report.write(plan, found, machine, skipped=["jax"])
+    machine = report.machine(1.0, 2.0, seconds=3)
+    text = report.write(plan, found, machine, skipped=["jax"])
     assert "| torch | full | 60.0 | 120.0 (over) | – |" in text
     assert "| torch | cached | 20.0 | 21.0 | 22.0 |" in text
     assert "| tf | full | did not fit | – | – |" in text
@@ -146,8 +147,8 @@ def test_the_report_marks_steps_over_the_budget_and_steps_that_did_not_fit(tmp_p
 
 
 def test_importing_the_bench_loads_no_framework():
-    code = ("import sys; import gradcache._bench, gradcache._bench_report, gradcache._bench_model, "
-            "gradcache._bench_child; print(sorted(m for m in ('torch', 'jax', 'tensorflow', "
+    code = ("import sys; import gradcache_cli.bench.runner, gradcache_cli.bench.report, "
+            "gradcache_cli.bench.model, gradcache_cli.bench.child; print(sorted(m for m in ('torch', 'jax', 'tensorflow', "
             "'keras', 'matplotlib') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -187,3 +187,31 @@ def test_importing_the_core_loads_no_framework() -> None:
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_core_imports_neither_adapters_nor_tools() -> None:
+    """The core is the algorithm alone: no module of it imports an adapter or ``gradcache_cli`` (the
+    demo, bench and command line), and importing it loads none. ``__main__`` is exempt: only
+    ``python -m gradcache`` runs it, to forward to the command line. Adapters are found at call
+    time by name (``cached_step``'s dispatch), never imported by the core's modules."""
+    import ast
+    from pathlib import Path
+
+    outside = ("gradcache_torch", "gradcache_jax", "gradcache_tf", "gradcache_cli")
+    core = Path(gradcache.__file__).parent
+    found = []
+    for path in sorted(core.rglob("*.py")):
+        if path.name == "__main__.py" and path.parent == core:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(core)}: {name}" for name in names
+                      if name.split(".")[0] in outside]
+    assert found == []
+    assert not [p.name for p in core.iterdir() if p.name.startswith(("_demo", "_bench", "_cli"))]
+    code = ("import sys, gradcache, gradcache.testing; "
+            f"print([m for m in sys.modules if m.split('.')[0] in {outside!r}])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

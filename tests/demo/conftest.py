@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gradcache._demo import data
+from gradcache_cli.demo import data
 
 
 @pytest.fixture(scope="session")

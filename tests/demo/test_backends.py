@@ -16,7 +16,8 @@ import os
 
 import pytest
 
-from gradcache._demo import memory, options, runner
+from gradcache_cli import memory
+from gradcache_cli.demo import options, runner
 
 SMALL = ["--batch-size", "64", "--chunk-size", "16", "--small-batch", "8", "--epochs", "2",
          "--max-train", "256", "--max-test", "128", "--dim", "16", "--buckets", "4096",
@@ -105,7 +106,7 @@ def test_tf_memory_probe_measures_each_step_in_a_fresh_process(demo_cache):
                           "--batch-size", "512", "--max-train", "512", "--dim", "64",
                           "--code-len", "256"])
     payload = {key: value for key, value in vars(args).items()}
-    results = {kind: memory.run_probe("gradcache._demo.tf_demo",
+    results = {kind: memory.run_probe("gradcache_cli.demo.tf_demo",
                                       {**payload, "probe": kind, "budget": 4 << 30})
                for kind in ("cached", "full")}
     cached, full = results["cached"], results["full"]
@@ -119,6 +120,6 @@ def test_backends_are_enabled_and_their_examples_run(backend):
     if importlib.util.find_spec(FRAMEWORK[backend]) is None:
         pytest.skip(f"needs {FRAMEWORK[backend]}")
     name = options.check_backend(backend)
-    assert name == f"gradcache._demo.{backend}_demo"
+    assert name == f"gradcache_cli.demo.{backend}_demo"
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

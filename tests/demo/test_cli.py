@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from gradcache import _cli
+from gradcache_cli import _main
 
 
 def _run_main(argv, capsys):
     try:
-        status = _cli.main(argv)
+        status = _main.main(argv)
     except SystemExit as exit_:  # argparse's own errors exit from inside
         status = exit_.code
     captured = capsys.readouterr()
@@ -43,8 +43,10 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
     assert err.startswith("gradcache")
 
 
-def test_python_dash_m_gives_no_traceback():
-    done = subprocess.run([sys.executable, "-m", "gradcache", "demo", "--chunk-size", "9",
+@pytest.mark.parametrize("module", ["gradcache_cli", "gradcache"])
+def test_python_dash_m_gives_no_traceback(module):
+    # `python -m gradcache` forwards to gradcache_cli; both are the console script's command line
+    done = subprocess.run([sys.executable, "-m", module, "demo", "--chunk-size", "9",
                            "--batch-size", "8"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from gradcache._demo import data
+from gradcache_cli.demo import data
 
 
 def test_the_data_set_has_thousands_of_usable_pairs(all_pairs):

@@ -12,6 +12,6 @@ MODULES = ["metrics", "options", "runner", "tokenizer", "data", "torch_demo"]
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
-    module = importlib.import_module(f"gradcache._demo.{name}")
+    module = importlib.import_module(f"gradcache_cli.demo.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from gradcache._demo import options, runner
+from gradcache_cli.demo import options, runner
 
 SMALL = ["--batch-size", "64", "--chunk-size", "16", "--small-batch", "8", "--epochs", "2",
          "--max-train", "256", "--max-test", "128", "--dim", "16", "--buckets", "4096",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradcache._demo.metrics import Quality, format_bytes, ranks, retrieval_quality, table
+from gradcache_cli.demo.metrics import Quality, format_bytes, ranks, retrieval_quality, table
 
 
 def test_perfect_retrieval_scores_one():

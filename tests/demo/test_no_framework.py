@@ -27,9 +27,9 @@ def test_import_gradcache_loads_no_framework():
 def test_demo_shared_parts_and_cli_load_no_framework():
     # Argument errors, for any backend, are answered before any framework loads.
     code = """
-        from gradcache._demo import data, memory, metrics, options, runner, tokenizer  # noqa: F401
-        from gradcache import _cli
-        _cli.main(["demo", "--chunk-size", "9", "--batch-size", "8"])
-        _cli.main(["demo", "--backend", "jax", "--chunk-size", "9", "--batch-size", "8"])
+        from gradcache_cli import _main, memory  # noqa: F401
+        from gradcache_cli.demo import data, metrics, options, runner, tokenizer  # noqa: F401
+        _main.main(["demo", "--chunk-size", "9", "--batch-size", "8"])
+        _main.main(["demo", "--backend", "jax", "--chunk-size", "9", "--batch-size", "8"])
     """
     assert _loaded_frameworks(code) == []

@@ -28,7 +28,8 @@ SMALL = ["--batch-size", "64", "--chunk-size", "16", "--small-batch", "8", "--ep
 
 CHILD = textwrap.dedent("""
     import io, json, sys
-    from gradcache._demo import options, runner, tf_memory
+    from gradcache_cli import tf_memory
+    from gradcache_cli.demo import options, runner
     args = options.parse(sys.argv[1:])
     out = io.StringIO()
     figures = runner.run(args, out=out)
@@ -74,12 +75,12 @@ def test_tf_demo_measures_and_computes_memory_with_the_plain_allocator(demo_cach
 
 
 def test_tf_bench_memory_job_reads_resident_memory_with_the_plain_allocator():
-    from gradcache._bench_model import QUICK
+    from gradcache_cli.bench.model import QUICK
     results = {}
     for kind in ("cached", "full"):
         payload = {"backend": "tf", "job": "memory", "model": QUICK, "chunk": 16, "kind": kind,
                    "batch": 256, "budget": 2 << 30, "threads": 1}
-        done = subprocess.run([sys.executable, "-m", "gradcache._bench_child", json.dumps(payload)],
+        done = subprocess.run([sys.executable, "-m", "gradcache_cli.bench.child", json.dumps(payload)],
                               capture_output=True, text=True, timeout=600,
                               env=_plain_allocator_env())
         assert done.returncode == 0, done.stderr[-3000:]

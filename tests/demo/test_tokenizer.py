@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 
-from gradcache._demo.tokenizer import EMPTY, PAD, HashTokenizer, word_pieces
+from gradcache_cli.demo.tokenizer import EMPTY, PAD, HashTokenizer, word_pieces
 
 
 def test_identifiers_are_split_into_pieces():

@@ -276,7 +276,7 @@ def _cached_step_on_rank(rank: int, world: int) -> dict:
 
 
 def rank_results(rank: int, world: int, with_step: bool) -> dict:
-    """What one gloo rank measures (run by ``tests.spawn.spawn``)."""
+    """What one gloo rank measures (run by ``gradcache_cli.spawn.spawn``)."""
     result: dict = {"losses": _losses_on_rank(rank, world)}
     if with_step:
         try:
@@ -287,7 +287,7 @@ def rank_results(rank: int, world: int, with_step: bool) -> dict:
 
 
 def run_world(world: int, with_step: bool) -> list[dict]:
-    from tests.spawn import spawn  # imports torch
+    from gradcache_cli.spawn import spawn  # imports torch
 
     return spawn(rank_results, world, with_step, timeout=90)
 

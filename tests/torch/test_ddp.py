@@ -8,8 +8,8 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
+from gradcache_cli.spawn import spawn
 from gradcache_torch import cached_step
-from tests.spawn import spawn
 from tests.torch.test_features import Tower, info_nce
 
 WORLD = 2

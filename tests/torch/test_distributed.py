@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from gradcache import GradCacheError
+from gradcache_cli.spawn import spawn
 from gradcache_torch import all_gather_rows, cached_step
-from tests.spawn import spawn
 from tests.torch.test_features import Tower, info_nce
 
 pytestmark = pytest.mark.slow
@@ -303,7 +303,7 @@ def test_the_torchrun_example_runs_and_is_exact() -> None:
     import sys
     from pathlib import Path
 
-    from tests.spawn import free_port
+    from gradcache_cli.spawn import free_port
 
     script = Path(__file__).resolve().parents[2] / "docs" / "examples" / "torchrun_step.py"
     result = subprocess.run(

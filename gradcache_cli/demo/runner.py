@@ -1,6 +1,6 @@
 """The demo's story, told once for every backend: data, before, train, after, memory, batch sizes.
 
-A backend contributes one module (``torch_demo`` now; ``jax_demo``/``tf_demo`` later) with four
+A backend contributes one module (``torch_demo``, ``jax_demo``, ``tf_demo``) with four
 functions -- ``setup(args)``, ``prepare(args, pairs)``, ``new_model(args, seed=...)``,
 ``step_memory(args, mode)`` -- and a model object with ``description``, ``embed(features)`` and
 ``step(features, rows, chunk_size)`` (``chunk_size=None`` for a plain, uncached step). Everything
@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, Protocol, TextIO
 
 import numpy as np
 
-from gradcache._demo import data, metrics, options
+from gradcache_cli.demo import data, metrics, options
 
 
 class DemoModel(Protocol):

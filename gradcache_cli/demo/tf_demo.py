@@ -1,17 +1,17 @@
 """The demo's TensorFlow backend: the bag model in Keras 3, its steps inside ``tf.function``, memory.
 
-The model is :mod:`gradcache._demo.torch_demo`'s ``bag`` model as two Keras models: hashed word
-pieces (see :mod:`gradcache._demo.tokenizer`) looked up in one ``Embedding`` layer shared by the
+The model is :mod:`gradcache_cli.demo.torch_demo`'s ``bag`` model as two Keras models: hashed word
+pieces (see :mod:`gradcache_cli.demo.tokenizer`) looked up in one ``Embedding`` layer shared by the
 query and code towers, attention-pooled per tower, passed through a residual projection and
 normalised. It trains with the same InfoNCE loss (cosine similarity times 20, cross-entropy against
 the diagonal) and Keras' Adam. The large-batch step is ``gradcache_tf.cached_step`` inside a
 ``tf.function``; the small-batch comparison takes plain ``tf.GradientTape`` steps. Memory is
-measured as for torch, each step in a fresh process (:mod:`gradcache._demo.memory`), but read from
+measured as for torch, each step in a fresh process (:mod:`gradcache_cli.memory`), but read from
 TensorFlow's CPU allocator where it keeps statistics (its peak counts the step's buffers exactly),
-else from resident memory (:mod:`gradcache._demo.tf_memory`). The runner
-(:mod:`gradcache._demo.runner`) owns the story and the printing; this module only knows TensorFlow.
-Run as ``python -m gradcache._demo.tf_demo --probe JSON`` it is the child process that measures
-one step's memory.
+else from resident memory (:mod:`gradcache_cli.tf_memory`). The runner
+(:mod:`gradcache_cli.demo.runner`) owns the story and the printing; this module only knows
+TensorFlow. Run as ``python -m gradcache_cli.demo.tf_demo --probe JSON`` it is the child process
+that measures one step's memory.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from gradcache._demo import memory, tf_memory, tokenizer  # noqa: E402
-from gradcache._demo.data import Pair  # noqa: E402
+from gradcache_cli import memory, tf_memory  # noqa: E402
+from gradcache_cli.demo import tokenizer  # noqa: E402
+from gradcache_cli.demo.data import Pair  # noqa: E402
 from gradcache_tf import cached_step  # noqa: E402
 
 SCALE = 20.0  # cosine similarities times 20: sentence-transformers' MultipleNegativesRankingLoss
@@ -258,7 +259,7 @@ def _jsonable(value: Any) -> bool:
 
 def _probe_batch(args: argparse.Namespace) -> tuple[BagModel, tf.Tensor, tf.Tensor]:
     """The model and the first batch of training pairs, as the main run's first step sees them."""
-    from gradcache._demo import runner
+    from gradcache_cli.demo import runner
 
     dataset = runner.select_pairs(args)
     batch = min(args.batch_size, len(dataset.train))
@@ -335,4 +336,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--probe":
         probe_main(json.loads(sys.argv[2]))
     else:
-        sys.exit("usage: python -m gradcache._demo.tf_demo --probe JSON (used by the demo)")
+        sys.exit("usage: python -m gradcache_cli.demo.tf_demo --probe JSON (used by the demo)")

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 # backend -> (demo module, framework module whose presence is required, pip extra)
 BACKENDS = {
-    "torch": ("gradcache._demo.torch_demo", "torch", "torch"),
-    "jax": ("gradcache._demo.jax_demo", "jax", "jax"),
-    "tf": ("gradcache._demo.tf_demo", "tensorflow", "tf"),
+    "torch": ("gradcache_cli.demo.torch_demo", "torch", "torch"),
+    "jax": ("gradcache_cli.demo.jax_demo", "jax", "jax"),
+    "tf": ("gradcache_cli.demo.tf_demo", "tensorflow", "tf"),
 }
 
 MODELS = ("bag", "minilm")
@@ -135,7 +135,7 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
     >>> finalize(parser.parse_args(["--chunk-size", "8", "--batch-size", "4"]))
     Traceback (most recent call last):
     ...
-    gradcache._demo.options.UsageError: --chunk-size (8) must not exceed --batch-size (4)
+    gradcache_cli.demo.options.UsageError: --chunk-size (8) must not exceed --batch-size (4)
     """
     for name, value in _MODEL_DEFAULTS[args.model].items():
         if getattr(args, name, None) is None:
@@ -192,7 +192,7 @@ def check_backend(backend: str) -> str:
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parses demo options alone (for ``python -m gradcache._demo``-style callers and tests)."""
+    """Parses demo options alone (for callers without the command line, and tests)."""
     parser = argparse.ArgumentParser(prog="gradcache demo")
     add_arguments(parser)
     return finalize(parser.parse_args(argv))

@@ -1,15 +1,15 @@
 """The demo's JAX backend: the bag model in plain JAX and optax, its steps under ``jax.jit``, memory.
 
-The model is :mod:`gradcache._demo.torch_demo`'s ``bag`` model written as functions of a parameter
-pytree: hashed word pieces (see :mod:`gradcache._demo.tokenizer`) looked up in one embedding table
-shared by the query and code towers, attention-pooled per tower, passed through a residual
-projection and normalised. It trains with the same InfoNCE loss (cosine similarity times 20,
+The model is :mod:`gradcache_cli.demo.torch_demo`'s ``bag`` model written as functions of a
+parameter pytree: hashed word pieces (see :mod:`gradcache_cli.demo.tokenizer`) looked up in one
+embedding table shared by the query and code towers, attention-pooled per tower, passed through a
+residual projection and normalised. It trains with the same InfoNCE loss (cosine similarity times 20,
 cross-entropy against the diagonal) and Adam (``optax.adam``). The large-batch step is
 ``gradcache_jax.cached_step`` inside a jitted train step; the small-batch comparison takes plain
 ``jax.value_and_grad`` steps. Memory is XLA's own account of each compiled step
 (``memory_analysis()``: the temporaries and outputs its buffer assignment reserves), which is exact
 for the compiled program and needs neither a run nor a fresh process. The runner
-(:mod:`gradcache._demo.runner`) owns the story and the printing; this module only knows JAX.
+(:mod:`gradcache_cli.demo.runner`) owns the story and the printing; this module only knows JAX.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradcache._demo import memory, tokenizer
-from gradcache._demo.data import Pair
+from gradcache_cli import memory
+from gradcache_cli.demo import tokenizer
+from gradcache_cli.demo.data import Pair
 from gradcache_jax import cached_step
 
 SCALE = 20.0  # cosine similarities times 20: sentence-transformers' MultipleNegativesRankingLoss
@@ -221,7 +222,7 @@ def new_model(args: argparse.Namespace, *, seed: int, lr: float) -> BagModel:
 
 def _batch_shape(args: argparse.Namespace) -> tuple[int, int]:
     """(batch, chunk) of the main run's first step, as the runner computes them."""
-    from gradcache._demo import runner
+    from gradcache_cli.demo import runner
 
     n_train = len(runner.select_pairs(args).train)
     batch = min(args.batch_size, n_train)

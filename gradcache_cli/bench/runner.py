@@ -8,9 +8,10 @@ in one process. It writes PNG plots, ``results.md`` and ``results.json`` to ``--
 tables.
 
 This module plans and reports; it imports no framework. Every measurement runs in a child process
-(:mod:`gradcache._bench_child`): torch and TensorFlow one fresh process per step measured, JAX one
-process that asks the compiler (its figures need no run). Argument errors are one line and exit
-status 2 (:class:`gradcache._demo.options.UsageError`, printed by :mod:`gradcache._cli`).
+(:mod:`gradcache_cli.bench.child`): torch and TensorFlow one fresh process per step measured, JAX
+one process that asks the compiler (its figures need no run). Argument errors are one line and
+exit status 2 (:class:`gradcache_cli.demo.options.UsageError`, printed by
+:mod:`gradcache_cli._main`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gradcache._bench_model import DEFAULT, QUICK, sweep
-from gradcache._demo.memory import mentions_memory
-from gradcache._demo.options import UsageError, non_negative_int, positive_int
+from gradcache_cli.bench.model import DEFAULT, QUICK, sweep
+from gradcache_cli.demo.options import UsageError, non_negative_int, positive_int
+from gradcache_cli.memory import mentions_memory
 
 # backend -> (framework module, adapter module, the name people know it by)
 BACKENDS = {"torch": ("torch", "gradcache_torch", "PyTorch"),
@@ -143,12 +144,12 @@ def child_env(threads: int) -> dict[str, str]:
 
 
 def run_child(payload: dict, *, timeout: float) -> dict:
-    """Runs one job in a fresh ``python -m gradcache._bench_child`` and returns its JSON answer.
+    """Runs one job in a fresh ``python -m gradcache_cli.bench.child`` and returns its JSON answer.
 
     A child that dies answers ``{"error": why}``; one whose death looks like a failed allocation
     (an abort from ``std::bad_alloc``, the kernel's OOM killer) also says ``"fits": False``.
     """
-    command = [sys.executable, "-m", "gradcache._bench_child", json.dumps(payload)]
+    command = [sys.executable, "-m", "gradcache_cli.bench.child", json.dumps(payload)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                               env=child_env(payload.get("threads", 0)))
@@ -236,8 +237,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         raise UsageError(f"--out: cannot create {plan['out']}: {error.strerror}") from None
 
-    from gradcache import _bench_report as report
-    from gradcache._bench_model import describe
+    from gradcache_cli.bench import report
+    from gradcache_cli.bench.model import describe
 
     started, load_before = time.perf_counter(), report.load_average()
     _say(f"gradcache bench: {describe(plan['model'])}; chunk {plan['chunk']}, budget "

@@ -1,24 +1,23 @@
-"""The ``gradcache`` command line: ``gradcache demo`` (and ``python -m gradcache demo``).
+"""The ``gradcache`` command line: ``gradcache demo`` and ``gradcache bench``.
 
-Subcommands are wired lazily: a subcommand's module is imported only when it runs, so ``gradcache
---help`` and bad arguments cost no framework import. Every user error -- an unknown or missing
-backend, a chunk larger than the batch, a non-positive size -- ends in one line on stderr and exit
-status 2, never a traceback. ``bench`` is wired to ``gradcache._bench`` (``add_arguments(parser)``
-and ``run(args)``) once that module exists; until then it says it is not available.
+The console script ``gradcache`` runs :func:`main`, as do ``python -m gradcache_cli`` and
+``python -m gradcache``. Subcommands are wired lazily: no framework is imported until a subcommand
+runs a backend, so ``gradcache --help`` and bad arguments cost no framework import. Every user
+error -- an unknown or missing backend, a chunk larger than the batch, a non-positive size -- ends
+in one line on stderr and exit status 2, never a traceback. ``demo`` runs
+:mod:`gradcache_cli.demo.runner`; ``bench`` runs :mod:`gradcache_cli.bench.runner`
+(``add_arguments(parser)`` and ``run(args)``), which plans and reports and imports no framework.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 from collections.abc import Sequence
 
 from gradcache import __version__
-from gradcache._demo import options
-
-_BENCH_MODULE = "gradcache._bench"
+from gradcache_cli.bench import runner as bench_runner
+from gradcache_cli.demo import options
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -26,13 +25,6 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ImportError:
-        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,27 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "and a small-batch run with the same epochs for comparison.")
     options.add_arguments(demo)
     bench = commands.add_parser("bench", help="memory and speed curves, cached vs full-batch step")
-    if _module_exists(_BENCH_MODULE):
-        importlib.import_module(_BENCH_MODULE).add_arguments(bench)
+    bench_runner.add_arguments(bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``gradcache`` command line; returns the exit status (0 ok, 2 usage, 130 interrupt)."""
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    # Without a bench module, whatever `make bench` passes is answered by "not available" below
-    # rather than by a complaint about its arguments.
-    if unknown and not (args.command == "bench" and not _module_exists(_BENCH_MODULE)):
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = parser.parse_args(argv)
     try:
         if args.command == "bench":
-            if not _module_exists(_BENCH_MODULE):
-                raise options.UsageError("not available yet in this version (the demo is: "
-                                         "gradcache demo)")
-            return int(importlib.import_module(_BENCH_MODULE).run(args) or 0)
+            return int(bench_runner.run(args) or 0)
         options.finalize(args)
-        from gradcache._demo import runner
+        from gradcache_cli.demo import runner
 
         runner.run(args)
         return 0

@@ -2,7 +2,8 @@
 
 The cached step is ``gradcache_torch.cached_step``; the full-batch step is the plain
 ``info_nce(model(q), model(p)).backward()`` it replaces. Both leave the parameter gradients in
-``.grad``. Imported only in a child process (:mod:`gradcache._bench_child`), since it imports torch.
+``.grad``. Imported only in a child process (:mod:`gradcache_cli.bench.child`), since it imports
+torch.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradcache._bench_model import SCALE, init_weights, time_interleaved, token_batch
-from gradcache._demo.memory import mentions_memory, rss_growth
+from gradcache_cli.bench.model import SCALE, init_weights, time_interleaved, token_batch
+from gradcache_cli.memory import mentions_memory, rss_growth
 from gradcache_torch import cached_step
 
 

@@ -1,7 +1,7 @@
 """The output of ``gradcache bench``: the machine's description, the markdown tables and the plots.
 
-``write`` turns the measurements gathered by :mod:`gradcache._bench` into ``results.md`` (the
-machine, the settings, a memory table with one ``cached`` and one ``full`` row per backend, a
+``write`` turns the measurements gathered by :mod:`gradcache_cli.bench.runner` into ``results.md``
+(the machine, the settings, a memory table with one ``cached`` and one ``full`` row per backend, a
 step-time table), ``results.json`` (everything, for scripts) and PNG plots: ``memory.png`` with one
 log-log panel per backend, and ``memory-<backend>.png`` for each alone. Matplotlib is imported only
 when plotting, with the Agg backend, so no display is needed.
@@ -17,7 +17,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from gradcache._bench_model import describe
+from gradcache_cli.bench.model import describe
 
 MIB = 1 << 20
 NAMES = {"torch": "PyTorch", "jax": "JAX", "tf": "TensorFlow"}

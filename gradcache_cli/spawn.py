@@ -1,7 +1,9 @@
-"""Runs a function on several torch.distributed processes (gloo, 127.0.0.1) and collects results.
+"""Runs a function on several local torch.distributed ranks (gloo, 127.0.0.1) and collects results.
 
-Each rank's return value comes back through a file (``torch.save``), an exception as its text; the
-whole run stops within ``timeout`` seconds whatever the workers do, so a hang fails the test.
+Shared by the torch distributed tests and ``benchmarks/bench_distributed.py``, which is why it lives
+here rather than under ``tests/``. Each rank's return value comes back through a file
+(``torch.save``), an exception as its text; the whole run stops within ``timeout`` seconds whatever
+the workers do, so a hang fails the caller instead of stalling it. Imports torch.
 """
 
 from __future__ import annotations

@@ -1,12 +1,17 @@
 """Peak-memory measurement of one training step, in a fresh process, for any backend.
 
+The one place where gradcache's tools read memory: the demo, ``gradcache bench`` and the scripts in
+``benchmarks/`` all measure through this module (:func:`baseline` and :func:`peak_rss_bytes` for
+a peak above a starting point, :func:`rss_growth` for a capped step, :func:`run_probe` for a fresh
+process), and TensorFlow's reading (:mod:`gradcache_cli.tf_memory`) builds on it.
+
 On a CPU there is no allocator statistic common to every framework, so the demo measures what the
 operating system sees: a fresh Python process builds the model and one batch, notes its resident
 memory, runs one step, and reports how far its peak resident memory (Linux ``VmHWM``, reset just
 before the step) rose above that. One process per configuration, because a peak can only be read
-once and allocators keep freed memory. The child's C allocator is told to return freed blocks at once (glibc's
-``MALLOC_MMAP_THRESHOLD_``), so that its resident memory follows the live buffers and the figure
-repeats from run to run. The child also caps its address space, so that a full-batch
+once and allocators keep freed memory. The child's C allocator is told to return freed blocks at
+once (glibc's ``MALLOC_MMAP_THRESHOLD_``), so that its resident memory follows the live buffers and
+the figure repeats from run to run. The child also caps its address space, so that a full-batch
 step too large for the machine fails inside the child ("did not fit") instead of pushing the
 machine into swap. Standard library only; the child's work is the backend module's ``probe_main``.
 """
@@ -87,6 +92,29 @@ def reset_peak() -> bool:
         return False
 
 
+def baseline() -> int:
+    """Readies a peak measurement and returns its starting point: resident memory now.
+
+    Collects garbage, hands freed heap pages back (:func:`trim_heap`) and resets the peak mark
+    (:func:`reset_peak`), so that ``peak_rss_bytes() - baseline()`` is the peak growth of whatever
+    runs in between (Linux; elsewhere the peak cannot be reset and the figure is an upper bound).
+    """
+    trim_heap()
+    reset_peak()
+    return rss_bytes()
+
+
+def fixed_mmap_env(threshold: int = 64 << 10) -> dict[str, str]:
+    """Environment for a child process whose glibc serves blocks of ``threshold`` bytes or more by
+    mmap and unmaps them when freed.
+
+    By default glibc raises its mmap threshold after large frees, after which freed activations
+    linger in a fragmented heap; with the threshold fixed, resident memory follows the live tensors
+    and a peak is the step's, not the allocator's reuse luck. Other C libraries ignore it.
+    """
+    return {"MALLOC_MMAP_THRESHOLD_": str(threshold)}
+
+
 def available_bytes() -> int | None:
     """Memory the machine can still give without swapping (Linux ``MemAvailable``), if known."""
     try:
@@ -160,9 +188,7 @@ def rss_growth(step: Callable[[], Any], warm_up: Callable[[], Any], budget: int,
     capped = cap_address_space(cap_guard(budget))
     try:
         warm_up()
-        trim_heap()
-        before = rss_bytes()
-        reset_peak()
+        before = baseline()
         step()
         grown = max(peak_rss_bytes() - before, 0)
     except (MemoryError, Exception) as error:  # noqa: BLE001 - the framework's own OOM types vary
@@ -188,12 +214,8 @@ def run_probe(module: str, payload: Mapping[str, Any], *, timeout: float = 900) 
     The child prints one JSON line: ``{"bytes": n}`` or ``{"bytes": null, "limit": n, "note": s}``.
     """
     command = [sys.executable, "-m", module, "--probe", json.dumps(dict(payload))]
-    env = dict(os.environ)
+    env = {**fixed_mmap_env(), **os.environ}  # a threshold the caller set wins
     env.setdefault("PYTHONHASHSEED", "0")
-    # glibc: serve every block of 64 KiB or more by mmap and unmap it when freed, instead of
-    # letting freed blocks linger in the heap. Resident memory then follows the live tensors, and
-    # its peak is that of the step, not of the allocator's reuse luck (ignored by other libcs).
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 << 10))
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

@@ -4,7 +4,7 @@ The cached step is ``gradcache_jax.cached_step`` under ``jax.jit``; the full-bat
 ``jax.jit(jax.value_and_grad(...))`` of the same loss on the whole batch. Memory needs no run and no
 fresh process: XLA's own account of the compiled program
 (``jax.jit(step).lower(...).compile().memory_analysis()``) is exact, so one child sweeps every
-batch size by compiling alone. Imported only in a child process (:mod:`gradcache._bench_child`).
+batch size by compiling alone. Imported only in a child process (:mod:`gradcache_cli.bench.child`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gradcache._bench_model import SCALE, init_weights, time_interleaved, token_batch
-from gradcache._bench_model import sweep as plan_sweep
+from gradcache_cli.bench.model import SCALE, init_weights, time_interleaved, token_batch
+from gradcache_cli.bench.model import sweep as plan_sweep
 from gradcache_jax import cached_step
 
 

@@ -6,7 +6,7 @@ encoder is a ``tf.Module`` holding plain variables (no Keras, whose import would
 start-up). A ``tf.function`` traces once per input shape, so each probe warms up at the very batch
 it measures: the trace and graph optimisation are then paid before the measured step. Memory is
 read from TensorFlow's own CPU allocator where it keeps statistics (see :func:`memory`), else from
-the resident set. Imported only in a child process (:mod:`gradcache._bench_child`).
+the resident set. Imported only in a child process (:mod:`gradcache_cli.bench.child`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402 - the log level must be set before the import
 
 import gradcache_tf  # noqa: E402
-from gradcache._bench_model import SCALE, init_weights, time_interleaved, token_batch  # noqa: E402
-from gradcache._demo import tf_memory  # noqa: E402
+from gradcache_cli import tf_memory  # noqa: E402
+from gradcache_cli.bench.model import SCALE, init_weights, time_interleaved, token_batch  # noqa: E402
 
 
 class Encoder(tf.Module):
@@ -85,7 +85,7 @@ def _threads(payload: dict) -> None:
 def memory(payload: dict) -> dict:
     """One step of ``payload["kind"]`` at ``payload["batch"]`` rows: its peak memory growth.
 
-    Measured by :func:`gradcache._demo.tf_memory.step_peak`: TensorFlow's CPU allocator statistics
+    Measured by :func:`gradcache_cli.tf_memory.step_peak`: TensorFlow's CPU allocator statistics
     where it keeps them (oneDNN on: a pooling allocator that keeps what it once held, so after a
     warm-up at the same shape -- needed, or the trace would be measured -- resident memory no longer
     moves), else resident-memory growth (a plain allocator that returns memory), as for torch.

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import tensorflow as tf
 
-from gradcache._demo import memory
+from gradcache_cli import memory
 
 DEVICE = "CPU:0"
 T = TypeVar("T")
@@ -70,7 +70,7 @@ def step_peak(step: Callable[[], Any], warm_up: Callable[[], Any], budget: int) 
     """Peak memory growth of ``step()`` over what was held just before it, under an address-space cap.
 
     ``warm_up()`` runs first (the ``tf.function`` trace, thread pools). Returns
-    :func:`gradcache._demo.memory.rss_growth`'s dictionary (``bytes``, ``fits``, or a ``note`` when
+    :func:`gradcache_cli.memory.rss_growth`'s dictionary (``bytes``, ``fits``, or a ``note`` when
     an allocation failed under the cap) with ``method``: ``"allocator"`` when the figure is the
     allocator's peak in use during the step above what it held before (then ``rss_bytes`` is the
     resident growth, for reference), ``"rss"`` when it is peak resident-memory growth.

