@@ -153,6 +153,46 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+
+@dataclass
+class CachedForward:
+    """What the first half of a step (pass 1 and the loss) leaves for the second (pass 2).
+
+    :func:`cached_forward` builds it; :func:`cached_backward` consumes it, once. Between the two
+    the encoders' activations are gone: only the representations' gradients (``rep_grads``, this
+    rank's rows, already times the collective's ``grad_scale``), the random-state records of every
+    chunk, and -- for ``check_determinism`` -- the representations themselves are held. A
+    framework-driven backward pass (a torch ``autograd.Function``, a JAX ``custom_vjp``, a TF
+    ``custom_gradient``) keeps this object from its forward to its backward and passes the
+    incoming gradient of the loss as ``upstream``.
+
+    Attributes:
+        loss: the loss of the (global) batch, with no graph attached.
+        grads: the backend's gradient accumulator after the loss (loss-owned parameters' share).
+        rep_grads: ``dloss/dreps``, one nested gradient per input group.
+    """
+
+    backend: Backend
+    groups: list[GroupPlan]
+    reps: list
+    records: list
+    rep_grads: list
+    loss: Any
+    grads: Any
+    check_determinism: bool
+    determinism_tolerance: float
+    rendezvous: Rendezvous
+    bar: _Progress
+    consumed: bool = False
+
+    def close(self) -> None:
+        """Releases what the forward holds for the backward (progress bar included); the state
+        can then no longer be pulled back. Idempotent."""
+        self.bar.close()
+        self.consumed = True
+        self.reps, self.records, self.rep_grads = [], [], []
 
 
 def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: Callable, *,
@@ -163,8 +203,10 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
                     collective: Collective | None = None) -> tuple[Any, Any]:
     """Runs one gradient-cached step on ``backend``; returns ``(loss, grads)``.
 
-    This is what every adapter's ``cached_step`` calls after building its backend. ``grads`` is the
-    backend's accumulator (``None`` for torch, whose gradients land in ``.grad``).
+    This is what every adapter's ``cached_step`` calls after building its backend: both halves of
+    the schedule (:func:`cached_forward`, then :func:`cached_backward`) inside the backend's
+    transaction. ``grads`` is the backend's accumulator (``None`` for torch, whose gradients land
+    in ``.grad``).
 
     With a ``collective`` the step is one rank's part of a distributed step: the loss sees every
     rank's representations concatenated in rank order (or, if it ``gathers_itself``, this rank's,
@@ -180,6 +222,40 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
     ...                               chunk_size=3)
     >>> grads[id(encoder)]["weight"].shape
     (5, 3)
+    """
+    with backend.transaction():
+        forward = cached_forward(
+            backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
+            loss_kwargs=loss_kwargs, split_fn=split_fn, check_finite=check_finite,
+            check_determinism=check_determinism, determinism_tolerance=determinism_tolerance,
+            progress=progress, collective=collective)
+        grads = cached_backward(forward)
+    return forward.loss, grads
+
+
+def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: Callable, *,
+                   chunk_size: int | Sequence[int], get_rep: Any = None,
+                   loss_kwargs: Mapping | None = None, split_fn: Callable | None = None,
+                   check_finite: bool = False, check_determinism: bool = False,
+                   determinism_tolerance: float = 1e-5, progress: bool = False,
+                   collective: Collective | None = None) -> CachedForward:
+    """The first half of a step: plan, pass 1, the loss and its gradient with respect to the reps.
+
+    Validates every argument before anything runs, encodes every chunk without a graph (recording
+    its random state), takes the loss (on the global batch, with a ``collective``) and
+    ``dloss/dreps``, and runs ``check_finite``. Gradients of loss-owned parameters go into the
+    accumulator here. Run it inside ``backend.transaction()`` when the backend writes gradients in
+    place. The arguments are :func:`run_cached_step`'s.
+
+    >>> import numpy as np
+    >>> from gradcache.testing import NumpyBackend, LinearEncoder, NumpyInfoNCE
+    >>> rng = np.random.default_rng(0)
+    >>> encoder = LinearEncoder(rng.normal(size=(5, 3)))
+    >>> batch = (rng.normal(size=(8, 5)), rng.normal(size=(8, 5)))
+    >>> forward = cached_forward(NumpyBackend(), encoder, batch, NumpyInfoNCE(), chunk_size=3)
+    >>> [grad.shape for grad in forward.rep_grads]
+    [(8, 3), (8, 3)]
+    >>> grads = cached_backward(forward, upstream=0.5)   # the gradients of 0.5 * loss
     """
     rendezvous = Rendezvous(collective, planned=1)
     try:
@@ -203,31 +279,62 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
     total = 2 * sum(g.plan.num_chunks if g.plan else len(g.pre_split) for g in groups)
     bar = _Progress(track, total)
     try:
-        with backend.transaction():
-            try:
-                grads = backend.zero_grads()
-                reps, records = [], []
-                for group in groups:
-                    rep, record = _pass_one(backend, group, bar)
-                    reps.append(rep)
-                    records.append(record)
-                if collective is None:
-                    loss, rep_grads, grads = backend.loss_and_rep_grads(checked_loss, reps, grads)
-                else:
-                    loss, rep_grads, grads = _distributed_loss(backend, collective, rendezvous,
-                                                               checked_loss, reps, grads)
-                if check_finite:
-                    backend.run_check(_require_finite(backend), loss)
-                for group, rep, rep_grad, record in zip(groups, reps, rep_grads, records):
-                    grads = _pass_two(backend, group, rep if check_determinism else None, rep_grad,
-                                      record, grads, determinism_tolerance, bar)
-                rendezvous.agree("after pass 2")
-            except Exception as error:
-                rendezvous.fail(error)
-                raise
-    finally:
+        grads = backend.zero_grads()
+        reps, records = [], []
+        for group in groups:
+            rep, record = _pass_one(backend, group, bar)
+            reps.append(rep)
+            records.append(record)
+        if collective is None:
+            loss, rep_grads, grads = backend.loss_and_rep_grads(checked_loss, reps, grads)
+        else:
+            loss, rep_grads, grads = _distributed_loss(backend, collective, rendezvous,
+                                                       checked_loss, reps, grads)
+        if check_finite:
+            backend.run_check(_require_finite(backend), loss)
+    except Exception as error:
         bar.close()
-    return loss, grads
+        rendezvous.fail(error)
+        raise
+    return CachedForward(backend, groups, reps if check_determinism else [None] * len(reps),
+                         records, rep_grads, loss, grads, check_determinism,
+                         determinism_tolerance, rendezvous, bar)
+
+
+def cached_backward(forward: CachedForward, upstream: Any = None) -> Any:
+    """The second half of a step: pass 2, pulling ``upstream * dloss/dreps`` into the parameters.
+
+    Each chunk is re-encoded with a graph under its replayed random state and the matching slice
+    of the representations' gradient is pulled back into the gradient accumulator, which is
+    returned. ``upstream`` is the gradient of whatever the caller differentiates with respect to
+    the loss (a loss scale, ``1 / accumulation_steps``); ``None`` means 1. The loss-owned
+    parameters' gradient, added in the first half, is *not* scaled here: a caller passing
+    ``upstream`` scales it itself. Every rank of a distributed step then meets the last time.
+    A forward can be pulled back once; a second call raises :class:`GradCacheError`.
+    """
+    if forward.consumed:
+        raise GradCacheError(
+            "this cached forward was already pulled back (or released): pass 2 runs once per "
+            "forward; run the forward again for another backward")
+    forward.consumed = True
+    backend = forward.backend
+    rep_grads = forward.rep_grads
+    if upstream is not None:
+        rep_grads = [_tree.map_leaves(lambda leaf: leaf * upstream, grad, backend.is_leaf)
+                     for grad in rep_grads]
+    grads = forward.grads
+    try:
+        for group, rep, rep_grad, record in zip(forward.groups, forward.reps, rep_grads,
+                                                forward.records):
+            grads = _pass_two(backend, group, rep, rep_grad, record, grads,
+                              forward.determinism_tolerance, forward.bar)
+        forward.rendezvous.agree("after pass 2")
+    except Exception as error:
+        forward.rendezvous.fail(error)
+        raise
+    finally:
+        forward.close()
+    return grads
 
 
 def _agree_chunk_counts(rendezvous: Rendezvous, groups: list[GroupPlan]) -> None:
