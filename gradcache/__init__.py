@@ -14,6 +14,7 @@ from gradcache._backend import Backend, ChunkPlan, call_with_convention, python_
 from gradcache._collective import Collective, Rendezvous
 from gradcache._dispatch import cached_step
 from gradcache._errors import GradCacheError
+from gradcache._options import StepKeywords, StepOptions
 from gradcache._schedule import (
     CachedForward,
     CheckedLoss,
@@ -41,6 +42,8 @@ __all__ = [
     "map_leaves",
     "python_chunk_loop",
     "Rendezvous",
+    "StepKeywords",
+    "StepOptions",
     "run_cached_step",
     "unflatten",
 ]

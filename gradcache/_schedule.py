@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gradcache import _tree
+from gradcache import _padding, _tree
 from gradcache._backend import Backend, ChunkPlan, python_chunk_loop
 from gradcache._collective import Collective, Rendezvous
 from gradcache._errors import GradCacheError, add_location_note, where
@@ -97,8 +97,13 @@ def group_batch_size(backend: Backend, tree: Any, group: int) -> int:
 
 
 def plan_groups(backend: Backend, encoders: Any, inputs: Any, chunk_size: Any, *,
-                get_rep: Any = None, split_fn: Callable | None = None) -> list[GroupPlan]:
-    """Validates the arguments of a step and plans its chunks; raises before anything runs."""
+                get_rep: Any = None, split_fn: Callable | None = None,
+                pad_trim: bool = False) -> list[GroupPlan]:
+    """Validates the arguments of a step and plans its chunks; raises before anything runs.
+
+    With ``pad_trim``, a group with an attention mask is cut into its chunks here, each trimmed
+    to the columns its rows use (chunks of different shapes then run in a Python loop).
+    """
     if isinstance(inputs, Mapping) or not isinstance(inputs, (list, tuple)):
         raise GradCacheError(
             f"inputs must be a list or tuple of input groups, e.g. (queries, passages); got "
@@ -126,7 +131,11 @@ def plan_groups(backend: Backend, encoders: Any, inputs: Any, chunk_size: Any, *
             groups.append(GroupPlan(index, encoder, group_inputs, None, pick, pre_split=chunks))
             continue
         batch = group_batch_size(backend, group_inputs, index)
-        groups.append(GroupPlan(index, encoder, group_inputs, ChunkPlan.uniform(batch, size), pick))
+        plan = ChunkPlan.uniform(batch, size)
+        trimmed = _padding.trimmed_chunks(backend, group_inputs, plan.bounds, index) \
+            if pad_trim else None
+        groups.append(GroupPlan(index, encoder, group_inputs, plan if trimmed is None else None,
+                                pick, pre_split=trimmed))
     last_group_of = {id(group.encoder): group.index for group in groups}
     for group in groups:
         group.last_for_encoder = last_group_of[id(group.encoder)] == group.index
@@ -198,6 +207,7 @@ class CachedForward:
 def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                     chunk_size: int | Sequence[int], get_rep: Any = None,
                     loss_kwargs: Mapping | None = None, split_fn: Callable | None = None,
+                    pad_trim: bool = False, sort_by_length: bool = False,
                     check_finite: bool = False, check_determinism: bool = False,
                     determinism_tolerance: float = 1e-5, progress: bool = False,
                     collective: Collective | None = None) -> tuple[Any, Any]:
@@ -226,7 +236,8 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
     with backend.transaction():
         forward = cached_forward(
             backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
-            loss_kwargs=loss_kwargs, split_fn=split_fn, check_finite=check_finite,
+            loss_kwargs=loss_kwargs, split_fn=split_fn, pad_trim=pad_trim,
+            sort_by_length=sort_by_length, check_finite=check_finite,
             check_determinism=check_determinism, determinism_tolerance=determinism_tolerance,
             progress=progress, collective=collective)
         grads = cached_backward(forward)
@@ -236,6 +247,7 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
 def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                    chunk_size: int | Sequence[int], get_rep: Any = None,
                    loss_kwargs: Mapping | None = None, split_fn: Callable | None = None,
+                   pad_trim: bool = False, sort_by_length: bool = False,
                    check_finite: bool = False, check_determinism: bool = False,
                    determinism_tolerance: float = 1e-5, progress: bool = False,
                    collective: Collective | None = None) -> CachedForward:
@@ -259,7 +271,15 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
     """
     rendezvous = Rendezvous(collective, planned=1)
     try:
-        groups = plan_groups(backend, encoders, inputs, chunk_size, get_rep=get_rep, split_fn=split_fn)
+        if sort_by_length:
+            if collective is not None:
+                raise GradCacheError(
+                    "sort_by_length is not supported in a distributed step: the loss sees the "
+                    "global batch, and each rank's sorting is its own")
+            if split_fn is None and isinstance(inputs, (list, tuple)):
+                inputs, loss_fn = _padding.sort_groups(backend, inputs, loss_fn)
+        groups = plan_groups(backend, encoders, inputs, chunk_size, get_rep=get_rep,
+                             split_fn=split_fn, pad_trim=pad_trim)
     except Exception as error:   # one rank's bad input must not leave the others waiting
         rendezvous.fail(error)
         raise
