@@ -14,24 +14,36 @@ from gradcache._backend import Backend, ChunkPlan, call_with_convention, python_
 from gradcache._collective import Collective, Rendezvous
 from gradcache._dispatch import cached_step
 from gradcache._errors import GradCacheError
-from gradcache._schedule import CheckedLoss, run_cached_step
+from gradcache._options import StepKeywords, StepOptions
+from gradcache._schedule import (
+    CachedForward,
+    CheckedLoss,
+    cached_backward,
+    cached_forward,
+    run_cached_step,
+)
 from gradcache._tree import TreeSpec, flatten, map_leaves, unflatten
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "CachedForward",
     "CheckedLoss",
     "ChunkPlan",
     "Collective",
     "GradCacheError",
     "TreeSpec",
+    "cached_backward",
+    "cached_forward",
     "cached_step",
     "call_with_convention",
     "flatten",
     "map_leaves",
     "python_chunk_loop",
     "Rendezvous",
+    "StepKeywords",
+    "StepOptions",
     "run_cached_step",
     "unflatten",
 ]

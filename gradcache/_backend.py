@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from gradcache import _tree
 from gradcache._errors import GradCacheError
 
@@ -166,17 +168,38 @@ class Backend:
         shape = self.shape(leaf)
         return shape[0] if shape else None
 
+    def to_host(self, leaf: Any) -> Any:
+        """The values of a tensor as a numpy array, or ``None`` while they are not known (a traced
+        tensor under ``jit`` or ``tf.function``). Used by the checks, ``pad_trim`` and
+        ``sort_by_length``; the default is ``numpy.asarray``."""
+        return np.asarray(leaf)
+
+    def take_rows(self, leaf: Any, index: Any) -> Any:
+        """Rows ``index`` (a numpy integer array) of a tensor, in that order, differentiably
+        (``sort_by_length``). The default indexes: ``leaf[index]``."""
+        return leaf[index]
+
+    def slice_columns(self, leaf: Any, stop: int) -> Any:
+        """Columns ``:stop`` of a tensor along its second dimension (``pad_trim``)."""
+        return leaf[:, :stop]
+
     def is_finite(self, value: Any) -> bool:
         """Whether a scalar loss is finite (used by ``check_finite``)."""
-        raise NotImplementedError(f"the {self.name} backend does not support check_finite")
+        return bool(np.all(np.isfinite(self._host_float(value))))
 
     def max_abs_diff(self, a: Any, b: Any) -> float:
         """Largest absolute difference between two tensors (used by ``check_determinism``)."""
-        raise NotImplementedError(f"the {self.name} backend does not support check_determinism")
+        return float(np.max(np.abs(self._host_float(a) - self._host_float(b)), initial=0.0))
 
     def max_abs(self, a: Any) -> float:
         """Largest absolute value of a tensor (scales ``check_determinism``'s tolerance)."""
-        raise NotImplementedError(f"the {self.name} backend does not support check_determinism")
+        return float(np.max(np.abs(self._host_float(a)), initial=0.0))
+
+    def _host_float(self, value: Any) -> Any:
+        host = self.to_host(value)
+        if host is None:
+            raise GradCacheError(f"the {self.name} backend could not read a value on the host")
+        return np.asarray(host).astype(np.float64)
 
     def run_check(self, check: Callable[..., None], *values: Any) -> None:
         """Runs ``check(*values)``, a test that raises when the step must not go on.

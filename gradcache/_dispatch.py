@@ -2,12 +2,15 @@
 
 Like einops, the core never imports a framework to find out what a tensor is: it reads the module
 name of the leaves' types, and imports the matching adapter (which imports its framework, already
-loaded by the user since their tensors exist). It must never import a framework the user has not.
+loaded by the user since their tensors exist); where the tensors alone do not tell (numpy batches),
+only frameworks already in ``sys.modules`` are candidates. It must never import a framework the
+user has not.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +32,13 @@ def _looks_like_tensor(value: Any) -> bool:
 
 
 def detect_adapter(inputs: Any, options: dict) -> str:
-    """Name of the adapter package for ``inputs`` (``"gradcache_torch"``, ...)."""
+    """Name of the adapter package for ``inputs`` (``"gradcache_torch"``, ...).
+
+    Reads the module name of the leaves' types; a framework is a candidate only if it is already
+    imported (``sys.modules``), so that dispatch never imports one the user has not. Numpy batches
+    with ``params=`` are JAX's idiom (a data loader's arrays fed to a functional step) when JAX is
+    imported; anything else ambiguous is an error naming the adapters to call.
+    """
     leaves, _ = _tree.flatten(inputs, _looks_like_tensor)
     roots = {type(leaf).__module__.split(".")[0] for leaf in leaves}
     adapters = {_ADAPTERS[root][0] for root in roots if root in _ADAPTERS}
@@ -39,7 +48,11 @@ def detect_adapter(inputs: Any, options: dict) -> str:
     if adapters:
         return adapters.pop()
     if roots == {"numpy"} and "params" in options:
-        return "gradcache_jax"  # JAX steps often take numpy batches straight from a data loader
+        if "jax" in sys.modules:
+            return "gradcache_jax"  # JAX steps often take numpy batches straight from a loader
+        raise GradCacheError(
+            "numpy inputs with params= look like a JAX step, but jax is not imported (gradcache "
+            "never imports a framework for you): import jax, or call gradcache_jax.cached_step")
     raise GradCacheError(
         f"cannot tell which framework the inputs belong to (tensor types from {sorted(roots) or 'nothing'}); "
         f"call gradcache_torch.cached_step, gradcache_jax.cached_step or gradcache_tf.cached_step")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gradcache import _tree
+from gradcache import _padding, _tree
 from gradcache._backend import Backend, ChunkPlan, python_chunk_loop
 from gradcache._collective import Collective, Rendezvous
 from gradcache._errors import GradCacheError, add_location_note, where
@@ -97,8 +97,13 @@ def group_batch_size(backend: Backend, tree: Any, group: int) -> int:
 
 
 def plan_groups(backend: Backend, encoders: Any, inputs: Any, chunk_size: Any, *,
-                get_rep: Any = None, split_fn: Callable | None = None) -> list[GroupPlan]:
-    """Validates the arguments of a step and plans its chunks; raises before anything runs."""
+                get_rep: Any = None, split_fn: Callable | None = None,
+                pad_trim: bool = False) -> list[GroupPlan]:
+    """Validates the arguments of a step and plans its chunks; raises before anything runs.
+
+    With ``pad_trim``, a group with an attention mask is cut into its chunks here, each trimmed
+    to the columns its rows use (chunks of different shapes then run in a Python loop).
+    """
     if isinstance(inputs, Mapping) or not isinstance(inputs, (list, tuple)):
         raise GradCacheError(
             f"inputs must be a list or tuple of input groups, e.g. (queries, passages); got "
@@ -126,7 +131,11 @@ def plan_groups(backend: Backend, encoders: Any, inputs: Any, chunk_size: Any, *
             groups.append(GroupPlan(index, encoder, group_inputs, None, pick, pre_split=chunks))
             continue
         batch = group_batch_size(backend, group_inputs, index)
-        groups.append(GroupPlan(index, encoder, group_inputs, ChunkPlan.uniform(batch, size), pick))
+        plan = ChunkPlan.uniform(batch, size)
+        trimmed = _padding.trimmed_chunks(backend, group_inputs, plan.bounds, index) \
+            if pad_trim else None
+        groups.append(GroupPlan(index, encoder, group_inputs, plan if trimmed is None else None,
+                                pick, pre_split=trimmed))
     last_group_of = {id(group.encoder): group.index for group in groups}
     for group in groups:
         group.last_for_encoder = last_group_of[id(group.encoder)] == group.index
@@ -153,18 +162,61 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+
+@dataclass
+class CachedForward:
+    """What the first half of a step (pass 1 and the loss) leaves for the second (pass 2).
+
+    :func:`cached_forward` builds it; :func:`cached_backward` consumes it, once. Between the two
+    the encoders' activations are gone: only the representations' gradients (``rep_grads``, this
+    rank's rows, already times the collective's ``grad_scale``), the random-state records of every
+    chunk, and -- for ``check_determinism`` -- the representations themselves are held. A
+    framework-driven backward pass (a torch ``autograd.Function``, a JAX ``custom_vjp``, a TF
+    ``custom_gradient``) keeps this object from its forward to its backward and passes the
+    incoming gradient of the loss as ``upstream``.
+
+    Attributes:
+        loss: the loss of the (global) batch, with no graph attached.
+        grads: the backend's gradient accumulator after the loss (loss-owned parameters' share).
+        rep_grads: ``dloss/dreps``, one nested gradient per input group.
+    """
+
+    backend: Backend
+    groups: list[GroupPlan]
+    reps: list
+    records: list
+    rep_grads: list
+    loss: Any
+    grads: Any
+    check_determinism: bool
+    determinism_tolerance: float
+    rendezvous: Rendezvous
+    bar: _Progress
+    consumed: bool = False
+
+    def close(self) -> None:
+        """Releases what the forward holds for the backward (progress bar included); the state
+        can then no longer be pulled back. Idempotent."""
+        self.bar.close()
+        self.consumed = True
+        self.reps, self.records, self.rep_grads = [], [], []
 
 
 def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                     chunk_size: int | Sequence[int], get_rep: Any = None,
                     loss_kwargs: Mapping | None = None, split_fn: Callable | None = None,
+                    pad_trim: bool = False, sort_by_length: bool = False,
                     check_finite: bool = False, check_determinism: bool = False,
                     determinism_tolerance: float = 1e-5, progress: bool = False,
                     collective: Collective | None = None) -> tuple[Any, Any]:
     """Runs one gradient-cached step on ``backend``; returns ``(loss, grads)``.
 
-    This is what every adapter's ``cached_step`` calls after building its backend. ``grads`` is the
-    backend's accumulator (``None`` for torch, whose gradients land in ``.grad``).
+    This is what every adapter's ``cached_step`` calls after building its backend: both halves of
+    the schedule (:func:`cached_forward`, then :func:`cached_backward`) inside the backend's
+    transaction. ``grads`` is the backend's accumulator (``None`` for torch, whose gradients land
+    in ``.grad``).
 
     With a ``collective`` the step is one rank's part of a distributed step: the loss sees every
     rank's representations concatenated in rank order (or, if it ``gathers_itself``, this rank's,
@@ -181,9 +233,53 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
     >>> grads[id(encoder)]["weight"].shape
     (5, 3)
     """
+    with backend.transaction():
+        forward = cached_forward(
+            backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
+            loss_kwargs=loss_kwargs, split_fn=split_fn, pad_trim=pad_trim,
+            sort_by_length=sort_by_length, check_finite=check_finite,
+            check_determinism=check_determinism, determinism_tolerance=determinism_tolerance,
+            progress=progress, collective=collective)
+        grads = cached_backward(forward)
+    return forward.loss, grads
+
+
+def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: Callable, *,
+                   chunk_size: int | Sequence[int], get_rep: Any = None,
+                   loss_kwargs: Mapping | None = None, split_fn: Callable | None = None,
+                   pad_trim: bool = False, sort_by_length: bool = False,
+                   check_finite: bool = False, check_determinism: bool = False,
+                   determinism_tolerance: float = 1e-5, progress: bool = False,
+                   collective: Collective | None = None) -> CachedForward:
+    """The first half of a step: plan, pass 1, the loss and its gradient with respect to the reps.
+
+    Validates every argument before anything runs, encodes every chunk without a graph (recording
+    its random state), takes the loss (on the global batch, with a ``collective``) and
+    ``dloss/dreps``, and runs ``check_finite``. Gradients of loss-owned parameters go into the
+    accumulator here. Run it inside ``backend.transaction()`` when the backend writes gradients in
+    place. The arguments are :func:`run_cached_step`'s.
+
+    >>> import numpy as np
+    >>> from gradcache.testing import NumpyBackend, LinearEncoder, NumpyInfoNCE
+    >>> rng = np.random.default_rng(0)
+    >>> encoder = LinearEncoder(rng.normal(size=(5, 3)))
+    >>> batch = (rng.normal(size=(8, 5)), rng.normal(size=(8, 5)))
+    >>> forward = cached_forward(NumpyBackend(), encoder, batch, NumpyInfoNCE(), chunk_size=3)
+    >>> [grad.shape for grad in forward.rep_grads]
+    [(8, 3), (8, 3)]
+    >>> grads = cached_backward(forward, upstream=0.5)   # the gradients of 0.5 * loss
+    """
     rendezvous = Rendezvous(collective, planned=1)
     try:
-        groups = plan_groups(backend, encoders, inputs, chunk_size, get_rep=get_rep, split_fn=split_fn)
+        if sort_by_length:
+            if collective is not None:
+                raise GradCacheError(
+                    "sort_by_length is not supported in a distributed step: the loss sees the "
+                    "global batch, and each rank's sorting is its own")
+            if split_fn is None and isinstance(inputs, (list, tuple)):
+                inputs, loss_fn = _padding.sort_groups(backend, inputs, loss_fn)
+        groups = plan_groups(backend, encoders, inputs, chunk_size, get_rep=get_rep,
+                             split_fn=split_fn, pad_trim=pad_trim)
     except Exception as error:   # one rank's bad input must not leave the others waiting
         rendezvous.fail(error)
         raise
@@ -203,31 +299,62 @@ def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: 
     total = 2 * sum(g.plan.num_chunks if g.plan else len(g.pre_split) for g in groups)
     bar = _Progress(track, total)
     try:
-        with backend.transaction():
-            try:
-                grads = backend.zero_grads()
-                reps, records = [], []
-                for group in groups:
-                    rep, record = _pass_one(backend, group, bar)
-                    reps.append(rep)
-                    records.append(record)
-                if collective is None:
-                    loss, rep_grads, grads = backend.loss_and_rep_grads(checked_loss, reps, grads)
-                else:
-                    loss, rep_grads, grads = _distributed_loss(backend, collective, rendezvous,
-                                                               checked_loss, reps, grads)
-                if check_finite:
-                    backend.run_check(_require_finite(backend), loss)
-                for group, rep, rep_grad, record in zip(groups, reps, rep_grads, records):
-                    grads = _pass_two(backend, group, rep if check_determinism else None, rep_grad,
-                                      record, grads, determinism_tolerance, bar)
-                rendezvous.agree("after pass 2")
-            except Exception as error:
-                rendezvous.fail(error)
-                raise
-    finally:
+        grads = backend.zero_grads()
+        reps, records = [], []
+        for group in groups:
+            rep, record = _pass_one(backend, group, bar)
+            reps.append(rep)
+            records.append(record)
+        if collective is None:
+            loss, rep_grads, grads = backend.loss_and_rep_grads(checked_loss, reps, grads)
+        else:
+            loss, rep_grads, grads = _distributed_loss(backend, collective, rendezvous,
+                                                       checked_loss, reps, grads)
+        if check_finite:
+            backend.run_check(_require_finite(backend), loss)
+    except Exception as error:
         bar.close()
-    return loss, grads
+        rendezvous.fail(error)
+        raise
+    return CachedForward(backend, groups, reps if check_determinism else [None] * len(reps),
+                         records, rep_grads, loss, grads, check_determinism,
+                         determinism_tolerance, rendezvous, bar)
+
+
+def cached_backward(forward: CachedForward, upstream: Any = None) -> Any:
+    """The second half of a step: pass 2, pulling ``upstream * dloss/dreps`` into the parameters.
+
+    Each chunk is re-encoded with a graph under its replayed random state and the matching slice
+    of the representations' gradient is pulled back into the gradient accumulator, which is
+    returned. ``upstream`` is the gradient of whatever the caller differentiates with respect to
+    the loss (a loss scale, ``1 / accumulation_steps``); ``None`` means 1. The loss-owned
+    parameters' gradient, added in the first half, is *not* scaled here: a caller passing
+    ``upstream`` scales it itself. Every rank of a distributed step then meets the last time.
+    A forward can be pulled back once; a second call raises :class:`GradCacheError`.
+    """
+    if forward.consumed:
+        raise GradCacheError(
+            "this cached forward was already pulled back (or released): pass 2 runs once per "
+            "forward; run the forward again for another backward")
+    forward.consumed = True
+    backend = forward.backend
+    rep_grads = forward.rep_grads
+    if upstream is not None:
+        rep_grads = [_tree.map_leaves(lambda leaf: leaf * upstream, grad, backend.is_leaf)
+                     for grad in rep_grads]
+    grads = forward.grads
+    try:
+        for group, rep, rep_grad, record in zip(forward.groups, forward.reps, rep_grads,
+                                                forward.records):
+            grads = _pass_two(backend, group, rep, rep_grad, record, grads,
+                              forward.determinism_tolerance, forward.bar)
+        forward.rendezvous.agree("after pass 2")
+    except Exception as error:
+        forward.rendezvous.fail(error)
+        raise
+    finally:
+        forward.close()
+    return grads
 
 
 def _agree_chunk_counts(rendezvous: Rendezvous, groups: list[GroupPlan]) -> None:

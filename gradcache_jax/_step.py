@@ -8,14 +8,15 @@ stays in the core.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradcache import flatten, map_leaves, run_cached_step
+from gradcache import Collective, GradCacheError, StepOptions, flatten, map_leaves, run_cached_step
 from gradcache_jax._backend import JaxBackend, is_tensor
 from gradcache_jax._distributed import (
     MeshCollective,
@@ -24,6 +25,11 @@ from gradcache_jax._distributed import (
     resolve_axis,
     shard_key,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from gradcache import StepKeywords
 
 
 def _tracing(*trees: Any) -> bool:
@@ -37,11 +43,8 @@ def _tracing(*trees: Any) -> bool:
 
 def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                 chunk_size: int | Sequence[int], params: Any, rng: Any = None,
-                get_rep: Callable | Sequence | None = None, loss_kwargs: Mapping | None = None,
-                loss_takes_params: bool = False, split_fn: Callable | None = None,
-                check_finite: bool = False, check_determinism: bool = False,
-                determinism_tolerance: float = 1e-5, progress: bool = False,
-                axis_name: Any = None, mesh: Any = None) -> tuple[Any, Any]:
+                loss_takes_params: bool = False, axis_name: Any = None, mesh: Any = None,
+                **options: Unpack[StepKeywords]) -> tuple[Any, Any]:
     """One contrastive step over a batch larger than memory; returns ``(loss, grads)``.
 
     ``grads`` equals ``jax.grad`` of ``loss_fn(*[get_rep(enc(params, x)) for ...])`` on the full
@@ -66,31 +69,29 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             ``None`` in ``grads``.
         rng: a key. Chunk ``i`` of group ``g`` receives :func:`chunk_key(rng, g, i) <chunk_key>`,
             the same in both passes, so dropout masks match.
-        get_rep: picks the representation from an encoder's output (one callable or one per group).
-        loss_kwargs: extra keyword arguments for the loss (labels, masks).
         loss_takes_params: the loss owns parameters (a learnable temperature) kept in ``params``:
             it is called with ``params`` first and their gradient is added once.
-        split_fn: ``split_fn(group_input, chunk_size) -> list of chunks`` for inputs the core cannot
-            slice. Chunks made this way run in a Python loop (the program grows with them).
-        check_finite: fail if the loss is NaN or infinite. Eagerly this raises ``GradCacheError``;
-            under ``jit`` the check runs on the host when the loss exists and fails the compiled
-            call (``jax.errors.JaxRuntimeError`` carrying the message).
-        check_determinism: compare pass 2's representations with pass 1's, as ``check_finite``
-            (eagerly the step then runs chunk by chunk in Python and raises ``GradCacheError``).
-        determinism_tolerance: tolerance of ``check_determinism``, relative to the magnitude.
-        progress: a tqdm bar over the chunks of both passes. It follows an eager step (run chunk
-            by chunk); under ``jit`` it is off, as the chunks run inside one compiled program.
-        axis_name: distributed step. Without ``mesh``: the name of a mesh axis (or a tuple of
-            them) of the ``jax.shard_map`` this call runs inside; ``inputs`` are this device's rows,
-            the loss sees every device's representations (in device order), and every device
-            returns the global loss and the gradient of the whole global batch. Each device's
-            step key is ``fold_in(rng, axis_index(axis_name))``. With ``mesh``: the axis the batch
-            is split over (default: the mesh's only axis).
-        mesh: a ``jax.sharding.Mesh``: ``cached_step`` runs itself under ``jax.shard_map`` over it,
-            splitting every input group's rows evenly over ``axis_name`` and replicating
-            ``params``, ``rng`` and ``loss_kwargs``; ``chunk_size`` counts rows per device. It
-            returns what one device would on the whole global batch (the dropout masks aside,
-            drawn per device).
+        distributed: a step over the global batch split over devices. ``True``: a one-axis
+            mesh over every device, as with a ``jax.sharding.Mesh`` here: ``cached_step`` runs
+            itself under ``jax.shard_map`` over it, splitting every input group's rows evenly over
+            the batch axis and replicating ``params``, ``rng`` and ``loss_kwargs``;
+            ``chunk_size`` counts rows per device; it returns what one device would on the whole
+            global batch (the dropout masks aside, drawn per device). An axis name (or a tuple of
+            them): this call runs inside your own ``jax.shard_map`` and ``inputs`` are this
+            device's rows; the loss sees every device's representations (in device order), and
+            every device returns the global loss and the gradient of the whole global batch.
+            Each device's step key is ``fold_in(rng, axis_index(axis))``.
+        axis_name: with ``distributed=mesh``, the mesh axis the batch is split over (default: the
+            mesh's only axis). ``axis_name=`` alone and ``mesh=`` are the deprecated spellings of
+            ``distributed=axis`` and ``distributed=mesh``.
+        **options: the options every adapter shares (:class:`gradcache.StepOptions`):
+            ``get_rep``, ``loss_kwargs``, ``split_fn`` (its chunks run in a Python loop),
+            ``pad_trim`` and ``sort_by_length`` (eagerly only: they read the attention masks,
+            whose values a trace does not know), ``check_finite`` and ``check_determinism`` (under
+            ``jit`` they run on the host when the values exist and fail the compiled call with a
+            ``jax.errors.JaxRuntimeError`` carrying the message; eagerly the step then runs chunk
+            by chunk in Python and raises ``GradCacheError``), ``determinism_tolerance``,
+            ``progress`` (eager steps only: under ``jit`` the chunks run inside one program).
 
     Returns:
         ``(loss, grads)``: the scalar loss and the gradients with the structure of ``params``.
@@ -112,21 +113,24 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     >>> grads["w"].shape
     (8, 4)
     """
+    step = StepOptions.from_keywords(options, adapter="gradcache_jax",
+                                     own=("params", "rng", "loss_takes_params", "axis_name", "mesh"))
+    mesh, axis_name = _distribution(step.distributed, mesh, axis_name)
     if isinstance(inputs, (list, tuple)) and not hasattr(inputs, "_fields"):
         # numpy batches straight from a data loader: make them device arrays once, not per chunk
         inputs = type(inputs)(map_leaves(jnp.asarray, group, lambda v: isinstance(v, np.ndarray))
                               for group in inputs)
+    shared = step.step_keywords()
     if mesh is not None:
         axis = resolve_axis(mesh, axis_name)
+        per_device = {name: value for name, value in shared.items() if name != "loss_kwargs"}
 
         def shard_step(params: Any, rng: Any, inputs: Any, loss_kwargs: Any) -> tuple[Any, Any]:
-            return cached_step(
-                encoders, inputs, loss_fn, chunk_size=chunk_size, params=params, rng=rng,
-                get_rep=get_rep, loss_kwargs=loss_kwargs, loss_takes_params=loss_takes_params,
-                split_fn=split_fn, check_finite=check_finite, check_determinism=check_determinism,
-                determinism_tolerance=determinism_tolerance, progress=progress, axis_name=axis)
+            return cached_step(encoders, inputs, loss_fn, chunk_size=chunk_size, params=params,
+                               rng=rng, loss_takes_params=loss_takes_params,
+                               loss_kwargs=loss_kwargs, distributed=axis, **per_device)
 
-        return on_mesh(mesh, axis, shard_step, params, rng, inputs, loss_kwargs)
+        return on_mesh(mesh, axis, shard_step, params, rng, inputs, step.loss_kwargs)
     collective = None
     if axis_name is not None:
         # one device's part of a step inside shard_map: always traced, one program for all devices
@@ -139,7 +143,7 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         traced = _tracing((params, rng), inputs)
         # Eagerly, a progress bar or a determinism check wants the chunks one by one in Python:
         # exact chunk numbers in errors, a bar that moves. Under a trace, scan.
-        scan = traced or not (progress or check_determinism)
+        scan = traced or not (step.progress or step.check_determinism)
         backend = JaxBackend(params, rng=rng, loss_takes_params=loss_takes_params, scan=scan,
                              concrete=not traced)
     if loss_takes_params:
@@ -151,11 +155,48 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         # a loss that communicates itself (across_ranks) must still be handed local rows
         loss_fn.gathers_itself = getattr(user_loss, "gathers_itself", False)
 
-    loss, grads = run_cached_step(
-        backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
-        loss_kwargs=loss_kwargs, split_fn=split_fn, check_finite=check_finite,
-        check_determinism=check_determinism, determinism_tolerance=determinism_tolerance,
-        progress=progress, collective=collective)
+    loss, grads = run_cached_step(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
+                                  collective=collective, **shared)
     if collective is not None:
         grads = backend.reduce(grads)
     return loss, backend.grads_like_params(grads)
+
+
+def _distribution(distributed: Any, mesh: Any, axis_name: Any) -> tuple[Any, Any]:
+    """``(mesh, axis_name)`` from the one ``distributed=`` argument (and the deprecated spellings).
+
+    ``True``: a one-axis mesh over every device; a ``Mesh``: that mesh (``axis_name`` picks its
+    batch axis when it has several); an axis name or a tuple of them: the axes of the
+    ``shard_map`` this call runs inside; a :class:`MeshCollective`: its axis.
+    """
+    if mesh is not None:
+        warnings.warn("cached_step(..., mesh=m) is deprecated: pass distributed=m (and axis_name= "
+                      "for a mesh of several axes)", DeprecationWarning, stacklevel=3)
+        if distributed not in (False, None):
+            raise GradCacheError("pass the mesh once, as distributed=mesh (mesh= is deprecated)")
+        return mesh, axis_name
+    if distributed is False or distributed is None:
+        if axis_name is not None:
+            warnings.warn("cached_step(..., axis_name=a) inside shard_map is deprecated: pass "
+                          "distributed=a", DeprecationWarning, stacklevel=3)
+        return None, axis_name
+    if distributed is True:
+        devices = np.array(jax.devices())
+        return jax.sharding.Mesh(devices, ("batch",)), None
+    if isinstance(distributed, jax.sharding.Mesh):
+        return distributed, axis_name
+    if isinstance(distributed, MeshCollective):
+        return None, distributed.axis_name
+    if isinstance(distributed, Collective):
+        raise GradCacheError(
+            f"gradcache_jax steps communicate over a mesh axis: distributed= takes True, a Mesh, "
+            f"an axis name or a gradcache_jax MeshCollective, not a {type(distributed).__name__}")
+    if isinstance(distributed, (str, tuple)):
+        if axis_name is not None and axis_name != distributed:
+            raise GradCacheError(f"distributed={distributed!r} and axis_name={axis_name!r} name "
+                                 f"different axes; pass the axis once, as distributed=")
+        return None, distributed
+    raise GradCacheError(
+        f"distributed= takes False, True (a mesh over every device), a jax.sharding.Mesh, the "
+        f"axis name (or tuple of names) of the shard_map the step runs in, or a MeshCollective; "
+        f"got {distributed!r}")

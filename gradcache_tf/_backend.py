@@ -298,14 +298,14 @@ class TFBackend(Backend):
 
         tf.py_function(on_host, leaves, Tout=[], name="gradcache_check")
 
-    def is_finite(self, value: Any) -> bool:
-        return bool(tf.reduce_all(tf.math.is_finite(value)))
+    def to_host(self, leaf: Any) -> Any:
+        # inside tf.function a tensor is symbolic: its values exist only when the graph runs
+        if not tf.executing_eagerly() or not hasattr(leaf, "numpy"):
+            return None
+        return leaf.numpy()
 
-    def max_abs_diff(self, a: Any, b: Any) -> float:
-        return float(_max_abs(tf.cast(a, tf.float64) - tf.cast(b, tf.float64)))
-
-    def max_abs(self, a: Any) -> float:
-        return float(_max_abs(tf.cast(a, tf.float64)))
+    def take_rows(self, leaf: Any, index: Any) -> Any:
+        return tf.gather(leaf, index)
 
     # -- iteration ----------------------------------------------------------------------------------
     def progress_enabled(self) -> bool:
@@ -410,8 +410,3 @@ def _merge_leading(stacked: tf.Tensor, rows: int) -> tf.Tensor:
 def _array(leaf: tf.Tensor, count: int) -> tf.TensorArray:
     array = tf.TensorArray(leaf.dtype, size=count, element_shape=leaf.shape)
     return array.write(0, leaf)
-
-
-def _max_abs(tensor: tf.Tensor) -> tf.Tensor:
-    flat = tf.reshape(tf.abs(tensor), [-1])
-    return tf.reduce_max(tf.concat([flat, tf.zeros([1], flat.dtype)], 0))

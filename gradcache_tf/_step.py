@@ -10,15 +10,20 @@ control flow is meant to run once, at trace time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
-from gradcache import GradCacheError, flatten, run_cached_step
+from gradcache import GradCacheError, StepOptions, flatten, run_cached_step
 from gradcache_tf import _rng
 from gradcache_tf._backend import TFBackend, is_tensor
 from gradcache_tf._distributed import ReplicaCollective
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from gradcache import StepKeywords
 
 
 def _has_variables(obj: Any, attribute: str = "trainable_variables") -> bool:
@@ -114,13 +119,9 @@ def _check_static_batch(inputs: Any) -> None:
 @tf.autograph.experimental.do_not_convert
 def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                 chunk_size: int | Sequence[int], variables: Sequence[Any] | Callable | None = None,
-                get_rep: Callable | Sequence | None = None, loss_kwargs: Mapping | None = None,
-                split_fn: Callable | None = None, training: bool | None = True,
-                optimizer: Any = None, random_state: Sequence[Any] = (),
-                check_random: bool = True, check_finite: bool = False,
-                check_determinism: bool = False, determinism_tolerance: float = 1e-5,
-                progress: bool = False, graph_loop: bool = True,
-                distributed: bool = False) -> tuple[tf.Tensor, list]:
+                training: bool | None = True, optimizer: Any = None,
+                random_state: Sequence[Any] = (), check_random: bool = True,
+                graph_loop: bool = True, **options: Unpack[StepKeywords]) -> tuple[tf.Tensor, list]:
     """One contrastive step over a batch larger than memory; returns ``(loss, grads)``.
 
     Same gradients as ``tape.gradient(loss_fn(*[get_rep(enc(x)) for enc, x in zip(encoders,
@@ -144,10 +145,6 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             built Keras layers are included); the step then also checks that the encoders read no
             other trainable variable. Loss-owned variables get the loss's direct gradient once;
             a variable used by both an encoder and the loss gets both contributions.
-        get_rep: picks the representation from an encoder's output (one callable or one per group).
-        loss_kwargs: extra keyword arguments for the loss (labels, masks).
-        split_fn: ``split_fn(group_input, chunk_size) -> list of chunks`` for inputs the core
-            cannot slice (eager only in practice: its chunks are iterated in Python).
         training: passed as ``training=`` to Keras encoders (default ``True``: a cached step is a
             training step, so dropout is on); ``None`` passes nothing.
         optimizer: a Keras optimizer whose ``scale_loss`` is applied before differentiating (a
@@ -159,14 +156,16 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         check_random: raise a ``GradCacheError`` when pass 1 uses randomness the replay cannot
             reproduce: a generator not found, or a legacy stateful op such as
             ``tf.random.uniform`` or ``tf.nn.dropout`` (see ``docs/tf.md``).
-        check_finite: fail the step if the loss is not finite. Inside ``tf.function`` the check
-            runs on the host when the graph runs (not available under ``jit_compile=True``).
-        check_determinism: compare pass 2's representations with pass 1's and fail if they differ
-            by more than ``determinism_tolerance`` (relative); inside ``tf.function`` as above.
-        progress: a tqdm bar over the chunks of both passes (eager only).
         graph_loop: inside ``tf.function``, iterate chunks with one ``tf.while_loop`` (the traced
             program does not grow with the number of chunks); ``False`` unrolls them.
-        distributed: this call is one replica's part of a step over the global batch: call it
+        **options: the options every adapter shares (:class:`gradcache.StepOptions`):
+            ``get_rep``, ``loss_kwargs``, ``split_fn`` (eager only in practice: its chunks are
+            iterated in Python), ``pad_trim`` and ``sort_by_length`` (eagerly only: they read the
+            attention masks, whose values a traced graph does not know), ``check_finite`` and
+            ``check_determinism`` (inside ``tf.function`` they run on the host when the graph
+            runs; not available under ``jit_compile=True``), ``determinism_tolerance``,
+            ``progress`` (eager only), and ``distributed``, below.
+        distributed: ``True``: this call is one replica's part of a step over the global batch: call it
             inside ``strategy.run`` (``tf.distribute.MirroredStrategy`` or
             ``MultiWorkerMirroredStrategy``), each replica with its own rows. The loss sees every
             replica's representations concatenated in replica order; ``loss`` is the global-batch
@@ -175,6 +174,7 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             exactly the gradient of one device running the global batch (a loss-owned variable's
             gradient is carried by replica 0 alone). Replicas may hold different numbers of rows.
             Default ``False``: a call inside ``strategy.run`` is a per-replica step, as before.
+            A :class:`gradcache_tf.ReplicaCollective` is accepted too (to read what it moved).
 
     Returns:
         ``(loss, grads)``: the scalar loss (no gradient attached) and a list with one gradient per
@@ -199,10 +199,10 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     >>> _ = tf.keras.optimizers.SGD(0.1).apply_gradients(zip(grads, encoder.trainable_variables))
     """
     try:
-        return _cached_step(encoders, inputs, loss_fn, chunk_size, variables, get_rep, loss_kwargs,
-                            split_fn, training, optimizer, random_state, check_random,
-                            check_finite, check_determinism, determinism_tolerance, progress,
-                            graph_loop, distributed)
+        step = StepOptions.from_keywords(options, adapter="gradcache_tf", own=(
+            "variables", "training", "optimizer", "random_state", "check_random", "graph_loop"))
+        return _cached_step(encoders, inputs, loss_fn, chunk_size, variables, training, optimizer,
+                            random_state, check_random, graph_loop, step)
     except GradCacheError as error:
         # Inside a tf.function that AutoGraph converts, an exception type it does not know is
         # re-raised as a StagingError; this flag makes it let ours through unchanged.
@@ -211,13 +211,10 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
 
 
 def _cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, chunk_size: Any,
-                 variables: Any, get_rep: Any, loss_kwargs: Any, split_fn: Any, training: Any,
-                 optimizer: Any, random_state: Any, check_random: bool, check_finite: bool,
-                 check_determinism: bool, determinism_tolerance: float, progress: bool,
-                 graph_loop: bool, distributed: bool) -> tuple[tf.Tensor, list]:
-    if not isinstance(distributed, bool):
-        raise GradCacheError(f"distributed must be True or False, got {distributed!r}")
-    collective = ReplicaCollective() if distributed else None
+                 variables: Any, training: Any, optimizer: Any, random_state: Any,
+                 check_random: bool, graph_loop: bool,
+                 step: StepOptions) -> tuple[tf.Tensor, list]:
+    collective = _collective(step.distributed)
     encoder_list = list(encoders) if isinstance(encoders, (list, tuple)) else [encoders]
     _check_static_batch(inputs)
     if variables is None:
@@ -241,12 +238,23 @@ def _cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, chunk_size:
                         check_random=check_random, check_variables=check_variables,
                         graph_loop=graph_loop,
                         loss_grad_weight=_first_replica_only(collective))
-    loss, grads = run_cached_step(
-        backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
-        loss_kwargs=loss_kwargs, split_fn=split_fn, check_finite=check_finite,
-        check_determinism=check_determinism, determinism_tolerance=determinism_tolerance,
-        progress=progress, collective=collective)
+    loss, grads = run_cached_step(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
+                                  collective=collective, **step.step_keywords())
     return loss, backend.gradients_for_caller(grads)
+
+
+def _collective(distributed: Any) -> ReplicaCollective | None:
+    """The replicas' collective a ``distributed=`` argument asks for (``True``: the current
+    ``tf.distribute`` replica context's), or ``None`` for a one-replica step."""
+    if distributed is False or distributed is None:
+        return None
+    if distributed is True:
+        return ReplicaCollective()
+    if isinstance(distributed, ReplicaCollective):
+        return distributed
+    raise GradCacheError(
+        f"distributed= takes False, True (the replica context of the tf.distribute strategy the "
+        f"step runs in) or a gradcache_tf ReplicaCollective, got {distributed!r}")
 
 
 def _first_replica_only(collective: ReplicaCollective | None) -> Any:

@@ -13,12 +13,12 @@ of the algorithm lives here.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from gradcache import Backend, GradCacheError, call_with_convention, flatten, unflatten
+from gradcache import Backend, GradCacheError, _padding, call_with_convention, flatten, unflatten
 from gradcache_torch import _rng
 from gradcache_torch._distributed import fsdp_units
 
@@ -59,22 +59,14 @@ def trim_padding(chunk: Any, mask_key: str = "attention_mask") -> Any:
     Applies to Mapping inputs holding ``mask_key`` (a ``(rows, length)`` 0/1 mask, Hugging Face
     style): every tensor leaf whose second dimension equals the mask's length is cut to the last
     column any row uses. With a model that masks padding (as transformers do), the outputs are those
-    of the padded chunk; the compute of the padding is saved.
+    of the padded chunk; the compute of the padding is saved. ``cached_step(..., pad_trim=True)``
+    does this to every chunk (the core's :mod:`gradcache._padding`, the same on every backend).
     """
-    if not isinstance(chunk, dict) and not hasattr(chunk, "keys"):
-        return chunk
-    mask = chunk.get(mask_key) if hasattr(chunk, "get") else None
+    mask = chunk.get(mask_key) if isinstance(chunk, Mapping) else None
     if not _is_tensor(mask) or mask.dim() != 2:
         return chunk
-    length = mask.shape[1]
-    used = torch.nonzero(mask.any(dim=0))
-    keep = int(used.max()) + 1 if used.numel() else 1
-    if keep == length:
-        return chunk
-    leaves, spec = flatten(chunk, _is_tensor)
-    trimmed = [leaf[:, :keep] if leaf.dim() >= 2 and leaf.shape[1] == length else leaf
-               for leaf in leaves]
-    return unflatten(spec, trimmed)
+    keep = _padding.used_columns(mask.detach().cpu().numpy())
+    return _padding.trim_columns(TorchBackend(), chunk, mask.shape[1], keep)
 
 
 class TorchBackend(Backend):
@@ -83,15 +75,13 @@ class TorchBackend(Backend):
     Args:
         scaler: a ``torch.amp.GradScaler``; gradients are then scaled exactly as
             ``scaler.scale(loss).backward()`` scales them.
-        pad_trim: trim padding columns from Mapping chunks with an ``attention_mask``.
     """
 
     name = "torch"
 
-    def __init__(self, *, scaler: Any = None, pad_trim: bool = False,
-                 protect: Sequence[torch.Tensor] = (), bypass_ddp: bool = False):
+    def __init__(self, *, scaler: Any = None, protect: Sequence[torch.Tensor] = (),
+                 bypass_ddp: bool = False):
         self.scaler = scaler
-        self.pad_trim = pad_trim
         self._saved: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._initial = list(protect)
         self._unsynced: dict[int, Any] = {}   # FSDP2 modules whose gradient sync this step turned off
@@ -120,8 +110,6 @@ class TorchBackend(Backend):
 
     # -- autodiff -----------------------------------------------------------------------------------
     def _call(self, encoder: Callable, chunk: Any, get_rep: Callable) -> Any:
-        if self.pad_trim:
-            chunk = trim_padding(chunk)
         return get_rep(call_with_convention(encoder, chunk, _is_tensor))
 
     def encode(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable) -> Any:
@@ -201,12 +189,11 @@ class TorchBackend(Backend):
             self._unsynced.clear()
             self._units.clear()
 
-    # -- checks -------------------------------------------------------------------------------------
-    def is_finite(self, value: torch.Tensor) -> bool:
-        return bool(torch.isfinite(value).all())
+    # -- host values and row order -------------------------------------------------------------------
+    def to_host(self, leaf: torch.Tensor) -> Any:
+        if leaf.dtype in (torch.bfloat16, torch.float16):   # numpy has no bfloat16
+            leaf = leaf.float()
+        return leaf.detach().cpu().numpy()
 
-    def max_abs_diff(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-
-    def max_abs(self, a: torch.Tensor) -> float:
-        return float(a.double().abs().max()) if a.numel() else 0.0
+    def take_rows(self, leaf: torch.Tensor, index: Any) -> torch.Tensor:
+        return leaf[torch.as_tensor(index, device=leaf.device)]

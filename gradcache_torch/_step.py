@@ -6,12 +6,12 @@ accumulate into ``.grad`` exactly as a full-batch ``loss.backward()`` would put 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradcache import GradCacheError, map_leaves, run_cached_step
+from gradcache import GradCacheError, StepOptions, run_cached_step
 from gradcache_torch._backend import TorchBackend
 from gradcache_torch._distributed import (
     GradientSync,
@@ -22,55 +22,15 @@ from gradcache_torch._distributed import (
     resolve_group,
 )
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-def _is_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor)
-
-
-def _length_order(group: Any) -> torch.Tensor | None:
-    """Rows of a mapping group with an attention mask, longest first (``None`` otherwise)."""
-    mask = group.get("attention_mask") if isinstance(group, Mapping) else None
-    if not _is_tensor(mask) or mask.dim() != 2:
-        return None
-    return torch.argsort(mask.sum(dim=1), descending=True, stable=True)
-
-
-class _InOriginalOrder:
-    """Wraps a loss so that it sees every group's representations in the caller's row order,
-    while chunks are formed from length-sorted rows. Autograd carries the gradient back through
-    the permutation, so the representation gradients arrive in sorted order, as pass 2 needs."""
-
-    def __init__(self, loss_fn: Callable, orders: list[torch.Tensor | None]):
-        self.loss_fn = loss_fn
-        self.inverses = [None if o is None else torch.argsort(o) for o in orders]
-        self.orders = orders
-
-    @staticmethod
-    def _take(tree: Any, index: torch.Tensor | None) -> Any:
-        if index is None:
-            return tree
-        return map_leaves(lambda leaf: leaf[index.to(leaf.device)], tree, _is_tensor)
-
-    def __call__(self, *reps: Any, **kwargs: Any) -> Any:
-        return self.loss_fn(*[self._take(r, i) for r, i in zip(reps, self.inverses)], **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "value_and_grad" and hasattr(self.loss_fn, "value_and_grad"):
-            def value_and_grad(*reps: Any, **kwargs: Any) -> Any:
-                loss, grads = self.loss_fn.value_and_grad(
-                    *[self._take(r, i) for r, i in zip(reps, self.inverses)], **kwargs)
-                return loss, [self._take(g, o) for g, o in zip(grads, self.orders)]
-            return value_and_grad
-        raise AttributeError(name)
+    from gradcache import StepKeywords
 
 
 def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
-                chunk_size: int | Sequence[int], get_rep: Callable | Sequence | None = None,
-                loss_kwargs: Mapping | None = None, split_fn: Callable | None = None,
-                scaler: Any = None, pad_trim: bool = False, sort_by_length: bool = False,
-                check_finite: bool = False,
-                check_determinism: bool = False, determinism_tolerance: float = 1e-5,
-                progress: bool = False, distributed: Any = False) -> torch.Tensor:
+                chunk_size: int | Sequence[int], scaler: Any = None,
+                **options: Unpack[StepKeywords]) -> torch.Tensor:
     """One contrastive step over a batch larger than memory; gradients land in ``.grad``.
 
     Equivalent to ``loss_fn(*[get_rep(enc(x)) for enc, x in zip(encoders, inputs)]).backward()`` on
@@ -134,22 +94,14 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     >>> encoder.weight.grad.shape
     torch.Size([4, 8])
     """
+    step = StepOptions.from_keywords(options, adapter="gradcache_torch", own=("scaler",))
     collective, sync = None, None
-    if distributed is not False and distributed is not None:
-        collective, sync = _distribute(encoders, loss_fn, distributed, sort_by_length)
-    backend = TorchBackend(scaler=scaler, pad_trim=pad_trim, bypass_ddp=collective is not None)
-    if sort_by_length and isinstance(inputs, (list, tuple)):
-        orders = [_length_order(group) for group in inputs]
-        if any(order is not None for order in orders):
-            inputs = [group if order is None else map_leaves(lambda leaf, o=order: leaf[o.to(leaf.device)], group, _is_tensor)
-                      for group, order in zip(inputs, orders)]
-            loss_fn = _InOriginalOrder(loss_fn, orders)
+    if step.distributed is not False and step.distributed is not None:
+        collective, sync = _distribute(encoders, loss_fn, step.distributed)
+    backend = TorchBackend(scaler=scaler, bypass_ddp=collective is not None)
     try:
-        loss, _ = run_cached_step(
-            backend, encoders, inputs, loss_fn, chunk_size=chunk_size, get_rep=get_rep,
-            loss_kwargs=loss_kwargs, split_fn=split_fn, check_finite=check_finite,
-            check_determinism=check_determinism, determinism_tolerance=determinism_tolerance,
-            progress=progress, collective=collective)
+        loss, _ = run_cached_step(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
+                                  collective=collective, **step.step_keywords())
     except BaseException:
         if sync is not None:
             sync.restore()
@@ -159,14 +111,11 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     return loss
 
 
-def _distribute(encoders: Any, loss_fn: Any, distributed: Any,
-                sort_by_length: bool) -> tuple[TorchCollective, GradientSync | None]:
+def _distribute(encoders: Any, loss_fn: Any,
+                distributed: Any) -> tuple[TorchCollective, GradientSync | None]:
     """The collective of a distributed step and the averaging of its DDP and unwrapped modules."""
     given = distributed if isinstance(distributed, TorchCollective) else None
     group = given.group if given is not None else resolve_group(distributed)
-    if sort_by_length:
-        raise GradCacheError("sort_by_length is not supported with distributed=...: the loss sees "
-                             "the global batch, and each rank's sorting is its own")
     loss_group = getattr(loss_fn, "group", None)
     if getattr(loss_fn, "gathers_itself", False) and loss_group is not group:
         raise GradCacheError(

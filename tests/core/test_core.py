@@ -181,6 +181,21 @@ def test_dispatch_refuses_unknown_tensors() -> None:
         gradcache.cached_step(lambda x: x, (np.ones((2, 2)),), NumpyInfoNCE(), chunk_size=1)
 
 
+def test_dispatch_on_numpy_with_params_imports_no_framework() -> None:
+    # numpy batches with params= are JAX's idiom, but only if the user imported JAX
+    code = ("import sys, numpy as np, gradcache\n"
+            "try:\n"
+            "    gradcache.cached_step(lambda p, x: x, (np.ones((2, 2)),), None, chunk_size=1,\n"
+            "                          params={})\n"
+            "except gradcache.GradCacheError as error:\n"
+            "    print(error)\n"
+            "bad = [m for m in ('torch', 'jax', 'tensorflow', 'keras', 'flax') if m in sys.modules]\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "jax is not imported" in result.stdout and "gradcache_jax.cached_step" in result.stdout
+
+
 def test_importing_the_core_loads_no_framework() -> None:
     code = ("import sys, gradcache, gradcache.testing; "
             "bad = [m for m in ('torch', 'jax', 'tensorflow', 'keras', 'flax') if m in sys.modules]; "

@@ -91,7 +91,7 @@ def _child(count: int, seed: int) -> dict:
         def sharded(params, q, d, rng):
             return gradcache_jax.cached_step(tower, (q, d), loss, chunk_size=list(chunks),
                                              params=params, rng=rng, loss_takes_params=takes,
-                                             mesh=mesh, check_finite=index == 0)
+                                             distributed=mesh, check_finite=index == 0)
 
         got = (jit(sharded) if config["jit"] else sharded)(params, q, d, rng)
 
@@ -136,14 +136,14 @@ def _child(count: int, seed: int) -> dict:
         body = jax.shard_map(
             lambda p, q, d: gradcache_jax.cached_step(tower, (q, d), loss_fn, chunk_size=1,
                                                       params=p, loss_takes_params=True,
-                                                      axis_name=("hosts", "local")),
+                                                      distributed=("hosts", "local")),
             mesh=mesh, in_specs=(PartitionSpec(), split, split), out_specs=PartitionSpec(),
             check_vma=check)
         results[f"user_shard_map_check_vma_{check}"] = errors(jit(body)(params, q, d), want)
     # an explicit-sharding mesh, as jax.make_mesh builds by default
     explicit = jax.make_mesh((DEVICES,), ("batch",))
     step = jit(lambda p, q, d: gradcache_jax.cached_step(
-        tower, (q, d), loss_fn, chunk_size=1, params=p, loss_takes_params=True, mesh=explicit))
+        tower, (q, d), loss_fn, chunk_size=1, params=p, loss_takes_params=True, distributed=explicit))
     results["explicit_mesh"] = errors(step(params, q, d), want)
 
     # errors, raised before anything runs
@@ -152,7 +152,7 @@ def _child(count: int, seed: int) -> dict:
         try:
             gradcache_jax.cached_step(tower, (batch(rows[0]), batch(rows[1])),
                                       lambda q, d: jnp.sum(q), chunk_size=2,
-                                      params=tower_params(), mesh=mesh)
+                                      params=tower_params(), distributed=mesh)
         except GradCacheError as error:
             results["errors"][name] = str(error)
         else:
@@ -161,7 +161,7 @@ def _child(count: int, seed: int) -> dict:
     try:
         jax.block_until_ready(jit(lambda p, q, d: gradcache_jax.cached_step(
             tower, (q, d), lambda q, d: jnp.sum(q) * jnp.nan, chunk_size=1, params=p,
-            mesh=mesh, check_finite=True))(tower_params(), batch(8), batch(8)))
+            distributed=mesh, check_finite=True))(tower_params(), batch(8), batch(8)))
     except Exception as error:
         results["errors"]["not_finite"] = f"{type(error).__name__}: {error}"
     else:
@@ -240,7 +240,7 @@ def test_a_one_device_mesh_is_the_cached_step():
     mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
     params, q, d = tower_params(), batch(10), batch(10, seed=2)
     got = jit(lambda p, q, d: cached_step(tower, (q, d), info_nce, chunk_size=3, params=p,
-                                          mesh=mesh))(params, q, d)
+                                          distributed=mesh))(params, q, d)
     want = jit(jax.value_and_grad(lambda p: info_nce(tower(p, q), tower(p, d))))(params)
     assert max_relative_error(got, want) <= TOLERANCE
 
@@ -252,7 +252,7 @@ def test_an_axis_name_outside_shard_map_is_an_error():
 
     with pytest.raises(GradCacheError, match="inside jax.shard_map"):
         cached_step(tower, (batch(4), batch(4)), info_nce, chunk_size=2, params=tower_params(),
-                    axis_name="batch")
+                    distributed="batch")
 
 
 def test_a_mesh_of_several_axes_needs_the_axis_name():
@@ -267,10 +267,39 @@ def test_a_mesh_of_several_axes_needs_the_axis_name():
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
     with pytest.raises(GradCacheError, match="pass axis_name="):
         cached_step(tower, (batch(4), batch(4)), info_nce, chunk_size=2, params=tower_params(),
-                    mesh=mesh)
+                    distributed=mesh)
     with pytest.raises(GradCacheError, match="not an axis of the mesh"):
         cached_step(tower, (batch(4), batch(4)), info_nce, chunk_size=2, params=tower_params(),
-                    mesh=mesh, axis_name="rows")
+                    distributed=mesh, axis_name="rows")
+
+
+def test_the_old_spellings_still_work_with_a_warning():
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, PartitionSpec
+
+    from gradcache_jax import cached_step
+    from tests.jax.common import batch, info_nce, tower, tower_params
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
+    q, d = batch(4), batch(4)
+    _, new = cached_step(tower, (q, d), info_nce, chunk_size=2, params=tower_params(),
+                         distributed=mesh)
+    with pytest.warns(DeprecationWarning, match="pass distributed=m"):
+        _, old = cached_step(tower, (q, d), info_nce, chunk_size=2, params=tower_params(), mesh=mesh)
+    _, everywhere = cached_step(tower, (q, d), info_nce, chunk_size=2, params=tower_params(),
+                                distributed=True)
+    for name in new:
+        np.testing.assert_allclose(old[name], new[name], rtol=1e-12)
+        np.testing.assert_allclose(everywhere[name], new[name], rtol=1e-12)
+
+    def device_step(p, q, d):
+        return cached_step(tower, (q, d), info_nce, chunk_size=2, params=p, axis_name="batch")
+
+    with pytest.warns(DeprecationWarning, match="pass distributed=a"):
+        jax.shard_map(device_step, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("batch"),
+                                                        PartitionSpec("batch")),
+                      out_specs=PartitionSpec())(tower_params(), q, d)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def _jax_child() -> dict:
     want_loss, want_grads = jax.jit(jax.value_and_grad(full))(params)
     loss_fn = losses.across_ranks(losses.info_nce, axis_name="batch", temperature=0.2, tile_size=3)
     loss, grads = jax.jit(lambda p: gradcache_jax.cached_step(
-        tower, (q, d), loss_fn, chunk_size=[1, 3], params=p, mesh=mesh))(params)
+        tower, (q, d), loss_fn, chunk_size=[1, 3], params=p, distributed=mesh))(params)
     out["cached_step"] = {"loss": _error(loss, want_loss),
                           "grads": float(max_relative_error(grads, want_grads))}
 
@@ -129,7 +129,7 @@ def _jax_child() -> dict:
     want_loss, want_grads = jax.jit(jax.value_and_grad(full_t))(params)
     try:
         loss, grads = jax.jit(lambda p: gradcache_jax.cached_step(
-            tower, (q, d), learnable, chunk_size=2, params=p, mesh=mesh,
+            tower, (q, d), learnable, chunk_size=2, params=p, distributed=mesh,
             loss_takes_params=True))(params)
     except GradCacheError as error:
         out["cached_step_temperature"] = {"error": str(error)}

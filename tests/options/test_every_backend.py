@@ -1,0 +1,213 @@
+"""The options every adapter shares behave the same on every backend: one test body, three kits.
+
+``gradcache.StepOptions`` declares the shared options once and the core implements them once, so
+one test body per option runs against torch, JAX and TensorFlow through a small kit each: a
+mean-pooling text encoder over padded, variable-length rows (float64, so that gradients can be
+compared exactly), the InfoNCE loss, and a step that returns the encoder's gradient as numpy.
+Padding trim and length sorting must leave the gradients exactly as they were while the encoder sees
+narrower chunks; a non-finite loss, an unknown option and a bad value are refused before any
+gradient is returned; a progress bar follows an eager step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from gradcache import GradCacheError
+
+VOCAB, DIM = 11, 5
+
+
+def padded_batch(seed: int, rows: int = 10, width: int = 9) -> dict[str, np.ndarray]:
+    """Rows of 1..width tokens, padded to ``width`` (so most chunks can be trimmed)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, width + 1, size=rows)
+    lengths[0] = width // 2   # no chunk of the first rows needs every column
+    ids = rng.integers(1, VOCAB, size=(rows, width))
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+@dataclass
+class Kit:
+    """One backend's way to run the shared problem: ``step(inputs, **options) -> grad``."""
+
+    name: str
+    step: Callable[..., np.ndarray]
+    widths: list = field(default_factory=list)   # the sequence lengths the encoder saw
+
+
+def torch_kit(weights: np.ndarray) -> Kit:
+    import torch
+
+    from gradcache_torch import cached_step
+
+    kit = Kit("torch", None)
+
+    class Pool(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.tensor(weights))
+
+        def forward(self, input_ids, attention_mask):
+            kit.widths.append(int(input_ids.shape[1]))
+            mask = attention_mask.unsqueeze(-1).to(self.table.dtype)
+            return torch.tanh((self.table[input_ids] * mask).sum(1) / mask.sum(1))
+
+    def info_nce(q, p, scale: float = 1.0):
+        return torch.nn.functional.cross_entropy(scale * q @ p.T, torch.arange(len(q)))
+
+    def step(groups, loss=info_nce, **options) -> np.ndarray:
+        model = Pool()
+        tensors = [{k: torch.tensor(v) for k, v in group.items()} for group in groups]
+        cached_step(model, tensors, loss, chunk_size=3, **options)
+        return model.table.grad.numpy()
+
+    kit.step = step
+    return kit
+
+
+def jax_kit(weights: np.ndarray) -> Kit:
+    import jax
+    import jax.numpy as jnp
+
+    from gradcache_jax import cached_step
+
+    jax.config.update("jax_enable_x64", True)
+    kit = Kit("jax", None)
+
+    def pool(params, x):
+        kit.widths.append(int(x["input_ids"].shape[1]))
+        mask = x["attention_mask"][..., None].astype(params["table"].dtype)
+        return jnp.tanh((params["table"][x["input_ids"]] * mask).sum(1) / mask.sum(1))
+
+    def info_nce(q, p, scale: float = 1.0):
+        scores = scale * q @ p.T
+        return jnp.mean(jax.nn.logsumexp(scores, axis=1) - jnp.diag(scores))
+
+    def step(groups, loss=info_nce, **options) -> np.ndarray:
+        params = {"table": jnp.asarray(weights)}
+        arrays = [{k: jnp.asarray(v) for k, v in group.items()} for group in groups]
+        _, grads = cached_step(pool, arrays, loss, chunk_size=3, params=params, **options)
+        return np.asarray(grads["table"])
+
+    kit.step = step
+    return kit
+
+
+def tf_kit(weights: np.ndarray) -> Kit:
+    import tensorflow as tf
+
+    from gradcache_tf import cached_step
+
+    kit = Kit("tf", None)
+
+    class Pool(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = tf.Variable(weights)
+
+        def __call__(self, input_ids, attention_mask):
+            kit.widths.append(int(input_ids.shape[1]))
+            mask = tf.cast(attention_mask, self.table.dtype)[..., None]
+            rows = tf.gather(self.table, input_ids) * mask
+            return tf.tanh(tf.reduce_sum(rows, 1) / tf.reduce_sum(mask, 1))
+
+    def info_nce(q, p, scale: float = 1.0):
+        scores = scale * tf.matmul(q, p, transpose_b=True)
+        labels = tf.range(tf.shape(q)[0])
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, scores))
+
+    def step(groups, loss=info_nce, **options) -> np.ndarray:
+        model = Pool()
+        tensors = [{k: tf.constant(v) for k, v in group.items()} for group in groups]
+        _, grads = cached_step(model, tensors, loss, chunk_size=3, **options)
+        return tf.convert_to_tensor(grads[0]).numpy()
+
+    kit.step = step
+    return kit
+
+
+KITS = {"torch": ("torch", torch_kit), "jax": ("jax", jax_kit), "tf": ("tensorflow", tf_kit)}
+
+
+@pytest.fixture(params=sorted(KITS))
+def kit(request) -> Kit:
+    module, make = KITS[request.param]
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"needs {module}")
+    return make(np.random.default_rng(0).normal(size=(VOCAB, DIM)))
+
+
+def _groups(seed: int = 1) -> list[dict[str, np.ndarray]]:
+    return [padded_batch(seed), padded_batch(seed + 1)]
+
+
+@pytest.mark.parametrize("options", [dict(pad_trim=True), dict(sort_by_length=True),
+                                     dict(pad_trim=True, sort_by_length=True)],
+                         ids=["pad_trim", "sort_by_length", "both"])
+def test_trimming_and_sorting_keep_the_gradients_exactly(kit: Kit, options: dict) -> None:
+    plain = kit.step(_groups())
+    assert set(kit.widths) == {9}
+    kit.widths.clear()
+    changed = kit.step(_groups(), **options)
+    np.testing.assert_allclose(changed, plain, rtol=1e-10, atol=1e-12)
+    if options.get("pad_trim"):
+        assert min(kit.widths) < 9, kit.widths   # some chunk was trimmed
+
+
+def test_sorting_makes_trimming_cut_more(kit: Kit) -> None:
+    kit.step(_groups(), pad_trim=True)
+    trimmed_only = sum(kit.widths)
+    kit.widths.clear()
+    kit.step(_groups(), pad_trim=True, sort_by_length=True)
+    assert sum(kit.widths) <= trimmed_only
+
+
+def test_check_finite_refuses_a_non_finite_loss(kit: Kit) -> None:
+    with pytest.raises(GradCacheError, match="not finite"):
+        kit.step(_groups(), loss_kwargs={"scale": float("inf")}, check_finite=True)
+
+
+def test_an_unknown_option_names_the_closest_one(kit: Kit) -> None:
+    with pytest.raises(GradCacheError, match="did you mean 'check_finite'"):
+        kit.step(_groups(), chek_finite=True)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(pad_trim="yes"), "pad_trim must be True or False"),
+    (dict(determinism_tolerance=-1.0), "determinism_tolerance must be"),
+    (dict(loss_kwargs=[1]), "loss_kwargs must be a mapping"),
+    (dict(distributed="nonsense-value-for-every-backend"), "distributed"),
+], ids=["pad_trim", "tolerance", "loss_kwargs", "distributed"])
+def test_bad_option_values_are_refused(kit: Kit, options: dict, message: str) -> None:
+    if kit.name == "jax" and "distributed" in options:
+        pytest.skip("on JAX a string names the shard_map axis: checked where it is used")
+    with pytest.raises(GradCacheError, match=message):
+        kit.step(_groups(), **options)
+
+
+def test_progress_and_determinism_check_follow_an_eager_step(kit: Kit) -> None:
+    plain = kit.step(_groups())
+    checked = kit.step(_groups(), progress=True, check_determinism=True)
+    np.testing.assert_allclose(checked, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_the_options_object_lists_one_spelling() -> None:
+    from gradcache import StepOptions
+    assert StepOptions.names() == ("get_rep", "loss_kwargs", "split_fn", "pad_trim",
+                                   "sort_by_length", "check_finite", "check_determinism",
+                                   "determinism_tolerance", "progress", "distributed")
+
+
+def test_split_fn_with_pad_trim_is_refused() -> None:
+    from gradcache import StepOptions
+    with pytest.raises(GradCacheError, match="split_fn"):
+        StepOptions(split_fn=lambda group, size: [group], pad_trim=True)
+
+
