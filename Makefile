@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: test test-deep demo bench lint clean
+.PHONY: test test-deep test-pythons demo bench lint clean
 
 $(STAMP): pyproject.toml requirements/test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 test-deep: $(STAMP)
 	GRADCACHE_DEEP=10 $(PYTEST)
 
+# The core's numpy tests on every Python the package claims (3.10-3.13), each in a small venv.
+test-pythons:
+	.ci/test-pythons
+
 demo: $(STAMP)
 	$(PY) -m gradcache_cli demo
 
@@ -34,4 +38,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-py* .pytest_cache .hypothesis

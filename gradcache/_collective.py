@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from gradcache._errors import GradCacheError
+from gradcache._errors import GradCacheError, add_location_note
 
 
 class Collective:
@@ -139,4 +139,5 @@ class Rendezvous:
         try:
             self.collective.exchange((_describe(error), None))
         except Exception as transport:  # the transport itself broke: the original error matters more
-            error.add_note(f"gradcache: could not tell the other ranks ({_describe(transport)})")
+            add_location_note(error, f"gradcache: could not tell the other ranks "
+                                     f"({_describe(transport)})")

@@ -38,10 +38,20 @@ def where(group: int | None = None, chunk: Any = None, pass_: str | None = None)
 
 
 def add_location_note(error: BaseException, text: str) -> None:
-    """Attaches ``text`` to a user exception once (Python 3.11+ notes; older Pythons skip it)."""
-    add_note = getattr(error, "add_note", None)
-    if add_note is None:
+    """Attaches ``text`` to an exception once, as a PEP 678 note.
+
+    Python 3.11+ prints notes under the traceback. Python 3.10 has no ``add_note``: the note is
+    kept in ``__notes__`` by hand there (what the ``exceptiongroup`` backport and pytest read), so
+    code that inspects the error finds it on every supported Python.
+    """
+    notes = getattr(error, "__notes__", None)
+    if isinstance(notes, list) and text in notes:
         return
-    notes = getattr(error, "__notes__", [])
-    if text not in notes:
+    add_note = getattr(error, "add_note", None)
+    if add_note is not None:
         add_note(text)
+        return
+    try:
+        error.__notes__ = [*(notes or []), text]
+    except (AttributeError, TypeError):  # an exception type that refuses new attributes
+        pass
