@@ -106,8 +106,8 @@ class Backend:
         raise NotImplementedError
 
     def slice_rows(self, leaf: Any, start: int, stop: int) -> Any:
-        """Rows ``start:stop`` of a tensor along its first dimension."""
-        raise NotImplementedError
+        """Rows ``start:stop`` of a tensor along its first dimension (default: ``leaf[start:stop]``)."""
+        return leaf[start:stop]
 
     def concat_rows(self, leaves: Sequence[Any]) -> Any:
         """Concatenates tensors along their first dimension."""
@@ -170,8 +170,9 @@ class Backend:
 
     def to_host(self, leaf: Any) -> Any:
         """The values of a tensor as a numpy array, or ``None`` while they are not known (a traced
-        tensor under ``jit`` or ``tf.function``). Used by the checks, ``pad_trim`` and
-        ``sort_by_length``; the default is ``numpy.asarray``."""
+        tensor under ``jit`` or ``tf.function``). ``check_finite`` and ``check_determinism`` read
+        values through it (inside :meth:`run_check`), as do ``pad_trim`` and ``sort_by_length``;
+        the default is ``numpy.asarray``."""
         return np.asarray(leaf)
 
     def take_rows(self, leaf: Any, index: Any) -> Any:
@@ -182,24 +183,6 @@ class Backend:
     def slice_columns(self, leaf: Any, stop: int) -> Any:
         """Columns ``:stop`` of a tensor along its second dimension (``pad_trim``)."""
         return leaf[:, :stop]
-
-    def is_finite(self, value: Any) -> bool:
-        """Whether a scalar loss is finite (used by ``check_finite``)."""
-        return bool(np.all(np.isfinite(self._host_float(value))))
-
-    def max_abs_diff(self, a: Any, b: Any) -> float:
-        """Largest absolute difference between two tensors (used by ``check_determinism``)."""
-        return float(np.max(np.abs(self._host_float(a) - self._host_float(b)), initial=0.0))
-
-    def max_abs(self, a: Any) -> float:
-        """Largest absolute value of a tensor (scales ``check_determinism``'s tolerance)."""
-        return float(np.max(np.abs(self._host_float(a)), initial=0.0))
-
-    def _host_float(self, value: Any) -> Any:
-        host = self.to_host(value)
-        if host is None:
-            raise GradCacheError(f"the {self.name} backend could not read a value on the host")
-        return np.asarray(host).astype(np.float64)
 
     def run_check(self, check: Callable[..., None], *values: Any) -> None:
         """Runs ``check(*values)``, a test that raises when the step must not go on.

@@ -218,9 +218,6 @@ class JaxBackend(Backend):
     def shape(self, leaf: Any) -> tuple:
         return tuple(leaf.shape)
 
-    def slice_rows(self, leaf: Any, start: int, stop: int) -> Any:
-        return leaf[start:stop]
-
     def concat_rows(self, leaves: Sequence[Any]) -> Any:
         return jnp.concatenate(list(leaves), axis=0)
 

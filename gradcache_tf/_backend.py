@@ -142,9 +142,6 @@ class TFBackend(Backend):
             return (None,)
         return tuple(leaf.shape)
 
-    def slice_rows(self, leaf: Any, start: int, stop: int) -> Any:
-        return leaf[start:stop]
-
     def concat_rows(self, leaves: Sequence[Any]) -> Any:
         return tf.concat(list(leaves), axis=0)
 
@@ -300,9 +297,9 @@ class TFBackend(Backend):
 
     def to_host(self, leaf: Any) -> Any:
         # inside tf.function a tensor is symbolic: its values exist only when the graph runs
-        if not tf.executing_eagerly() or not hasattr(leaf, "numpy"):
-            return None
-        return leaf.numpy()
+        if not hasattr(leaf, "numpy"):          # already host values (numpy), or not a tensor
+            return leaf if not tf.is_tensor(leaf) else None
+        return leaf.numpy() if tf.executing_eagerly() else None
 
     def take_rows(self, leaf: Any, index: Any) -> Any:
         return tf.gather(leaf, index)

@@ -95,9 +95,6 @@ class TorchBackend(Backend):
     def shape(self, leaf: torch.Tensor) -> tuple:
         return tuple(leaf.shape)
 
-    def slice_rows(self, leaf: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return leaf[start:stop]
-
     def concat_rows(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat(list(leaves), dim=0)
 

@@ -112,9 +112,6 @@ class NumpyBackend(Backend):
     def shape(self, leaf: Any) -> tuple:
         return tuple(np.shape(leaf))
 
-    def slice_rows(self, leaf: Any, start: int, stop: int) -> Any:
-        return leaf[start:stop]
-
     def concat_rows(self, leaves: Sequence[Any]) -> Any:
         return np.concatenate(list(leaves), axis=0)
 
@@ -157,12 +154,3 @@ class NumpyBackend(Backend):
 
     def zero_grads(self) -> dict:
         return {}
-
-    def is_finite(self, value: Any) -> bool:
-        return bool(np.all(np.isfinite(value)))
-
-    def max_abs_diff(self, a: Any, b: Any) -> float:
-        return float(np.max(np.abs(np.asarray(a) - np.asarray(b)), initial=0.0))
-
-    def max_abs(self, a: Any) -> float:
-        return float(np.max(np.abs(a), initial=0.0))
