@@ -10,7 +10,7 @@ framework. Importing this package loads no framework, ever.
 [(0, 4), (4, 8), (8, 10)]
 """
 
-from gradcache._backend import Backend, ChunkPlan, call_with_convention, python_chunk_loop
+from gradcache._backend import Backend, ChunkPlan, call_with_convention
 from gradcache._collective import Collective, Rendezvous
 from gradcache._dispatch import cached_step
 from gradcache._errors import GradCacheError
@@ -40,7 +40,6 @@ __all__ = [
     "call_with_convention",
     "flatten",
     "map_leaves",
-    "python_chunk_loop",
     "Rendezvous",
     "StepKeywords",
     "StepOptions",

@@ -1,10 +1,11 @@
 """The backend protocol: the few primitives an adapter implements so that the core can run a step.
 
 The core (:mod:`gradcache._schedule`) owns the algorithm -- chunking, the order of the passes, the
-random-state bookkeeping, validation and error wording. A backend owns only what needs a framework:
-what a tensor is, slicing and concatenating rows, encoding a chunk without a graph, the loss's
-value-and-gradient, pulling a representation gradient back into the parameters, saving and replaying
-random state, and (optionally) the way to iterate over chunks. An adapter that finds itself writing a
+random-state bookkeeping, validation and error wording, and which chunks run in a compiled loop
+(:mod:`gradcache._chunks`). A backend owns only what needs a framework: what a tensor is, slicing
+and concatenating rows, encoding a chunk without a graph, the loss's value-and-gradient, pulling a
+representation gradient back into the parameters, saving and replaying random state, and
+(optionally) a compiled loop over chunks of equal size. An adapter that finds itself writing a
 loop over chunks or a branch on the algorithm is missing a primitive here; add it instead.
 """
 
@@ -17,16 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from gradcache import _tree
-from gradcache._errors import GradCacheError
-
 
 @dataclass(frozen=True)
 class ChunkPlan:
     """How one input group is cut into consecutive chunks of ``sizes`` rows.
 
     Chunks made by the core are *uniform*: every chunk has ``chunk_size`` rows except a smaller
-    last one. A user ``split_fn`` may produce any sizes; compiled loops then fall back to Python.
+    last one. A user ``split_fn`` may produce any sizes; such chunks then run one by one.
 
     >>> plan = ChunkPlan.uniform(batch_size=10, chunk_size=4)
     >>> plan.bounds
@@ -76,8 +74,8 @@ class ChunkPlan:
         return bounds
 
 
-# body(carry, chunk_index, rows_chunk, per_chunk_item) -> (carry, (rows_out, per_chunk_out))
-ChunkBody = Callable[[Any, Any, Any, Any], tuple[Any, tuple[Any, Any]]]
+# body(carry_leaves, index, row_leaves, item_leaves) -> (carry_leaves, out_leaves, out_item_leaves)
+LoopBody = Callable[[list, Any, list, list], tuple[list, list, list]]
 
 
 class Backend:
@@ -150,7 +148,8 @@ class Backend:
         """Pass 2: re-encode ``chunk`` with a graph under ``record`` and add ``rep_grad``'s VJP into ``grads``.
 
         Returns ``(grads, recomputed_rep)``. ``final_use`` is true for the last chunk the step pulls
-        back through ``encoder`` (distributed wrappers synchronise there, once per step).
+        back through ``encoder`` (distributed wrappers synchronise there, once per step); it is a
+        plain bool (see :attr:`reads_final_use`).
         """
         raise NotImplementedError
 
@@ -195,18 +194,28 @@ class Backend:
         """
         check(*values)
 
-    def chunk_loop(self, body: ChunkBody, carry: Any, rows: Any, plan: ChunkPlan,
-                   per_chunk: Sequence | None) -> tuple[Any, tuple[Any, Any]]:
-        """Runs ``body`` over the chunks of ``rows`` in order; concatenates row outputs.
+    #: Whether :meth:`pullback` reads ``final_use``. The core then runs the last chunk of a group that
+    #: may be final by itself, never inside a compiled loop, so that the flag is a plain bool. A
+    #: compiled backend that ignores it says so, and its loops keep that chunk (one copy of the
+    #: encoder fewer in the program); inside a loop ``final_use`` is then ``False``.
+    reads_final_use: bool = True
 
-        ``rows`` is a nested structure whose tensor leaves all have ``plan.batch_size`` rows; the
-        body receives them sliced to each chunk. ``per_chunk`` holds one item per chunk (as a previous
-        loop returned them). The body returns ``(carry, (rows_out, per_chunk_out))``: ``rows_out`` is
-        concatenated along rows over the chunks, ``per_chunk_out`` is collected per chunk. The default
-        is a Python loop; a compiled backend overrides it with its own loop primitive so that program
-        size does not grow with the number of chunks.
+    def loop_equal_chunks(self, body: LoopBody, carry: list, rows: list, count: int, size: int,
+                          items: list | None) -> tuple[list, list, list] | None:
+        """Runs ``body`` over ``count`` chunks of ``size`` rows in one compiled loop, or declines.
+
+        ``rows`` are tensors of ``count * size`` rows; chunk ``i`` is rows ``i * size`` to
+        ``(i + 1) * size`` of each. ``items`` is ``None`` or what a previous call returned as
+        stacked items (tensors with a leading axis of ``count``). Call ``body(carry, i,
+        chunk_rows, item_i)`` for ``i = 0 .. count - 1`` in order -- ``i`` the loop's counter, or a
+        Python int for a chunk run by itself before the loop (as TensorFlow runs chunk 0 to learn
+        the outputs' shapes) -- threading ``carry``; it returns ``(carry, out_rows, out_item)``,
+        all flat lists of tensors. Return ``(carry, out_rows concatenated along rows, out_item
+        stacked along a new leading axis)``. The default declines (returns ``None`` without
+        calling ``body``) and the core runs the chunks one by one; a compiled backend loops so that
+        its program does not grow with the number of chunks.
         """
-        return python_chunk_loop(self, body, carry, rows, plan, per_chunk)
+        return None
 
     def progress_enabled(self) -> bool:
         """Whether a progress bar can follow the chunks (false while tracing a compiled loop)."""
@@ -227,33 +236,3 @@ def call_with_convention(encoder: Callable, chunk: Any, is_leaf: Callable[[Any],
     if isinstance(chunk, (list, tuple)):
         return encoder(*chunk)
     return encoder(chunk)
-
-
-def python_chunk_loop(backend: Backend, body: ChunkBody, carry: Any, rows: Any, plan: ChunkPlan,
-                      per_chunk: Sequence | None) -> tuple[Any, tuple[Any, Any]]:
-    """The plain chunk-by-chunk loop every eager backend uses."""
-    row_outputs: list = []
-    per_chunk_outputs: list = []
-    for index, (start, stop) in enumerate(plan.bounds):
-        chunk = _tree.map_leaves(lambda leaf, a=start, b=stop: backend.slice_rows(leaf, a, b),
-                                 rows, backend.is_leaf)
-        item = None if per_chunk is None else per_chunk[index]
-        carry, (rows_out, item_out) = body(carry, index, chunk, item)
-        row_outputs.append(rows_out)
-        per_chunk_outputs.append(item_out)
-    return carry, (concat_row_trees(backend, row_outputs), per_chunk_outputs)
-
-
-def concat_row_trees(backend: Backend, trees: Sequence[Any]) -> Any:
-    """Concatenates structurally identical trees leaf by leaf along rows."""
-    flat = [_tree.flatten(tree, backend.is_leaf) for tree in trees]
-    if not flat:
-        return None
-    spec = flat[0][1]
-    for index, (_, other) in enumerate(flat[1:], start=1):
-        if other != spec:
-            raise GradCacheError(f"chunk {index} produced an output structured differently from "
-                                 f"chunk 0; an encoder must return the same structure for every chunk")
-    columns = zip(*(leaves for leaves, _ in flat))
-    return _tree.unflatten(spec, [backend.concat_rows(list(column)) for column in columns])
-

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from gradcache import _padding, _tree
-from gradcache._backend import Backend, ChunkPlan, python_chunk_loop
+from gradcache._backend import Backend, ChunkPlan
+from gradcache._chunks import Chunk, ChunkItems, loop_length, run_chunks
 from gradcache._collective import Collective, Rendezvous
 from gradcache._errors import GradCacheError, add_location_note, where
 
@@ -188,7 +189,7 @@ class CachedForward:
     backend: Backend
     groups: list[GroupPlan]
     reps: list
-    records: list
+    records: list[ChunkItems]
     rep_grads: list
     loss: Any
     grads: Any
@@ -482,20 +483,19 @@ def _chunk_rows(backend: Backend, chunk: Any) -> int | None:
     return backend.batch_size(leaves[0]) if leaves else None
 
 
-def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress) -> tuple[Any, Any]:
-    def body(carry: Any, index: Any, rows: Any, item: Any) -> tuple[Any, tuple[Any, Any]]:
-        chunk = item if group.pre_split is not None else rows
+def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress) -> tuple[Any, ChunkItems]:
+    def body(carry: Any, chunk: Chunk, rows: Any, item: Any) -> tuple[Any, tuple[Any, Any]]:
+        inputs = item if group.pre_split is not None else rows
         try:
-            record = backend.rng_capture(group.index, index)
-            rep = backend.encode(group.encoder, chunk, record, group.get_rep)
+            record = backend.rng_capture(group.index, chunk.index)
+            rep = backend.encode(group.encoder, inputs, record, group.get_rep)
         except GradCacheError as error:
-            raise GradCacheError(f"{where(group.index, index, 'pass 1')}: {error}") from None
+            raise GradCacheError(f"{where(group.index, chunk.label, 'pass 1')}: {error}") from None
         except Exception as error:
-            add_location_note(error, f"gradcache: raised while encoding {where(group.index, index, 'pass 1')}"
-                                     f" with inputs {describe_shapes(backend, chunk)}")
+            add_location_note(error, f"gradcache: raised while encoding {where(group.index, chunk.label, 'pass 1')}"
+                                     f" with inputs {describe_shapes(backend, inputs)}")
             raise
-        rows_in = _chunk_rows(backend, chunk)
-        _check_rep(backend, group.index, index, rep, rows_in, chunk)
+        _check_rep(backend, group.index, chunk.label, rep, _chunk_rows(backend, inputs), inputs)
         bar.update(f"gradcache pass 1, group {group.index}")
         if group.pre_split is not None:
             leaves, _ = _tree.flatten(rep, backend.is_leaf)
@@ -503,50 +503,53 @@ def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress) -> tuple[Any, 
         return carry, (rep, record)
 
     if group.pre_split is not None:
-        _, (rep, items) = python_chunk_loop(
-            backend, body, None, None, ChunkPlan((0,) * len(group.pre_split)), group.pre_split)
-        group.plan = ChunkPlan(tuple(rows for _, rows in items))
-        return rep, [record for record, _ in items]
-    _, (rep, records) = backend.chunk_loop(body, None, group.inputs, group.plan, None)
+        # a split_fn's chunks (or pad_trim's) have their own shapes: one by one, and the plan is
+        # known once each has run
+        _, rep, items = run_chunks(backend, body, None, None, ChunkPlan((0,) * len(group.pre_split)),
+                                   group=group.index, items=ChunkItems.one_by_one(group.pre_split))
+        group.plan = ChunkPlan(tuple(rows for _, rows in items.single))
+        return rep, ChunkItems.one_by_one([record for record, _ in items.single])
+    loop = loop_length(backend, group.plan, group.last_for_encoder)
+    _, rep, records = run_chunks(backend, body, None, group.inputs, group.plan,
+                                 group=group.index, loop=loop)
     return rep, records
 
 
-def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, records: Any,
+def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, records: ChunkItems,
               grads: Any, tolerance: float, bar: _Progress) -> Any:
-    last_chunk = group.plan.num_chunks - 1
-
-    def body(grads: Any, index: Any, rows: Any, item: Any) -> tuple[Any, tuple[Any, Any]]:
-        chunk, grad_chunk, rep_chunk = rows
+    def body(grads: Any, chunk: Chunk, rows: Any, item: Any) -> tuple[Any, tuple[Any, Any]]:
+        inputs, grad_chunk, rep_chunk = rows
         if group.pre_split is not None:
-            chunk, record = item
+            inputs, record = item
         else:
             record = item
-        # Under a compiled loop `index` is traced and this is a traced bool; such backends ignore it.
-        final_use = group.last_for_encoder and index == last_chunk
+        # a plain bool: the core runs a group's last chunk by itself when the backend reads this
+        final_use = group.last_for_encoder and chunk.last
         try:
-            grads, recomputed = backend.pullback(group.encoder, chunk, record, group.get_rep,
+            grads, recomputed = backend.pullback(group.encoder, inputs, record, group.get_rep,
                                                  grad_chunk, grads, final_use=final_use)
         except GradCacheError as error:
-            raise GradCacheError(f"{where(group.index, index, 'pass 2')}: {error}") from None
+            raise GradCacheError(f"{where(group.index, chunk.label, 'pass 2')}: {error}") from None
         except Exception as error:
-            add_location_note(error, f"gradcache: raised while re-encoding {where(group.index, index, 'pass 2')}"
-                                     f" with inputs {describe_shapes(backend, chunk)}")
+            add_location_note(error, f"gradcache: raised while re-encoding {where(group.index, chunk.label, 'pass 2')}"
+                                     f" with inputs {describe_shapes(backend, inputs)}")
             raise
         if rep_chunk is not None:
             # through run_check: under a compiled loop the values (and the index) are not concrete
             backend.run_check(
-                lambda chunk, first, second: _check_same(backend, group.index, chunk, first,
+                lambda index, first, second: _check_same(backend, group.index, index, first,
                                                          second, tolerance),
-                index, rep_chunk, recomputed)
+                chunk.index, rep_chunk, recomputed)
         bar.update(f"gradcache pass 2, group {group.index}")
         return grads, (None, None)
 
     if group.pre_split is not None:
-        rows = (None, rep_grad, rep)
-        items = list(zip(group.pre_split, records))
-        grads, _ = python_chunk_loop(backend, body, grads, rows, group.plan, items)
+        items = ChunkItems.one_by_one(list(zip(group.pre_split, records.single)))
+        grads, _, _ = run_chunks(backend, body, grads, (None, rep_grad, rep), group.plan,
+                                 group=group.index, items=items)
         return grads
-    grads, _ = backend.chunk_loop(body, grads, (group.inputs, rep_grad, rep), group.plan, records)
+    grads, _, _ = run_chunks(backend, body, grads, (group.inputs, rep_grad, rep), group.plan,
+                             group=group.index, items=records)
     return grads
 
 

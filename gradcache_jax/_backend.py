@@ -7,17 +7,17 @@ tuple of accumulators, one per trainable leaf of ``params`` (an inexact array), 
 the user in the structure of ``params``. Randomness is explicit: each chunk's key is derived from
 the step key, the group and the chunk index, so pass 2 sees pass 1's key by construction.
 
-The backend owns the *way* to iterate, not the schedule: :meth:`JaxBackend.chunk_loop` runs the
-core's loop body under ``lax.scan`` over the full chunks, plus one more call for a shorter last
-chunk, so that the compiled program does not grow with the number of chunks. It must never hold a
-loop over chunks of its own or a branch on the algorithm.
+The backend owns the *way* to iterate, not the schedule: the core decides which chunks run in a
+compiled loop (the full ones) and which by themselves (a shorter last one), and
+:meth:`JaxBackend.loop_equal_chunks` runs its body under ``lax.scan``, so that the compiled
+program does not grow with the number of chunks. It must never hold a loop over chunks of its own
+or a branch on the algorithm.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -25,15 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gradcache import (
-    Backend,
-    ChunkPlan,
-    GradCacheError,
-    TreeSpec,
-    flatten,
-    python_chunk_loop,
-    unflatten,
-)
+from gradcache import Backend, GradCacheError, flatten, unflatten
 
 
 def chunk_key(rng: Any, group: Any, chunk: Any) -> Any:
@@ -76,57 +68,6 @@ def _accumulator_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-class ScannedChunk:
-    """The chunk index the core's loop body sees inside ``lax.scan``.
-
-    The scanned body is traced once for all full chunks, so an error raised while tracing (a wrong
-    shape, a bad return value) is raised for every one of them alike, and chunk ``first`` is the one
-    a chunk-by-chunk loop would have failed on: messages name it (``str``). Computations -- the
-    chunk's key, host-side checks -- use the traced ``value``.
-
-    >>> str(ScannedChunk(value=None, first=0))
-    '0'
-    """
-
-    __slots__ = ("first", "value")
-
-    def __init__(self, value: Any, first: int):
-        self.value = value
-        self.first = first
-
-    def __str__(self) -> str:
-        return str(self.first)
-
-    def __format__(self, spec: str) -> str:
-        return format(self.first, spec)
-
-    def __repr__(self) -> str:
-        return f"ScannedChunk(first={self.first})"
-
-    def __eq__(self, other: Any) -> Any:
-        # The core's `final_use` test; traced here, and ignored by this backend.
-        return self.value == other
-
-    __hash__ = object.__hash__
-
-
-def _index_value(chunk: Any) -> Any:
-    return chunk.value if isinstance(chunk, ScannedChunk) else chunk
-
-
-@dataclass(frozen=True)
-class ScannedItems:
-    """Per-chunk outputs of a scanned loop: stacked leaves for the full chunks, the last one apart.
-
-    The core hands what one loop returned per chunk (pass 1's keys) to the next loop (pass 2)
-    without looking inside, so this backend keeps them stacked, ready to be scanned again.
-    """
-
-    spec: TreeSpec
-    stacked: list
-    tail: Any = None
-
-
 class JaxBackend(Backend):
     """Primitives over ``jax.vjp`` and ``lax.scan``. One instance serves one step.
 
@@ -155,6 +96,9 @@ class JaxBackend(Backend):
     name = "jax"
     # host-side checks run in program order; JAX orders callbacks only on a single device
     ordered_checks = True
+    # collectives in a jitted step are the user's own: no wrapper to synchronise on a last chunk,
+    # so that chunk may stay in the scan (one copy of the encoder fewer in the program)
+    reads_final_use = False
 
     def __init__(self, params: Any, *, rng: Any = None, loss_takes_params: bool = False,
                  scan: bool = True, concrete: bool = False):
@@ -225,7 +169,7 @@ class JaxBackend(Backend):
     def rng_capture(self, group: int, chunk: Any) -> Any:
         if self.rng is None:
             return None
-        return chunk_key(self.rng, group, _index_value(chunk))
+        return chunk_key(self.rng, group, chunk)
 
     def rng_replay(self, record: Any) -> contextlib.AbstractContextManager:
         # Keys are passed explicitly: replaying means passing the same key, which pullback does.
@@ -276,8 +220,7 @@ class JaxBackend(Backend):
 
     def pullback(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable, rep_grad: Any,
                  grads: Any, *, final_use: Any) -> tuple[Any, Any]:
-        # No distributed wrapper to synchronise: collectives in a jitted step are the user's own.
-        del final_use
+        del final_use  # see reads_final_use
         specs: list = []
 
         def forward(trainable: list) -> list:
@@ -303,7 +246,6 @@ class JaxBackend(Backend):
         return None if isinstance(leaf, jax.core.Tracer) else np.asarray(leaf)
 
     def run_check(self, check: Callable[..., None], *values: Any) -> None:
-        values = tuple(_index_value(value) for value in values)
         leaves, spec = flatten(list(values), is_tensor)
         if not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
             check(*values)
@@ -322,47 +264,22 @@ class JaxBackend(Backend):
         return self.concrete and not self.scan
 
     # -- the way to iterate -------------------------------------------------------------------------
-    def chunk_loop(self, body: Any, carry: Any, rows: Any, plan: ChunkPlan,
-                   per_chunk: Sequence | None) -> tuple[Any, tuple[Any, Any]]:
-        """The core's chunk loop as one ``lax.scan`` over the full chunks, then the last chunk.
+    def loop_equal_chunks(self, body: Callable, carry: list, rows: list, count: int, size: int,
+                          items: list | None) -> tuple[list, list, list] | None:
+        """The core's loop body under one ``lax.scan`` over ``count`` chunks of ``size`` rows.
 
-        Falls back to the Python loop when the chunks are not uniform (a user ``split_fn``), when
-        :attr:`scan` is off (an eager step with a progress bar or determinism check), or when the
-        previous loop ran in Python (its per-chunk outputs are a list).
+        Declines when :attr:`scan` is off (an eager step with a progress bar or a determinism
+        check wants the chunks one by one).
         """
-        scanned = isinstance(per_chunk, ScannedItems)
-        if not scanned and (per_chunk is not None or not self.scan or not plan.is_uniform
-                            or plan.num_full == 0):
-            return python_chunk_loop(self, body, carry, rows, plan, per_chunk)
-        count, size = plan.num_full, plan.chunk_size
-        leaves, spec = flatten(rows, is_tensor)
-        stacked = [jnp.reshape(leaf[: count * size], (count, size) + tuple(leaf.shape[1:]))
-                   for leaf in leaves]
-        specs: dict[str, TreeSpec] = {}
+        if not self.scan:
+            return None
+        stacked = [jnp.reshape(leaf, (count, size) + tuple(leaf.shape[1:])) for leaf in rows]
 
-        def scan_body(carry: Any, xs: tuple) -> tuple[Any, tuple[list, list]]:
-            index, chunk_leaves, item_leaves = xs
-            item = unflatten(per_chunk.spec, item_leaves) if scanned else None
-            carry, (rows_out, item_out) = body(carry, ScannedChunk(index, 0),
-                                               unflatten(spec, chunk_leaves), item)
-            row_leaves, specs["rows"] = flatten(rows_out, is_tensor)
-            out_items, specs["items"] = flatten(item_out, is_tensor)
-            return carry, (row_leaves, out_items)
+        def scan_body(carry: list, xs: tuple) -> tuple[list, tuple[list, list]]:
+            index, chunk, item = xs
+            carry, out, out_item = body(carry, index, chunk, item)
+            return carry, (out, out_item)
 
-        xs = (jnp.arange(count), stacked, per_chunk.stacked if scanned else [])
-        carry, (row_stacks, item_stacks) = lax.scan(scan_body, carry, xs)
-        row_leaves = [jnp.reshape(s, (count * size,) + tuple(s.shape[2:])) for s in row_stacks]
-        tail_item = None
-        if plan.remainder:
-            tail = unflatten(spec, [leaf[count * size:] for leaf in leaves])
-            carry, (rows_out, tail_item) = body(carry, count, tail,
-                                                per_chunk.tail if scanned else None)
-            tail_leaves, tail_spec = flatten(rows_out, is_tensor)
-            if tail_spec != specs["rows"]:
-                raise GradCacheError(
-                    f"the last chunk (chunk {count}) produced outputs of another structure than "
-                    f"the chunks before it; an encoder must return the same structure for every chunk")
-            row_leaves = [jnp.concatenate([a, b], axis=0)
-                          for a, b in zip(row_leaves, tail_leaves, strict=True)]
-        rows_out = unflatten(specs["rows"], row_leaves)
-        return carry, (rows_out, ScannedItems(specs["items"], item_stacks, tail_item))
+        xs = (jnp.arange(count), stacked, [] if items is None else items)
+        carry, (outs, out_items) = lax.scan(scan_body, carry, xs)
+        return carry, [jnp.reshape(o, (count * size,) + tuple(o.shape[2:])) for o in outs], out_items

@@ -7,10 +7,10 @@ slice back with ``tape.gradient(reps, variables, output_gradients=...)``, adding
 accumulator that the step returns. Random state is snapshotted and replayed through
 :mod:`gradcache_tf._rng`.
 
-Inside ``tf.function`` the chunks of a group are iterated by one ``tf.while_loop`` (see
-:meth:`TFBackend.chunk_loop`), so the traced program holds a fixed number of copies of the encoder
-whatever the number of chunks. No control flow of the algorithm lives here: the loop primitive
-runs whatever body the core hands it.
+Inside ``tf.function`` the full chunks of a group are iterated by one ``tf.while_loop`` (see
+:meth:`TFBackend.loop_equal_chunks`; the core runs a shorter last chunk by itself), so the traced
+program holds a fixed number of copies of the encoder whatever the number of chunks. No control
+flow of the algorithm lives here: the loop primitive runs whatever body the core hands it.
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util  # XLA context detection (private, stable)
 
-from gradcache import Backend, ChunkPlan, GradCacheError, call_with_convention, flatten, unflatten
-from gradcache._backend import ChunkBody, python_chunk_loop
+from gradcache import Backend, GradCacheError, call_with_convention, flatten, unflatten
 from gradcache_tf import _rng
 
 
@@ -56,14 +54,6 @@ def _weighted(gradient: Any, weight: Any) -> Any:
     return gradient * tf.cast(weight, gradient.dtype)
 
 
-@dataclass
-class LoopItems:
-    """Per-chunk items of a ``tf.while_loop`` pass: stacked for the uniform chunks, plus the last."""
-
-    stacked: Any
-    remainder: Any
-
-
 class TFBackend(Backend):
     """Primitives over ``tf.GradientTape``. One instance serves one step.
 
@@ -87,6 +77,9 @@ class TFBackend(Backend):
     """
 
     name = "tf"
+    # no distributed wrapper synchronises on a last chunk (tf.distribute reduces in the optimizer),
+    # so that chunk may stay in the while-loop (one copy of the encoder fewer in the graph)
+    reads_final_use = False
 
     def __init__(self, variables: Sequence[Any] | Callable[[], Sequence[Any]], *,
                  random: _rng.RandomSources, training: bool | None = True,
@@ -308,84 +301,45 @@ class TFBackend(Backend):
     def progress_enabled(self) -> bool:
         return tf.executing_eagerly()
 
-    def chunk_loop(self, body: ChunkBody, carry: Any, rows: Any, plan: ChunkPlan,
-                   per_chunk: Sequence | None) -> tuple[Any, tuple[Any, Any]]:
-        """A ``tf.while_loop`` over uniform chunks inside ``tf.function``; Python otherwise.
+    def loop_equal_chunks(self, body: Callable, carry: list, rows: list, count: int, size: int,
+                          items: list | None) -> tuple[list, list, list] | None:
+        """A ``tf.while_loop`` over ``count`` chunks of ``size`` rows inside ``tf.function``.
 
-        Chunk 0 is traced on its own before the loop: that fixes the structure, dtypes and shapes
-        of what the body returns (the loop's ``TensorArray``s need them), lets lazily built Keras
-        layers create their variables outside the loop, and gives any trace-time error a plain
-        chunk number. Then one ``tf.while_loop`` (``parallel_iterations=1``, so chunks run one
-        after the other and memory holds one chunk's activations) covers chunks ``1..n-1``, and a
-        last call covers the smaller remainder chunk. The program holds at most three copies of the
-        body, whatever the number of chunks; eagerly, or with fewer than three full chunks, the
-        plain Python loop is as good.
+        Chunk 0 is traced on its own before the loop: that fixes the dtypes and shapes of what
+        the body returns (the loop's ``TensorArray``s need them), lets lazily built Keras layers
+        create their variables outside the loop, and gives any trace-time error a plain chunk
+        number. Then one ``tf.while_loop`` (``parallel_iterations=1``, so chunks run one after the
+        other and memory holds one chunk's activations) covers chunks ``1..count-1``. With the
+        core's shorter last chunk, the program holds at most three copies of the body, whatever
+        the number of chunks. Eagerly, or with fewer than three chunks, it declines: the core's
+        chunk-by-chunk loop is as good.
         """
-        if isinstance(per_chunk, LoopItems) or (per_chunk is None and self._loops(plan)):
-            return self._while_loop(body, carry, rows, plan, per_chunk)
-        return python_chunk_loop(self, body, carry, rows, plan, per_chunk)
+        if not self.graph_loop or tf.executing_eagerly() or count < 3:
+            return None
 
-    def _loops(self, plan: ChunkPlan) -> bool:
-        return (self.graph_loop and not tf.executing_eagerly() and plan.is_uniform
-                and plan.num_full >= 3)
-
-    def _while_loop(self, body: ChunkBody, carry: Any, rows: Any, plan: ChunkPlan,
-                    per_chunk: LoopItems | None) -> tuple[Any, tuple[Any, Any]]:
-        count, size = plan.num_full, plan.chunk_size
-        row_leaves, row_spec = flatten(rows, is_tensor)
-
-        def chunk_at(index: Any) -> Any:
+        def chunk_at(index: Any) -> list:
             if isinstance(index, int):
-                bounds = slice(index * size, (index + 1) * size)
-                return unflatten(row_spec, [leaf[bounds] for leaf in row_leaves])
-            return unflatten(row_spec, [_rows_at(leaf, index * size, size) for leaf in row_leaves])
+                return [leaf[index * size:(index + 1) * size] for leaf in rows]
+            return [_rows_at(leaf, index * size, size) for leaf in rows]
 
-        item_leaves, item_spec = flatten(per_chunk.stacked, is_tensor) if per_chunk else ([], None)
+        def item_at(index: Any) -> list:
+            return [] if items is None else [leaf[index] for leaf in items]
 
-        def item_at(index: Any) -> Any:
-            if per_chunk is None:
-                return None
-            return unflatten(item_spec, [leaf[index] for leaf in item_leaves])
+        carry, out0, item0 = body(carry, 0, chunk_at(0), item_at(0))
+        self._warn_slow_xla_random()  # pass 1's chunk 0 has shown whether the encoder draws
+        arrays = [_array(leaf, count) for leaf in out0 + item0]
 
-        carry, (rows0, item0) = body(carry, 0, chunk_at(0), item_at(0))
-        if per_chunk is None:
-            self._warn_slow_xla_random()  # pass 1's chunk 0 has shown whether the encoder draws
-        carry_leaves, carry_spec = flatten(carry, is_tensor)
-        out_leaves, out_spec = flatten(rows0, is_tensor)
-        new_item_leaves, new_item_spec = flatten(item0, is_tensor)
-        arrays = [_array(leaf, count) for leaf in out_leaves + new_item_leaves]
+        def loop_body(index: tf.Tensor, carry: list, arrays: list) -> tuple:
+            carry, out, item = body(carry, index, chunk_at(index), item_at(index))
+            written = [array.write(index, leaf) for array, leaf in zip(arrays, out + item, strict=True)]
+            return index + 1, carry, written
 
-        def loop_body(index: tf.Tensor, carry_leaves: list, arrays: list) -> tuple:
-            new_carry, (rows_i, item_i) = body(unflatten(carry_spec, carry_leaves), index,
-                                               chunk_at(index), item_at(index))
-            leaves_i, spec_i = flatten(rows_i, is_tensor)
-            items_i, item_spec_i = flatten(item_i, is_tensor)
-            if spec_i != out_spec or item_spec_i != new_item_spec:
-                raise GradCacheError("chunks produced outputs of different structure")
-            written = [array.write(index, leaf)
-                       for array, leaf in zip(arrays, leaves_i + items_i, strict=True)]
-            next_carry, _ = flatten(new_carry, is_tensor)
-            return index + 1, next_carry, written
-
-        _, carry_leaves, arrays = tf.while_loop(
-            lambda index, *_: index < count, loop_body,
-            (tf.constant(1), carry_leaves, arrays), parallel_iterations=1,
-            maximum_iterations=count - 1)
-        carry = unflatten(carry_spec, carry_leaves)
+        _, carry, arrays = tf.while_loop(
+            lambda index, *_: index < count, loop_body, (tf.constant(1), carry, arrays),
+            parallel_iterations=1, maximum_iterations=count - 1)
         stacked = [array.stack() for array in arrays]
-        full_rows = [_merge_leading(s, count * size) for s in stacked[:len(out_leaves)]]
-        stacked_items = unflatten(new_item_spec, stacked[len(out_leaves):])
-        remainder_item = None
-        if plan.remainder:
-            start = count * size
-            last = unflatten(row_spec, [leaf[start:] for leaf in row_leaves])
-            carry, (rows_last, remainder_item) = body(
-                carry, count, last, per_chunk.remainder if per_chunk else None)
-            last_leaves, _ = flatten(rows_last, is_tensor)
-            full_rows = [tf.concat([a, b], axis=0)
-                         for a, b in zip(full_rows, last_leaves, strict=True)]
-        rows_out = unflatten(out_spec, full_rows) if out_leaves else rows0
-        return carry, (rows_out, LoopItems(stacked_items, remainder_item))
+        rows_out = [_merge_leading(s, count * size) for s in stacked[:len(out0)]]
+        return list(carry), rows_out, stacked[len(out0):]
 
 
 def _rows_at(leaf: tf.Tensor, start: tf.Tensor, size: int) -> tf.Tensor:
