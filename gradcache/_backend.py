@@ -1,12 +1,14 @@
 """The backend protocol: the few primitives an adapter implements so that the core can run a step.
 
 The core (:mod:`gradcache._schedule`) owns the algorithm -- chunking, the order of the passes, the
-random-state bookkeeping, validation and error wording, and which chunks run in a compiled loop
-(:mod:`gradcache._chunks`). A backend owns only what needs a framework: what a tensor is, slicing
-and concatenating rows, encoding a chunk without a graph, the loss's value-and-gradient, pulling a
-representation gradient back into the parameters, saving and replaying random state, and
-(optionally) a compiled loop over chunks of equal size. An adapter that finds itself writing a
-loop over chunks or a branch on the algorithm is missing a primitive here; add it instead.
+random-state bookkeeping, validation and error wording, which chunks run in a compiled loop
+(:mod:`gradcache._chunks`), and the skeletons of the loss's gradient and of the pullback
+(:mod:`gradcache._autodiff`). A backend owns only what needs a framework: what a tensor is, slicing
+and concatenating rows, encoding a chunk without a graph, the value and gradient of a function of a
+list of tensors, the vector-Jacobian product of an encoder at its parameters, saving and replaying
+random state, and (optionally) a compiled loop over chunks of equal size. An adapter that finds
+itself writing a loop over chunks or a branch on the algorithm is missing a primitive here; add it
+instead.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class ChunkPlan:
     """How one input group is cut into consecutive chunks of ``sizes`` rows.
 
     Chunks made by the core are *uniform*: every chunk has ``chunk_size`` rows except a smaller
-    last one. A user ``split_fn`` may produce any sizes; such chunks then run one by one.
+    last one. A user ``split_fn`` may produce any sizes; compiled loops then fall back to Python.
 
     >>> plan = ChunkPlan.uniform(batch_size=10, chunk_size=4)
     >>> plan.bounds
@@ -76,6 +78,13 @@ class ChunkPlan:
 
 # body(carry_leaves, index, row_leaves, item_leaves) -> (carry_leaves, out_leaves, out_item_leaves)
 LoopBody = Callable[[list, Any, list, list], tuple[list, list, list]]
+
+# fn(values) -> (target, value): the value of a function, and what to differentiate (the value
+# times the loss scale)
+ScaledFunction = Callable[[list], tuple[Any, Any]]
+
+# outputs(encoder_output) -> (tensor leaves, one cotangent per leaf or None)
+Outputs = Callable[[Any], tuple[list, list]]
 
 
 class Backend:
@@ -133,23 +142,29 @@ class Backend:
         """Pass 1: ``get_rep(encoder(chunk))`` without building a graph, under ``record``'s randomness."""
         raise NotImplementedError
 
-    def loss_and_rep_grads(self, loss_fn: Callable, reps: list, grads: Any) -> tuple[Any, list, Any]:
-        """Returns ``(loss, dloss/dreps, grads)``; gradients of loss-owned parameters go into ``grads``.
+    def value_and_grad(self, fn: ScaledFunction, values: list, grads: Any) -> tuple[Any, list, Any]:
+        """The value of ``fn`` at ``values`` and the gradient of what it differentiates.
 
-        ``loss_fn`` is a :class:`gradcache.CheckedLoss`: call it on ``reps`` and differentiate, or,
-        when ``loss_fn.supplies_gradient``, take ``loss_fn.value_and_grad(*reps)`` as it is.
-        ``dloss/dreps`` mirrors ``reps`` (a list with one nested representation per group), with
-        zeros where the loss does not depend on a representation.
+        ``fn(values)`` returns ``(target, value)``: ``target`` is ``value`` times the loss scale
+        (:meth:`scale_loss`). Returns ``(value, grads_of_values, grads)``: the gradient of
+        ``target`` with respect to each of ``values`` (a list of floating-point tensors; ``None``
+        where ``target`` does not depend on one), and ``grads`` with the gradient of ``target``
+        with respect to the parameters ``fn`` reads (a loss's learnable temperature) added.
+        The core calls it once per step, with the loss on the representations.
         """
         raise NotImplementedError
 
-    def pullback(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable, rep_grad: Any,
-                 grads: Any, *, final_use: Any) -> tuple[Any, Any]:
-        """Pass 2: re-encode ``chunk`` with a graph under ``record`` and add ``rep_grad``'s VJP into ``grads``.
+    def vjp(self, encoder: Any, chunk: Any, record: Any, outputs: Outputs, grads: Any, *,
+            final_use: bool) -> tuple[list, Any]:
+        """Pass 2 for one chunk: re-encode it with a graph at the parameters, pull cotangents back.
 
-        Returns ``(grads, recomputed_rep)``. ``final_use`` is true for the last chunk the step pulls
-        back through ``encoder`` (distributed wrappers synchronise there, once per step); it is a
-        plain bool (see :attr:`reads_final_use`).
+        Call ``encoder`` on ``chunk`` (randomness: ``record``'s, which the core has already made
+        current with :meth:`rng_replay`), differentiably with respect to the parameters, and hand
+        its output to ``outputs``: it returns the output's tensor leaves and one cotangent per leaf
+        (``None`` for a leaf that is not floating point). Add the vector-Jacobian product of the
+        cotangents (each cast to its leaf's dtype) into ``grads``; return ``(leaves, grads)``.
+        ``final_use`` is true for the last chunk the step pulls back through ``encoder``
+        (distributed wrappers synchronise there, once per step); it is a plain bool.
         """
         raise NotImplementedError
 
@@ -194,7 +209,7 @@ class Backend:
         """
         check(*values)
 
-    #: Whether :meth:`pullback` reads ``final_use``. The core then runs the last chunk of a group that
+    #: Whether :meth:`vjp` reads ``final_use``. The core then runs the last chunk of a group that
     #: may be final by itself, never inside a compiled loop, so that the flag is a plain bool. A
     #: compiled backend that ignores it says so, and its loops keep that chunk (one copy of the
     #: encoder fewer in the program); inside a loop ``final_use`` is then ``False``.
@@ -216,6 +231,23 @@ class Backend:
         its program does not grow with the number of chunks.
         """
         return None
+
+    def differentiable(self, leaf: Any) -> bool:
+        """Whether a tensor has a gradient: floating point or complex (default: by numpy dtype)."""
+        return bool(np.issubdtype(np.asarray(leaf).dtype, np.inexact))
+
+    def zeros_like(self, leaf: Any) -> Any:
+        """Zeros of a tensor's shape and dtype: the gradient of what the loss does not read."""
+        return np.zeros_like(leaf)
+
+    def detach(self, leaf: Any) -> Any:
+        """The tensor without its graph (the loss returned, pass 2's recomputed representation)."""
+        return leaf
+
+    def scale_loss(self, value: Any) -> Any:
+        """``value`` times the step's loss scale: the loss before it is differentiated, or a
+        gradient a loss supplies itself. Default: no scale (``GradScaler``, ``LossScaleOptimizer``)."""
+        return value
 
     def progress_enabled(self) -> bool:
         """Whether a progress bar can follow the chunks (false while tracing a compiled loop)."""

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from gradcache import _padding, _tree
+from gradcache._autodiff import loss_and_rep_grads, pullback
 from gradcache._backend import Backend, ChunkPlan
 from gradcache._chunks import Chunk, ChunkItems, loop_length, run_chunks
 from gradcache._collective import Collective, Rendezvous
@@ -302,14 +303,15 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
     total = 2 * sum(g.plan.num_chunks if g.plan else len(g.pre_split) for g in groups)
     bar = _Progress(track, total)
     try:
-        grads = backend.zero_grads()
         reps, records = [], []
         for group in groups:
             rep, record = _pass_one(backend, group, bar)
             reps.append(rep)
             records.append(record)
+        # after pass 1: lazily built layers (Keras) have made their variables by now
+        grads = backend.zero_grads()
         if collective is None:
-            loss, rep_grads, grads = backend.loss_and_rep_grads(checked_loss, reps, grads)
+            loss, rep_grads, grads = loss_and_rep_grads(backend, checked_loss, reps, grads)
         else:
             loss, rep_grads, grads = _distributed_loss(backend, collective, rendezvous,
                                                        checked_loss, reps, grads)
@@ -408,11 +410,11 @@ def _distributed_loss(backend: Backend, collective: Collective, rendezvous: Rend
     """The global-batch loss and this rank's share of its representation gradients."""
     counts = _agreed_counts(backend, collective, rendezvous, reps)
     if checked_loss.gathers_itself:
-        loss, rep_grads, grads = backend.loss_and_rep_grads(checked_loss, reps, grads)
+        loss, rep_grads, grads = loss_and_rep_grads(backend, checked_loss, reps, grads)
     else:
         gathered = [_tree.map_leaves(lambda leaf, c=c: collective.all_gather_rows(leaf, c), rep,
                                      backend.is_leaf) for rep, c in zip(reps, counts)]
-        loss, global_grads, grads = backend.loss_and_rep_grads(checked_loss, gathered, grads)
+        loss, global_grads, grads = loss_and_rep_grads(backend, checked_loss, gathered, grads)
         rep_grads = [_tree.map_leaves(lambda leaf, c=c: collective.local_rows(leaf, c), grad,
                                       backend.is_leaf) for grad, c in zip(global_grads, counts)]
     if collective.grad_scale != 1:
@@ -526,8 +528,8 @@ def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, recor
         # a plain bool: the core runs a group's last chunk by itself when the backend reads this
         final_use = group.last_for_encoder and chunk.last
         try:
-            grads, recomputed = backend.pullback(group.encoder, inputs, record, group.get_rep,
-                                                 grad_chunk, grads, final_use=final_use)
+            grads, recomputed = pullback(backend, group.encoder, inputs, record, group.get_rep,
+                                         grad_chunk, grads, final_use=final_use)
         except GradCacheError as error:
             raise GradCacheError(f"{where(group.index, chunk.label, 'pass 2')}: {error}") from None
         except Exception as error:

@@ -186,59 +186,47 @@ class JaxBackend(Backend):
         # of object, and stateful containers (Flax NNX variables) belong to the current trace.
         return get_rep(self._call(encoder, self.params_with(self.encoder_trainable()), chunk, record))
 
-    def loss_and_rep_grads(self, loss_fn: Any, reps: list, grads: Any) -> tuple[Any, list, Any]:
-        leaves, spec = flatten(reps, is_tensor)
-        if loss_fn.supplies_gradient and not self.loss_takes_params:
-            loss, given = loss_fn.value_and_grad(*reps)
-            given_leaves, _ = flatten(list(given), is_tensor)
-            return loss, unflatten(spec, given_leaves), grads
-        # Only inexact representations have a gradient; integer outputs get zeros.
-        wrt = [i for i, leaf in enumerate(leaves) if _inexact(leaf)]
+    def differentiable(self, leaf: Any) -> bool:
+        return _inexact(leaf)
 
-        def scalar(values: list, trainable: list) -> Any:
-            full = list(leaves)
-            for i, value in zip(wrt, values, strict=True):
-                full[i] = value
+    def zeros_like(self, leaf: Any) -> Any:
+        return jnp.zeros_like(leaf)
+
+    def value_and_grad(self, fn: Callable, values: list, grads: Any) -> tuple[Any, list, Any]:
+        def differentiated(values: list, trainable: list) -> tuple[Any, Any]:
             # The loss reads its params through loss_params() while it is being differentiated.
             self._loss_params = self.params_with(trainable) if self.loss_takes_params else None
             try:
-                return loss_fn(*unflatten(spec, full))
+                return fn(values)
             finally:
                 self._loss_params = None
 
-        values = [leaves[i] for i in wrt]
         if self.loss_takes_params:
-            loss, (value_grads, param_grads) = jax.value_and_grad(scalar, argnums=(0, 1))(
-                values, self.trainable())
+            (_, value), (value_grads, param_grads) = jax.value_and_grad(
+                differentiated, argnums=(0, 1), has_aux=True)(values, self.trainable())
             grads = self.add_loss_param_grads(grads, param_grads)
         else:
-            loss, value_grads = jax.value_and_grad(scalar)(values, self.trainable())
-        rep_grads = [jnp.zeros_like(leaf) for leaf in leaves]
-        for i, grad in zip(wrt, value_grads, strict=True):
-            rep_grads[i] = grad
-        return loss, unflatten(spec, rep_grads), grads
+            (_, value), value_grads = jax.value_and_grad(differentiated, has_aux=True)(
+                values, self.trainable())
+        return value, value_grads, grads
 
-    def pullback(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable, rep_grad: Any,
-                 grads: Any, *, final_use: Any) -> tuple[Any, Any]:
+    def vjp(self, encoder: Any, chunk: Any, record: Any, outputs: Callable, grads: Any, *,
+            final_use: bool) -> tuple[list, Any]:
         del final_use  # see reads_final_use
-        specs: list = []
+        found: list = []
 
         def forward(trainable: list) -> list:
-            rep = get_rep(self._call(encoder, self.params_with(trainable), chunk, record))
-            leaves, spec = flatten(rep, is_tensor)
-            specs.append(spec)
+            leaves, cotangents = outputs(self._call(encoder, self.params_with(trainable), chunk,
+                                                    record))
+            found.append(cotangents)   # pass 2's gradient slices: outer values, not traced here
             return leaves
 
-        rep_leaves, vjp = jax.vjp(forward, self.encoder_trainable())
-        grad_leaves, _ = flatten(rep_grad, is_tensor)
-        if len(grad_leaves) != len(rep_leaves):
-            raise GradCacheError(
-                f"the encoder returned {len(rep_leaves)} tensors in pass 2 but {len(grad_leaves)} "
-                f"in pass 1; its output structure must not change between calls")
-        cotangents = [g.astype(r.dtype) if _inexact(r) else np.zeros(r.shape, jax.dtypes.float0)
-                      for r, g in zip(rep_leaves, grad_leaves, strict=True)]
-        (param_grads,) = vjp(cotangents)
-        return self._add(grads, param_grads), unflatten(specs[0], rep_leaves)
+        leaves, pull = jax.vjp(forward, self.encoder_trainable())
+        # an integer output's cotangent is float0 zeros, as jax.vjp requires
+        cotangents = [np.zeros(r.shape, jax.dtypes.float0) if g is None else g.astype(r.dtype)
+                      for r, g in zip(leaves, found[0], strict=True)]
+        (param_grads,) = pull(cotangents)
+        return leaves, self._add(grads, param_grads)
 
     # -- checks -------------------------------------------------------------------------------------
     def to_host(self, leaf: Any) -> Any:

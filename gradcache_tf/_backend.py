@@ -10,7 +10,8 @@ accumulator that the step returns. Random state is snapshotted and replayed thro
 Inside ``tf.function`` the full chunks of a group are iterated by one ``tf.while_loop`` (see
 :meth:`TFBackend.loop_equal_chunks`; the core runs a shorter last chunk by itself), so the traced
 program holds a fixed number of copies of the encoder whatever the number of chunks. No control
-flow of the algorithm lives here: the loop primitive runs whatever body the core hands it.
+flow of the algorithm lives here: the loop primitive runs whatever body the core hands it, and the
+core writes the loss's and the pullback's skeletons around this module's tape.
 """
 
 from __future__ import annotations
@@ -146,23 +147,23 @@ class TFBackend(Backend):
         return self.random.replay(record)
 
     # -- autodiff -----------------------------------------------------------------------------------
-    def _call(self, encoder: Any, chunk: Any, get_rep: Callable) -> Any:
+    def _call(self, encoder: Any, chunk: Any) -> Any:
         layer_class = _rng._layer_class()
         if layer_class is not None and isinstance(encoder, layer_class):
             # Keras convention: the nested chunk is the single `inputs` argument.
             options = {} if self.training is None else {"training": self.training}
-            return get_rep(encoder(chunk, **options))
-        return get_rep(call_with_convention(encoder, chunk, is_tensor))
+            return encoder(chunk, **options)
+        return call_with_convention(encoder, chunk, is_tensor)
 
     def encode(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable) -> Any:
         if self.check_random:
             guard = _rng.UsageGuard(self.random)
             with guard.watching():
-                rep = self._call(encoder, chunk, get_rep)
+                rep = get_rep(self._call(encoder, chunk))
             guard.check()
             self._keras_draws += guard.keras_draws
         else:
-            rep = self._call(encoder, chunk, get_rep)
+            rep = get_rep(self._call(encoder, chunk))
         leaves, spec = flatten(rep, is_tensor)
         return unflatten(spec, [tf.stop_gradient(leaf) for leaf in leaves])
 
@@ -180,10 +181,11 @@ class TFBackend(Backend):
             "instead (faster steps, compile time growing with the number of chunks), or draw from a "
             "tf.random.Generator", RuntimeWarning, stacklevel=2)
 
-    def zero_grads(self) -> Any:
-        # Created in loss_and_rep_grads instead: pass 1 may build lazily built Keras layers, and
-        # only then are their variables known.
-        return None
+    def zero_grads(self) -> list:
+        # The core asks after pass 1, which may have built lazily built Keras layers: only then
+        # are their variables known.
+        self.resolve_variables()
+        return [tf.zeros(v.shape, v.dtype) for v in self.tf_variables]
 
     def _accumulate(self, grads: list, new: Sequence[Any]) -> list:
         out = list(grads)
@@ -193,55 +195,48 @@ class TFBackend(Backend):
                 out[slot] = _add(out[slot], gradient)
         return out
 
-    def loss_and_rep_grads(self, loss_fn: Any, reps: list, grads: Any) -> tuple[Any, list, Any]:
-        self.resolve_variables()
-        grads = [tf.zeros(v.shape, v.dtype) for v in self.tf_variables]
-        leaves, spec = flatten(reps, is_tensor)
-        leaves = [tf.identity(leaf) for leaf in leaves]  # fresh tensors the tape can watch
-        rep_spec_reps = unflatten(spec, leaves)
-        watched = [leaf for leaf in leaves if _differentiable(leaf)]
-        if loss_fn.supplies_gradient:
-            loss, given = loss_fn.value_and_grad(*rep_spec_reps)
-            given_leaves, _ = flatten(list(given), is_tensor)
-            if self.loss_scale is not None:
-                factor = self.loss_scale(tf.ones((), loss.dtype))
-                given_leaves = [g * tf.cast(factor, g.dtype) for g in given_leaves]
-            return tf.stop_gradient(loss), unflatten(spec, given_leaves), grads
+    def differentiable(self, leaf: Any) -> bool:
+        return _differentiable(leaf)
+
+    def zeros_like(self, leaf: Any) -> Any:
+        return tf.zeros_like(leaf)
+
+    def detach(self, leaf: Any) -> Any:
+        return tf.stop_gradient(leaf)
+
+    def scale_loss(self, value: Any) -> Any:
+        # the optimizer's scale as a factor in the value's own dtype: a loss, or a gradient a loss
+        # supplies (a float16 gradient stays float16)
+        if self.loss_scale is None:
+            return value
+        return value * tf.cast(self.loss_scale(tf.ones((), value.dtype)), value.dtype)
+
+    def value_and_grad(self, fn: Callable, values: list, grads: Any) -> tuple[Any, list, Any]:
+        watched = [tf.identity(value) for value in values]  # fresh tensors the tape can watch
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(watched)
             tape.watch([v for v in self.tf_variables if _differentiable(v)])
-            loss = loss_fn(*rep_spec_reps)
-            target = self.loss_scale(loss) if self.loss_scale is not None else loss
-        sources = watched + self.tf_variables
-        gradients = tape.gradient(target, sources)
-        by_leaf = dict(zip(map(id, watched), gradients[:len(watched)], strict=True))
-        rep_grads = []
-        for leaf in leaves:
-            gradient = by_leaf.get(id(leaf))
-            rep_grads.append(tf.zeros_like(leaf) if gradient is None
-                             else tf.convert_to_tensor(gradient))
+            target, value = fn(watched)
+        gradients = tape.gradient(target, watched + self.tf_variables)
+        value_grads = [None if g is None else tf.convert_to_tensor(g)
+                       for g in gradients[:len(watched)]]
         direct = gradients[len(watched):]
         if self.loss_grad_weight is not None:
             direct = [None if g is None else _weighted(g, self.loss_grad_weight) for g in direct]
-        grads = self._accumulate(grads, direct)
-        return tf.stop_gradient(loss), unflatten(spec, rep_grads), grads
+        return value, value_grads, self._accumulate(grads, direct)
 
-    def pullback(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable, rep_grad: Any,
-                 grads: Any, *, final_use: Any) -> tuple[Any, Any]:
-        with self.random.replay(record):
-            with tf.GradientTape(watch_accessed_variables=self.check_variables is not None) as tape:
-                tape.watch([v for v in self.tf_variables if _differentiable(v)])
-                rep = self._call(encoder, chunk, get_rep)
-            rep_leaves, rep_spec = flatten(rep, is_tensor)
-            grad_leaves, _ = flatten(rep_grad, is_tensor)
-            pairs = [(r, tf.cast(g, r.dtype)) for r, g in zip(rep_leaves, grad_leaves, strict=True)
-                     if _differentiable(r)]
-            if self.check_variables is not None:
-                self._check_watched(tape)
-            gradients = tape.gradient([r for r, _ in pairs], self.tf_variables,
-                                      output_gradients=[g for _, g in pairs])
-        grads = self._accumulate(grads, gradients)
-        return grads, unflatten(rep_spec, [tf.stop_gradient(r) for r in rep_leaves])
+    def vjp(self, encoder: Any, chunk: Any, record: Any, outputs: Callable, grads: Any, *,
+            final_use: bool) -> tuple[list, Any]:
+        del final_use  # see reads_final_use
+        with tf.GradientTape(watch_accessed_variables=self.check_variables is not None) as tape:
+            tape.watch([v for v in self.tf_variables if _differentiable(v)])
+            leaves, cotangents = outputs(self._call(encoder, chunk))
+        pairs = [(r, tf.cast(g, r.dtype)) for r, g in zip(leaves, cotangents) if g is not None]
+        if self.check_variables is not None:
+            self._check_watched(tape)
+        gradients = tape.gradient([r for r, _ in pairs], self.tf_variables,
+                                  output_gradients=[g for _, g in pairs])
+        return leaves, self._accumulate(grads, gradients)
 
     def _check_watched(self, tape: tf.GradientTape) -> None:
         if self._known is None:

@@ -1,9 +1,11 @@
 """The torch backend: the core's primitives over torch autograd, gradients landing in ``.grad``.
 
 Pass 1 runs under ``torch.no_grad``; the loss's gradient with respect to the representations comes
-from one ``backward`` on detached leaf copies; pass 2 pulls each chunk's slice back with
-``torch.autograd.backward(rep, grad_tensors=slice)``. Every tensor whose ``.grad`` a step may touch is
-remembered before the first write so that a failing step puts them all back. Distributed wrappers
+from one ``backward`` on detached leaf copies, scaled by the step's ``GradScaler``; pass 2 pulls
+each chunk's slice back with ``torch.autograd.backward(rep, grad_tensors=slice)``. The core writes
+what is the same in every framework around these (flattening, the branches, zeros, the checks).
+Every tensor whose ``.grad`` a step may touch is remembered before the first write so that a
+failing step puts them all back. Distributed wrappers
 synchronise on the last chunk that uses them only -- DDP is bypassed for the others (for all of
 them in a distributed step, whose adapter averages DDP's gradients itself), FSDP2 has its gradient
 sync switched off for them -- so gradients are reduced once per module per step. No control flow
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from gradcache import Backend, GradCacheError, _padding, call_with_convention, flatten, unflatten
+from gradcache import Backend, GradCacheError, _padding, call_with_convention
 from gradcache_torch import _rng
 from gradcache_torch._distributed import fsdp_units
 
@@ -106,50 +108,46 @@ class TorchBackend(Backend):
         return _rng.replay(record)
 
     # -- autodiff -----------------------------------------------------------------------------------
-    def _call(self, encoder: Callable, chunk: Any, get_rep: Callable) -> Any:
-        return get_rep(call_with_convention(encoder, chunk, _is_tensor))
-
     def encode(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable) -> Any:
         with torch.no_grad():
-            return self._call(_unwrap_distributed(encoder), chunk, get_rep)
+            return get_rep(call_with_convention(_unwrap_distributed(encoder), chunk, _is_tensor))
 
-    def loss_and_rep_grads(self, loss_fn: Any, reps: list, grads: Any) -> tuple[Any, list, Any]:
-        leaves, spec = flatten(reps, _is_tensor)
-        detached = [leaf.detach().requires_grad_(leaf.is_floating_point() or leaf.is_complex())
-                    for leaf in leaves]
-        leaf_reps = unflatten(spec, detached)
+    def differentiable(self, leaf: torch.Tensor) -> bool:
+        return leaf.is_floating_point() or leaf.is_complex()
+
+    def zeros_like(self, leaf: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(leaf)
+
+    def detach(self, leaf: torch.Tensor) -> torch.Tensor:
+        return leaf.detach()
+
+    def scale_loss(self, value: torch.Tensor) -> torch.Tensor:
+        # exactly as scaler.scale(loss).backward() scales every gradient of the step
+        return self.scaler.scale(value) if self.scaler is not None else value
+
+    def value_and_grad(self, fn: Callable, values: list, grads: Any) -> tuple[Any, list, Any]:
+        leaves = [value.detach().requires_grad_() for value in values]
         with torch.enable_grad():
-            if loss_fn.supplies_gradient:
-                loss, given = loss_fn.value_and_grad(*leaf_reps)
-                given_leaves, _ = flatten(list(given), _is_tensor)
-                if self.scaler is not None:
-                    given_leaves = [self.scaler.scale(g) for g in given_leaves]
-                rep_grads = unflatten(spec, given_leaves)
-                return loss.detach(), rep_grads, grads
-            loss = loss_fn(*leaf_reps)
-            target = self.scaler.scale(loss) if self.scaler is not None else loss
+            target, value = fn(leaves)
             if target.requires_grad:
+                # the loss's own parameters get their .grad here: remember them for a rollback
                 self._remember(_graph_leaves([target]))
                 torch.autograd.backward(target)
-        rep_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                     for leaf in detached]
-        return loss.detach(), unflatten(spec, rep_grads), grads
+        return value, [leaf.grad for leaf in leaves], grads
 
-    def pullback(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable, rep_grad: Any,
-                 grads: Any, *, final_use: Any) -> tuple[Any, Any]:
+    def vjp(self, encoder: Any, chunk: Any, record: Any, outputs: Callable, grads: Any, *,
+            final_use: bool) -> tuple[list, Any]:
         module = encoder if final_use and not self.bypass_ddp else _unwrap_distributed(encoder)
         if id(encoder) not in self._units:
             self._units[id(encoder)] = fsdp_units(encoder)
         for unit in self._units[id(encoder)]:
             # FSDP2 cannot be bypassed (its parameters are sharded): accumulate unsharded gradients
             # locally and reduce-scatter once, in the backward of the last chunk
-            unit.set_requires_gradient_sync(bool(final_use), recurse=False)
+            unit.set_requires_gradient_sync(final_use, recurse=False)
             self._unsynced[id(unit)] = unit
-        with self.rng_replay(record), torch.enable_grad():
-            rep = self._call(module, chunk, get_rep)
-            rep_leaves, rep_spec = flatten(rep, _is_tensor)
-            grad_leaves, _ = flatten(rep_grad, _is_tensor)
-            pairs = [(r, g) for r, g in zip(rep_leaves, grad_leaves) if r.requires_grad]
+        with torch.enable_grad():
+            leaves, cotangents = outputs(call_with_convention(module, chunk, _is_tensor))
+            pairs = [(r, g) for r, g in zip(leaves, cotangents) if g is not None and r.requires_grad]
             if not pairs:
                 raise GradCacheError(
                     "the representation does not depend on any tensor that requires grad (is the "
@@ -160,7 +158,7 @@ class TorchBackend(Backend):
                 # reentrant checkpointing hides parameters from the graph walk; remember them all
                 self._remember(p for p in encoder.parameters() if p.requires_grad)
             torch.autograd.backward(roots, [g.to(r.dtype) for r, g in pairs])
-        return grads, unflatten(rep_spec, [r.detach() for r in rep_leaves])
+        return leaves, grads
 
     # -- nothing half-done --------------------------------------------------------------------------
     def _remember(self, tensors: Any) -> None:

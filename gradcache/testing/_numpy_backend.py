@@ -135,22 +135,26 @@ class NumpyBackend(Backend):
     def encode(self, encoder: Any, chunk: Any, record: Any, get_rep: Any) -> Any:
         return get_rep(encoder(chunk))
 
-    def loss_and_rep_grads(self, loss_fn: Any, reps: list, grads: Any) -> tuple[Any, list, Any]:
-        if not loss_fn.supplies_gradient:
-            raise GradCacheError("the numpy backend needs a loss with value_and_grad(*reps)")
-        loss, rep_grads = loss_fn.value_and_grad(*reps)
-        return loss, list(rep_grads), grads
+    def value_and_grad(self, fn: Any, values: list, grads: Any) -> tuple[Any, list, Any]:
+        # only losses with value_and_grad(*reps), which the core takes as they are, reach here
+        # without raising: numpy cannot differentiate a function
+        raise GradCacheError("the numpy backend needs a loss with value_and_grad(*reps)")
 
-    def pullback(self, encoder: Any, chunk: Any, record: Any, get_rep: Any, rep_grad: Any,
-                 grads: Any, *, final_use: Any) -> tuple[Any, Any]:
+    def vjp(self, encoder: Any, chunk: Any, record: Any, outputs: Any, grads: Any, *,
+            final_use: bool) -> tuple[list, Any]:
         if not hasattr(encoder, "vjp"):
             raise GradCacheError(f"the numpy backend needs encoders with vjp(); got {encoder!r}")
+        # A hand-written vjp needs its cotangent before it runs: one forward (already under the
+        # replayed stream) gives the outputs and their cotangents, then the vjp replays again.
+        leaves, cotangents = outputs(encoder(chunk))
+        if len(leaves) != 1:
+            raise GradCacheError("the numpy backend's encoders return one array")
         with self.rng_replay(record):
-            rep, param_grads = encoder.vjp(chunk, rep_grad)
+            _, param_grads = encoder.vjp(chunk, cotangents[0])
         mine = dict(grads.get(id(encoder), {}))
         for name, grad in param_grads.items():
             mine[name] = mine[name] + grad if name in mine else grad
-        return {**grads, id(encoder): mine}, rep
+        return leaves, {**grads, id(encoder): mine}
 
     def zero_grads(self) -> dict:
         return {}

@@ -42,11 +42,10 @@ class LoopingBackend(NumpyBackend):
     def rng_capture(self, group, chunk):
         return np.asarray([group, chunk])
 
-    def pullback(self, encoder, chunk, record, get_rep, rep_grad, grads, *, final_use):
+    def vjp(self, encoder, chunk, record, outputs, grads, *, final_use):
         assert isinstance(final_use, bool)
         self.pulled.append((tuple(int(v) for v in record), final_use))
-        return super().pullback(encoder, chunk, record, get_rep, rep_grad, grads,
-                                final_use=final_use)
+        return super().vjp(encoder, chunk, record, outputs, grads, final_use=final_use)
 
     def loop_equal_chunks(self, body, carry, rows, count, size, items):
         if self.declines:
