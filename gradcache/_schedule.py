@@ -428,7 +428,7 @@ class CheckedLoss:
 
     A loss that supplies its own gradient (``value_and_grad(*reps) -> (loss, rep_grads)``, as the
     tiled losses and the numpy test backend's losses do) keeps that ability through this wrapper;
-    :attr:`supplies_gradient` tells a backend to call it instead of differentiating.
+    :attr:`supplies_gradient` tells the core to call it instead of differentiating.
     """
 
     def __init__(self, backend: Backend, loss_fn: Callable, loss_kwargs: Mapping | None):
