@@ -219,8 +219,8 @@ class Backend:
                           items: list | None) -> tuple[list, list, list] | None:
         """Runs ``body`` over ``count`` chunks of ``size`` rows in one compiled loop, or declines.
 
-        ``rows`` are tensors of ``count * size`` rows; chunk ``i`` is rows ``i * size`` to
-        ``(i + 1) * size`` of each. ``items`` is ``None`` or what a previous call returned as
+        ``rows`` are tensors of at least ``count * size`` rows; chunk ``i`` is rows ``i * size``
+        to ``(i + 1) * size`` of each (rows past the loop's are chunks the core runs by itself). ``items`` is ``None`` or what a previous call returned as
         stacked items (tensors with a leading axis of ``count``). Call ``body(carry, i,
         chunk_rows, item_i)`` for ``i = 0 .. count - 1`` in order -- ``i`` the loop's counter, or a
         Python int for a chunk run by itself before the loop (as TensorFlow runs chunk 0 to learn

@@ -156,14 +156,13 @@ def _compiled(backend: Backend, body: PassBody, carry: Any, rows: Any, plan: Chu
               items: ChunkItems | None, group: int) -> tuple[Any, tuple, ChunkItems] | None:
     """Chunks ``0 .. count - 1`` through ``backend.loop_equal_chunks``; ``None`` if it declines.
 
-    The primitive sees flat lists of tensor leaves only: the carry's, the rows' (cut to the
-    loop's rows) and the items' (stacked). The structures live here, as do the checks that every
+    The primitive sees flat lists of tensor leaves only: the carry's, the rows' (whole: the rows
+    after the loop's are the chunks run by themselves, and a backend that indexes chunk by chunk
+    needs no cut) and the items' (stacked). The structures live here, as do the checks that every
     chunk the body runs returns the structure the first one did.
     """
     size = plan.chunk_size
     carry_leaves, carry_spec = _tree.flatten(carry, backend.is_leaf)
-    if count * size != plan.batch_size:
-        rows = _slice(backend, rows, 0, count * size)
     row_leaves, row_spec = _tree.flatten(rows, backend.is_leaf)
     seen: dict[str, Any] = {"next": 0}
 

@@ -261,7 +261,8 @@ class JaxBackend(Backend):
         """
         if not self.scan:
             return None
-        stacked = [jnp.reshape(leaf, (count, size) + tuple(leaf.shape[1:])) for leaf in rows]
+        stacked = [jnp.reshape(leaf[:count * size], (count, size) + tuple(leaf.shape[1:]))
+                   for leaf in rows]
 
         def scan_body(carry: list, xs: tuple) -> tuple[list, tuple[list, list]]:
             index, chunk, item = xs

@@ -51,6 +51,7 @@ class LoopingBackend(NumpyBackend):
         if self.declines:
             return None
         self.loops.append(count)
+        assert all(len(leaf) >= count * size for leaf in rows)
         outs, out_items = [], []
         for i in range(count):
             index = i if self.first_alone and i == 0 else np.asarray(i)
