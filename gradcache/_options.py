@@ -110,7 +110,7 @@ class StepOptions:
         valid = cls.names()
         for name in keywords:
             if name not in valid:
-                choices = list(valid) + list(own)
+                choices = ["chunk_size", *valid, *own]
                 close = difflib.get_close_matches(name, choices, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 where = f"{adapter}.cached_step" if adapter else "cached_step"
