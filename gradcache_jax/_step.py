@@ -80,7 +80,11 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             them): this call runs inside your own ``jax.shard_map`` and ``inputs`` are this
             device's rows; the loss sees every device's representations (in device order), and
             every device returns the global loss and the gradient of the whole global batch.
-            Each device's step key is ``fold_in(rng, axis_index(axis))``.
+            Each device's step key is ``fold_in(rng, axis_index(axis))``. Any other
+            :class:`gradcache.Collective` (your own transport, ``gradcache.testing.ThreadCollective``)
+            runs the core's distributed schedule over it: ``grads`` are then this rank's share
+            (times its ``grad_scale``), and summing them over ranks is yours (a loss-owned
+            parameter's gradient is the global one on every rank: count it once).
         axis_name: with ``distributed=mesh``, the mesh axis the batch is split over (default: the
             mesh's only axis). ``axis_name=`` alone and ``mesh=`` are the deprecated spellings of
             ``distributed=axis`` and ``distributed=mesh``.
@@ -115,7 +119,9 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     """
     step = StepOptions.from_keywords(options, adapter="gradcache_jax",
                                      own=("params", "rng", "loss_takes_params", "axis_name", "mesh"))
-    mesh, axis_name = _distribution(step.distributed, mesh, axis_name)
+    given = step.distributed if isinstance(step.distributed, Collective) and not isinstance(
+        step.distributed, MeshCollective) else None
+    mesh, axis_name = _distribution(None if given else step.distributed, mesh, axis_name)
     if isinstance(inputs, (list, tuple)) and not hasattr(inputs, "_fields"):
         # numpy batches straight from a data loader: make them device arrays once, not per chunk
         inputs = type(inputs)(map_leaves(jnp.asarray, group, lambda v: isinstance(v, np.ndarray))
@@ -131,7 +137,7 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                                loss_kwargs=loss_kwargs, distributed=axis, **per_device)
 
         return on_mesh(mesh, axis, shard_step, params, rng, inputs, step.loss_kwargs)
-    collective = None
+    collective = given
     if axis_name is not None:
         # one device's part of a step inside shard_map: always traced, one program for all devices
         collective = MeshCollective(axis_name)
@@ -157,7 +163,7 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
 
     loss, grads = run_cached_step(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
                                   collective=collective, **shared)
-    if collective is not None:
+    if collective is not None and given is None:
         grads = backend.reduce(grads)
     return loss, backend.grads_like_params(grads)
 
@@ -187,10 +193,6 @@ def _distribution(distributed: Any, mesh: Any, axis_name: Any) -> tuple[Any, Any
         return distributed, axis_name
     if isinstance(distributed, MeshCollective):
         return None, distributed.axis_name
-    if isinstance(distributed, Collective):
-        raise GradCacheError(
-            f"gradcache_jax steps communicate over a mesh axis: distributed= takes True, a Mesh, "
-            f"an axis name or a gradcache_jax MeshCollective, not a {type(distributed).__name__}")
     if isinstance(distributed, (str, tuple)):
         if axis_name is not None and axis_name != distributed:
             raise GradCacheError(f"distributed={distributed!r} and axis_name={axis_name!r} name "
