@@ -113,7 +113,7 @@ class InOriginalOrder:
     Whatever else the loss declares (``gathers_itself``) passes through.
     """
 
-    def __init__(self, backend: Backend, loss_fn: Callable, orders: list[np.ndarray | None]):
+    def __init__(self, backend: Backend, loss_fn: Any, orders: list[np.ndarray | None]):
         self.backend = backend
         self.loss_fn = loss_fn
         self.orders = orders

@@ -143,8 +143,9 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         collective = MeshCollective(axis_name)
         if rng is not None:
             rng = shard_key(rng, axis_name)
-        backend = ShardedJaxBackend(params, axis_name=axis_name, rng=rng,
-                                    loss_takes_params=loss_takes_params, scan=True, concrete=False)
+        backend: JaxBackend = ShardedJaxBackend(
+            params, axis_name=axis_name, rng=rng, loss_takes_params=loss_takes_params, scan=True,
+            concrete=False)
     else:
         traced = _tracing((params, rng), inputs)
         # Eagerly, a progress bar or a determinism check wants the chunks one by one in Python:
@@ -155,15 +156,16 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     if loss_takes_params:
         user_loss = loss_fn
 
-        def loss_fn(*reps: Any, **kwargs: Any) -> Any:
+        def with_params(*reps: Any, **kwargs: Any) -> Any:
             return user_loss(backend.loss_params(), *reps, **kwargs)
 
         # a loss that communicates itself (across_ranks) must still be handed local rows
-        loss_fn.gathers_itself = getattr(user_loss, "gathers_itself", False)
+        with_params.gathers_itself = getattr(user_loss, "gathers_itself", False)  # type: ignore[attr-defined]
+        loss_fn = with_params
 
     loss, grads = run_cached_step(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
                                   collective=collective, **shared)
-    if collective is not None and given is None:
+    if isinstance(backend, ShardedJaxBackend):   # one sum of the encoders' gradients over devices
         grads = backend.reduce(grads)
     return loss, backend.grads_like_params(grads)
 

@@ -209,7 +209,7 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     except GradCacheError as error:
         # Inside a tf.function that AutoGraph converts, an exception type it does not know is
         # re-raised as a StagingError; this flag makes it let ours through unchanged.
-        error.ag_pass_through = True
+        error.ag_pass_through = True  # type: ignore[attr-defined]
         raise
 
 
