@@ -121,6 +121,9 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                                      own=("params", "rng", "loss_takes_params", "axis_name", "mesh"))
     given = step.distributed if isinstance(step.distributed, Collective) and not isinstance(
         step.distributed, MeshCollective) else None
+    if given is not None and (mesh is not None or axis_name is not None):
+        raise GradCacheError("distributed= is a collective of your own: it cannot be combined with "
+                             "mesh= or axis_name=")
     mesh, axis_name = _distribution(None if given else step.distributed, mesh, axis_name)
     if isinstance(inputs, (list, tuple)) and not hasattr(inputs, "_fields"):
         # numpy batches straight from a data loader: make them device arrays once, not per chunk
@@ -188,9 +191,12 @@ def _distribution(distributed: Any, mesh: Any, axis_name: Any) -> tuple[Any, Any
             warnings.warn("cached_step(..., axis_name=a) inside shard_map is deprecated: pass "
                           "distributed=a", DeprecationWarning, stacklevel=3)
         return None, axis_name
-    if distributed is True:
-        devices = np.array(jax.devices())
-        return jax.sharding.Mesh(devices, ("batch",)), None
+    if distributed is True:   # a one-axis mesh over every device, its axis named by axis_name
+        if axis_name is not None and not isinstance(axis_name, str):
+            raise GradCacheError(f"with distributed=True, axis_name names the one axis of the mesh "
+                                 f"over every device: a string, got {axis_name!r}")
+        name = axis_name or "batch"
+        return jax.sharding.Mesh(np.array(jax.devices()), (name,)), name
     if isinstance(distributed, jax.sharding.Mesh):
         return distributed, axis_name
     if isinstance(distributed, MeshCollective):

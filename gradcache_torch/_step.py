@@ -98,6 +98,8 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     torch.Size([4, 8])
     """
     step = StepOptions.from_keywords(options, adapter="gradcache_torch", own=("scaler",))
+    if scaler is not None and not callable(getattr(scaler, "scale", None)):
+        raise GradCacheError(f"scaler must be a torch.amp.GradScaler (with scale()), got {scaler!r}")
     collective, sync = None, None
     if step.distributed is not False and step.distributed is not None:
         collective, sync = _distribute(encoders, loss_fn, step.distributed)

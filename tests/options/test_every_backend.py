@@ -219,6 +219,27 @@ def test_distributed_on_thread_ranks_shares_sum_to_the_global_gradient(kit: Kit)
     np.testing.assert_allclose(outcomes[0][0] + outcomes[1][0], whole, rtol=1e-10, atol=1e-12)
 
 
+def test_sorting_checks_every_leaf_has_the_rows_first(kit: Kit) -> None:
+    # the permutation comes from the mask: a mask with fewer rows once dropped a row silently
+    groups = _groups()
+    groups[0] = {**groups[0], "attention_mask": groups[0]["attention_mask"][:-1]}
+    with pytest.raises(GradCacheError, match="disagree on the batch size"):
+        kit.step(groups, sort_by_length=True)
+
+
+def test_pad_trim_refuses_a_leaf_it_cannot_tell_is_per_token(kit: Kit) -> None:
+    # a (rows, L) feature that is not per-token was once cut with the tokens, silently
+    groups = _groups()
+    groups[0] = {**groups[0], "extra": np.ones(groups[0]["input_ids"].shape)}
+    with pytest.raises(GradCacheError, match="cannot tell whether 'extra'"):
+        kit.step(groups, pad_trim=True)
+
+
+def test_a_number_is_not_a_distributed_value(kit: Kit) -> None:
+    with pytest.raises(GradCacheError, match="distributed= takes"):
+        kit.step(_groups(), distributed=0)
+
+
 def test_the_options_object_lists_one_spelling() -> None:
     from gradcache import StepOptions
     assert StepOptions.names() == ("get_rep", "loss_kwargs", "split_fn", "pad_trim",
