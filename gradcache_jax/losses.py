@@ -36,6 +36,7 @@ from gradcache._loss_forms import (
     DEFAULT_TEMPERATURE,
     RankLayout,
 )
+from gradcache._tile_ops import ArrayOps
 from gradcache_jax._distributed import MeshCollective, _varying_axes, to_varying
 
 __all__ = [
@@ -49,8 +50,9 @@ __all__ = [
 ]
 
 
-class _TileOps:
-    """:class:`gradcache._tiled.TileOps` over ``lax``: static tiles, ``fori_loop``, dynamic slices."""
+class _TileOps(ArrayOps):
+    """:class:`gradcache._tiled.TileOps` over ``lax``: static tiles, ``fori_loop``, dynamic slices
+    (the rest is :class:`gradcache._tile_ops.ArrayOps` over the primitives)."""
 
     ragged = False
 
@@ -67,87 +69,26 @@ class _TileOps:
     def rows(self, x: jax.Array, start: Any, size: int) -> jax.Array:
         return lax.dynamic_slice_in_dim(x, start, size, axis=0)
 
-    def full(self, shape: tuple, fill: float, like: jax.Array) -> jax.Array:
-        return jnp.full(shape, fill, like.dtype)
-
-    def buffer(self, rows: int, tail: tuple, fill: float, like: jax.Array) -> jax.Array:
-        return jnp.full((rows, *tail), fill, like.dtype)
-
-    read = rows
-
     def write(self, buffer: jax.Array, start: Any, value: jax.Array) -> jax.Array:
         return lax.dynamic_update_slice_in_dim(buffer, value, start, axis=0)
-
-    def add(self, buffer: jax.Array, start: Any, value: jax.Array) -> jax.Array:
-        # XLA updates a loop-carried buffer in place: no copy of the whole buffer per tile
-        return self.write(buffer, start, self.rows(buffer, start, value.shape[0]) + value)
-
-    def result(self, buffer: jax.Array) -> jax.Array:
-        return buffer
-
-    def scalar(self, value: float, like: jax.Array) -> jax.Array:
-        return jnp.asarray(value, like.dtype)
-
-    def rescale(self, private: jax.Array, factor: jax.Array) -> jax.Array:
-        return private * factor
-
-    def matmul_nt(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        return lax.dot_general(a, b, (((1,), (1,)), ((), ())))
-
-    def matmul(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        return a @ b
-
-    def matmul_tn(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        return lax.dot_general(a, b, (((0,), (0,)), ((), ())))
-
-    exp = staticmethod(jnp.exp)
-    log = staticmethod(jnp.log)
-    log1p = staticmethod(jnp.log1p)
-    abs = staticmethod(jnp.abs)
-    sigmoid = staticmethod(jax.nn.sigmoid)
-    maximum = staticmethod(jnp.maximum)
-    isfinite = staticmethod(jnp.isfinite)
-    where = staticmethod(jnp.where)
-
-    softplus = staticmethod(jax.nn.softplus)  # logaddexp(x, 0): exact everywhere
-
-    def expdiff(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        return jnp.exp(a - b)
-
-    def inner(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        return jnp.vdot(a, b)
-
-    def every(self, x: jax.Array, step: int) -> jax.Array:
-        return x[::step]
 
     def subtract_every(self, private: jax.Array, step: int, value: jax.Array,
                        weight: float) -> jax.Array:
         return private.at[::step].add(-weight * value)
 
-    def sum(self, x: jax.Array, axis: int | None = None) -> jax.Array:
-        return jnp.sum(x, axis=axis)
+    exp = staticmethod(jnp.exp)
+    log = staticmethod(jnp.log)
+    maximum = staticmethod(jnp.maximum)
+    where = staticmethod(jnp.where)
+    logsumexp = staticmethod(jax.nn.logsumexp)
+    sigmoid = staticmethod(jax.nn.sigmoid)  # one op, where the default takes three
+    softplus = staticmethod(jax.nn.softplus)  # logaddexp(x, 0): exact everywhere
 
-    def logsumexp(self, x: jax.Array, axis: int) -> jax.Array:
-        return jax.nn.logsumexp(x, axis=axis)
+    def full(self, shape: tuple, fill: float, like: jax.Array) -> jax.Array:
+        return jnp.full(shape, fill, like.dtype)
 
-    def clamp_start(self, start: Any, last: int) -> Any:
-        return jnp.minimum(start, last)
-
-    def at_least(self, start: Any, size: int, low: Any) -> jax.Array:
-        return start + jnp.arange(size) >= low
-
-    def outer_and(self, rows: jax.Array, columns: jax.Array) -> jax.Array:
-        return rows[:, None] & columns[None, :]
-
-    def diagonal(self, tile: jax.Array, row_start: Any, column_start: Any) -> jax.Array:
-        rows, columns = tile.shape
-        return (row_start + jnp.arange(rows))[:, None] == (column_start + jnp.arange(columns))[None, :]
-
-    def column(self, x: jax.Array) -> jax.Array:
-        return x[:, None]
-
-    def row(self, x: jax.Array) -> jax.Array:
-        return x[None, :]
+    def arange(self, size: int, like: Any) -> jax.Array:
+        return jnp.arange(size)
 
 
 _TILE_OPS = _TileOps()

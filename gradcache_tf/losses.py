@@ -34,6 +34,7 @@ from gradcache._loss_forms import (
     DEFAULT_TEMPERATURE,
     RankLayout,
 )
+from gradcache._tile_ops import ArrayOps, PerTileLoopOps
 from gradcache_tf._distributed import ReplicaCollective, replica_context
 
 __all__ = [
@@ -54,50 +55,37 @@ def _like(value: Any, other: Any) -> Any:
     return value
 
 
-class _MathOps:
-    """The element-wise and matrix operations both of TensorFlow's tile loops use."""
-
-    def full(self, shape: tuple, fill: float, like: tf.Tensor) -> tf.Tensor:
-        return tf.fill(shape, tf.constant(fill, like.dtype))
-
-    def scalar(self, value: float, like: tf.Tensor) -> tf.Tensor:
-        return tf.constant(value, like.dtype)
-
-    def rescale(self, private: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-        return private * factor
-
-    def matmul_nt(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(a, b, transpose_b=True)
-
-    def matmul(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(a, b)
-
-    def matmul_tn(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(a, b, transpose_a=True)
+class _MathOps(ArrayOps):
+    """The primitives both of TensorFlow's tile loops use (the rest is
+    :class:`gradcache._tile_ops.ArrayOps` over them)."""
 
     exp = staticmethod(tf.exp)
     log = staticmethod(tf.math.log)
-    log1p = staticmethod(tf.math.log1p)
-    abs = staticmethod(tf.abs)
-    sigmoid = staticmethod(tf.sigmoid)
     maximum = staticmethod(tf.maximum)
-    isfinite = staticmethod(tf.math.is_finite)
-
+    sigmoid = staticmethod(tf.sigmoid)  # one op, where the default takes three
+    logsumexp = staticmethod(tf.reduce_logsumexp)
     # TF's softplus returns x above x = -log(eps) + 2, where log1p(exp(-x)) is below x's rounding
     softplus = staticmethod(tf.math.softplus)
-
-    def expdiff(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return tf.exp(a - b)
-
-    def inner(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return tf.tensordot(a, b, axes=2)
 
     def where(self, condition: tf.Tensor, a: Any, b: Any) -> tf.Tensor:
         a, b = _like(a, b), _like(b, a)
         return tf.where(condition, a, b)
 
-    def every(self, x: tf.Tensor, step: int) -> tf.Tensor:
-        return x[::step]
+    def full(self, shape: tuple, fill: float, like: tf.Tensor) -> tf.Tensor:
+        return tf.fill(shape, tf.constant(fill, like.dtype))
+
+    def arange(self, size: int, like: Any) -> tf.Tensor:
+        return tf.range(size)
+
+    def sum(self, x: tf.Tensor, axis: int | None = None) -> tf.Tensor:
+        return tf.reduce_sum(x, axis=axis)  # TF tensors have no .sum
+
+    # TF tensors have no .T; the flags also spare a transposed copy of the tile
+    def matmul_nt(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(a, b, transpose_b=True)
+
+    def matmul_tn(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(a, b, transpose_a=True)
 
     def subtract_every(self, private: tf.Tensor, step: int, value: tf.Tensor,
                        weight: float) -> tf.Tensor:
@@ -108,86 +96,13 @@ class _MathOps:
         first = groups[:, :1] - weight * value[:, None]
         return tf.reshape(tf.concat([first, groups[:, 1:]], axis=1), tf.shape(private))
 
-    def sum(self, x: tf.Tensor, axis: int | None = None) -> tf.Tensor:
-        return tf.reduce_sum(x, axis=axis)
 
-    def logsumexp(self, x: tf.Tensor, axis: int) -> tf.Tensor:
-        return tf.reduce_logsumexp(x, axis=axis)
+class _EagerOps(_MathOps, PerTileLoopOps):
+    """Eager tiles: a Python loop, a smaller last tile, accumulators kept per tile
+    (:class:`gradcache._tile_ops.PerTileLoopOps`)."""
 
-    def clamp_start(self, start: Any, last: int) -> Any:
-        return tf.minimum(start, last)
-
-    def at_least(self, start: Any, size: int, low: Any) -> tf.Tensor:
-        return start + tf.range(size) >= low
-
-    def outer_and(self, rows: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
-        return tf.logical_and(rows[:, None], columns[None, :])
-
-    def diagonal(self, tile: tf.Tensor, row_start: Any, column_start: Any) -> tf.Tensor:
-        rows, columns = tile.shape
-        return tf.equal((row_start + tf.range(rows))[:, None],
-                        (column_start + tf.range(columns))[None, :])
-
-    def column(self, x: tf.Tensor) -> tf.Tensor:
-        return x[:, None]
-
-    def row(self, x: tf.Tensor) -> tf.Tensor:
-        return x[None, :]
-
-
-class _Tiles:
-    """An eager accumulator kept as one tensor per tile: adding to a tile replaces that tile only,
-    where adding to a slice of one immutable tensor would copy the whole of it."""
-
-    def __init__(self, rows: int, tail: tuple, fill: float, dtype: tf.DType):
-        self.rows, self.tail, self.fill, self.dtype = rows, tuple(tail), fill, dtype
-        self.tiles: dict[int, tf.Tensor] = {}
-
-    def get(self, start: int, size: int) -> tf.Tensor:
-        if start in self.tiles:
-            return self.tiles[start]
-        return tf.fill((size, *self.tail), tf.constant(self.fill, self.dtype))
-
-    def concat(self) -> tf.Tensor:
-        pieces, at = [], 0
-        for start in sorted(self.tiles):
-            if start > at:
-                pieces.append(self.get(at, start - at))
-            pieces.append(self.tiles[start])
-            at = start + int(self.tiles[start].shape[0])
-        if at < self.rows:
-            pieces.append(self.get(at, self.rows - at))
+    def concat(self, pieces: list) -> tf.Tensor:
         return tf.concat(pieces, axis=0)
-
-
-class _EagerOps(_MathOps):
-    """Eager tiles: a Python loop, a smaller last tile, accumulators kept per tile."""
-
-    ragged = True
-
-    def fori(self, count: int, body: Callable, carry: tuple) -> tuple:
-        for index in range(count):
-            carry = body(index, carry)
-        return carry
-
-    def rows(self, x: tf.Tensor, start: int, size: int) -> tf.Tensor:
-        return x[start:start + size]
-
-    def buffer(self, rows: int, tail: tuple, fill: float, like: tf.Tensor) -> _Tiles:
-        return _Tiles(rows, tail, fill, like.dtype)
-
-    def read(self, buffer: _Tiles, start: int, size: int) -> tf.Tensor:
-        return buffer.get(start, size)
-
-    def write(self, buffer: _Tiles, start: int, value: tf.Tensor) -> _Tiles:
-        buffer.tiles[start] = value
-        return buffer
-
-    def add(self, buffer: _Tiles, start: int, value: tf.Tensor) -> _Tiles:
-        return self.write(buffer, start, buffer.get(start, int(value.shape[0])) + value)
-
-    def result(self, buffer: _Tiles) -> tf.Tensor:
-        return buffer.concat()
 
 
 class _GraphOps(_MathOps):
@@ -209,11 +124,6 @@ class _GraphOps(_MathOps):
         begin = tf.stack([tf.cast(start, tf.int32)] + [tf.constant(0)] * (rank - 1))
         return tf.slice(x, begin, [size] + [-1] * (rank - 1))
 
-    def buffer(self, rows: int, tail: tuple, fill: float, like: tf.Tensor) -> tf.Tensor:
-        return self.full((rows, *tail), fill, like)
-
-    read = rows
-
     @staticmethod
     def _indices(start: Any, size: int) -> tf.Tensor:
         return (tf.cast(start, tf.int32) + tf.range(size))[:, None]
@@ -223,9 +133,6 @@ class _GraphOps(_MathOps):
 
     def add(self, buffer: tf.Tensor, start: Any, value: tf.Tensor) -> tf.Tensor:
         return tf.tensor_scatter_nd_add(buffer, self._indices(start, value.shape[0]), value)
-
-    def result(self, buffer: tf.Tensor) -> tf.Tensor:
-        return buffer
 
 
 _EAGER, _GRAPH = _EagerOps(), _GraphOps()
