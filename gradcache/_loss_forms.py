@@ -1,11 +1,13 @@
-"""The tiled contrastive losses assembled once, over the few differentiable ops a backend supplies.
+"""The contrastive losses assembled once, over the few differentiable ops a backend supplies.
 
 Each loss is a constant times its summed loss ``S`` (:mod:`gradcache._tiled`), which each backend
 computes inside its own custom-gradient function. Around it, only ``O(B·d)`` work is left to the
 framework's autodiff: the cosine normalisation and turning the temperature into the logits' scale.
 A learnable temperature, logit scale or bias therefore gets its gradient from the framework,
-exactly once, through the scalar it became. This module also checks shapes and arguments, so that
-every backend words its errors alike. It must never import a framework.
+exactly once, through the scalar it became. The dense references are written here too, over the
+framework's own cross-entropy and log-sigmoid. This module also checks shapes and arguments, so
+that every backend words its errors alike; :mod:`gradcache._loss_api` makes the public functions
+from it. It must never import a framework.
 
 **Across ranks.** Given a :class:`gradcache.Collective`, each loss is one rank's part of the loss of
 the *global* batch (every rank's rows concatenated in rank order): :func:`forward_across` gathers
@@ -60,6 +62,14 @@ class LossOps(Protocol):
     # around forward_across / backward_across
     def tiled_sum_across(self, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int,
                          collective: Collective, layout: RankLayout) -> Any: ...
+    # only for the dense references, which the framework differentiates as written: its own
+    # cross-entropy and log-sigmoid, so that they check the tiled losses independently
+    def matmul_nt(self, a: Any, b: Any) -> Any: ...
+    def transpose(self, x: Any) -> Any: ...
+    def cross_entropy(self, logits: Any, step: int) -> Any:
+        """``mean_i -log softmax(logits_i)[i * step]``: row ``i``'s label is column ``i * step``."""
+    def sigmoid_loss(self, logits: Any) -> Any:
+        """``sum_ij -log sigmoid(l_ij logits_ij)``, ``l = +1`` on the diagonal, ``-1`` elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -267,6 +277,35 @@ def siglip_loss(ops: LossOps, x: Any, y: Any, logit_scale: Any, logit_bias: Any,
     alpha = ops.as_scalar(logit_scale, x)
     beta = ops.as_scalar(logit_bias, x)
     return _summed(ops, SIGMOID, x, y, alpha, beta, tile, collective, layout) / n
+
+
+def _checked(ops: LossOps, x: Any, y: Any, similarity: str, loss: str,
+             square: bool) -> tuple[Any, Any, int, int]:
+    n, m = check_pair(ops, x, y, loss, square=square)
+    x, y = prepare(ops, x, y, similarity, loss)
+    return x, y, n, m
+
+
+def info_nce_dense(ops: LossOps, q: Any, p: Any, temperature: Any, similarity: str) -> Any:
+    """:func:`info_nce` with the whole ``B x B(k+1)`` matrix of logits: the reference."""
+    q, p, n, m = _checked(ops, q, p, similarity, "info_nce_dense", False)
+    logits = ops.matmul_nt(q, p) / ops.as_scalar(temperature, q)
+    return ops.cross_entropy(logits, m // n)
+
+
+def clip_loss_dense(ops: LossOps, x: Any, y: Any, logit_scale: Any, similarity: str) -> Any:
+    """:func:`clip_loss` with the whole ``B x B`` matrix of logits: the reference."""
+    x, y, _, _ = _checked(ops, x, y, similarity, "clip_loss_dense", True)
+    logits = ops.as_scalar(logit_scale, x) * ops.matmul_nt(x, y)
+    return (ops.cross_entropy(logits, 1) + ops.cross_entropy(ops.transpose(logits), 1)) / 2
+
+
+def siglip_loss_dense(ops: LossOps, x: Any, y: Any, logit_scale: Any, logit_bias: Any,
+                      similarity: str) -> Any:
+    """:func:`siglip_loss` with the whole ``B x B`` matrix of logits: the reference."""
+    x, y, n, _ = _checked(ops, x, y, similarity, "siglip_loss_dense", True)
+    logits = ops.as_scalar(logit_scale, x) * ops.matmul_nt(x, y) + ops.as_scalar(logit_bias, x)
+    return ops.sigmoid_loss(logits) / n
 
 
 def check_across(loss: Any, front_ends: tuple, module: str, loss_kwargs: dict) -> None:
