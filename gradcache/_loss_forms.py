@@ -16,7 +16,8 @@ and sums the per-rank values; :func:`backward_across` sweeps them again, keeps `
 and sends every column's share of ``dy`` to its owner (one reduce-scatter of ``B x d``). The rest is
 scalars, and for CLIP one ``B``-vector per rank: the per-column log-sum-exp over each rank's rows,
 gathered and combined so that the column term is the global one and is counted once. A backend
-runs the two inside its custom-gradient function (``LossOps.tiled_sum_across``).
+runs the two inside its custom-gradient function (``LossOps.tiled_sum`` given a collective, through
+:func:`summed_forward` and :func:`summed_backward`).
 """
 
 from __future__ import annotations
@@ -52,16 +53,16 @@ DEFAULT_SIGLIP_BIAS = -10.0
 class LossOps(Protocol):
     """The differentiable operations the assembly needs (the backend's autodiff sees them all)."""
 
-    def tiled_sum(self, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int) -> Any: ...
+    def tiled_sum(self, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int,
+                  collective: Collective | None = None, layout: RankLayout | None = None) -> Any:
+        """The summed loss ``S``: the backend's custom-gradient function, whose forward and
+        backward are :func:`summed_forward` and :func:`summed_backward` (across ranks when a
+        ``collective`` is given)."""
     def shape(self, x: Any) -> tuple: ...
     def prepare(self, x: Any) -> Any: ...
     def as_scalar(self, value: Any, like: Any) -> Any: ...
     def normalize(self, x: Any) -> Any: ...
     def on_accelerator(self, x: Any) -> bool: ...
-    # only for losses across ranks (a ``collective`` given): the backend's custom-gradient function
-    # around forward_across / backward_across
-    def tiled_sum_across(self, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int,
-                         collective: Collective, layout: RankLayout) -> Any: ...
     # only for the dense references, which the framework differentiates as written: its own
     # cross-entropy and log-sigmoid, so that they check the tiled losses independently
     def matmul_nt(self, a: Any, b: Any) -> Any: ...
@@ -213,6 +214,37 @@ def backward_across(ops: TileOps, collective: Collective, layout: RankLayout, ki
     return dx, dy, dalpha, dbeta
 
 
+def summed_forward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int,
+                   collective: Collective | None = None,
+                   layout: RankLayout | None = None) -> tuple[Any, tuple]:
+    """The summed loss ``S`` -- of every rank's rows when a ``collective`` is given -- and what
+    :func:`summed_backward` needs: the body of a backend's custom-gradient forward.
+
+    Returns:
+        ``(value, saved)``; the backend keeps ``saved``, ``(x, columns, alpha, beta, row_lse,
+        column_lse)`` (``columns``: ``y``, or every rank's gathered; ``beta`` and ``column_lse``
+        may be ``None``), for the backward.
+    """
+    if collective is None:
+        value, row_lse, column_lse = tiled_forward(ops, kind, x, y, alpha, beta, tile)
+        return value, (x, y, alpha, beta, row_lse, column_lse)
+    value, columns, row_lse, column_lse = forward_across(ops, collective, layout, kind, x, y,
+                                                         alpha, beta, tile)
+    return value, (x, columns, alpha, beta, row_lse, column_lse)
+
+
+def summed_backward(ops: TileOps, kind: str, saved: tuple, grad: Any, tile: int,
+                    collective: Collective | None = None,
+                    layout: RankLayout | None = None) -> tuple[Any, Any, Any, Any]:
+    """``(dx, dy, dalpha, dbeta)`` of ``grad * S`` from :func:`summed_forward`'s ``saved``, with
+    the same ``collective`` and ``layout``: the body of a backend's custom-gradient backward."""
+    x, columns, alpha, beta, row_lse, column_lse = saved
+    if collective is None:
+        return tiled_backward(ops, kind, x, columns, alpha, beta, row_lse, column_lse, grad, tile)
+    return backward_across(ops, collective, layout, kind, x, columns, alpha, beta, row_lse,
+                           column_lse, grad, tile)
+
+
 def _mean_rows(ops: LossOps, x: Any, y: Any, loss: str, square: bool,
                collective: Collective | None) -> tuple[int, RankLayout | None]:
     """The number of rows the loss averages over (all ranks' together), and the layout."""
@@ -225,9 +257,9 @@ def _mean_rows(ops: LossOps, x: Any, y: Any, loss: str, square: bool,
 
 def _summed(ops: LossOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int,
             collective: Collective | None, layout: RankLayout | None) -> Any:
-    if collective is None:
+    if collective is None:  # a backend without collectives need not take them
         return ops.tiled_sum(kind, x, y, alpha, beta, tile)
-    return ops.tiled_sum_across(kind, x, y, alpha, beta, tile, collective, layout)
+    return ops.tiled_sum(kind, x, y, alpha, beta, tile, collective, layout)
 
 
 def prepare(ops: LossOps, x: Any, y: Any, similarity: str, loss: str) -> tuple[Any, Any]:

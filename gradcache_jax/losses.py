@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gradcache import GradCacheError, _loss_forms, _tiled
+from gradcache import GradCacheError, _loss_forms
 from gradcache._loss_api import AcrossRanks, LossDocs, bind
 from gradcache._loss_forms import RankLayout
 from gradcache._tile_ops import ArrayOps
@@ -97,19 +97,16 @@ _TILE_OPS = _TileOps()
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _tiled_sum(kind: str, tile: int, x: jax.Array, y: jax.Array, alpha: jax.Array,
                beta: jax.Array | None) -> jax.Array:
-    return _tiled.tiled_forward(_TILE_OPS, kind, x, y, alpha, beta, tile)[0]
+    return _tiled_forward(kind, tile, x, y, alpha, beta)[0]
 
 
 def _tiled_forward(kind: str, tile: int, x: jax.Array, y: jax.Array, alpha: jax.Array,
-                       beta: jax.Array | None) -> tuple[jax.Array, tuple]:
-    value, row_lse, column_lse = _tiled.tiled_forward(_TILE_OPS, kind, x, y, alpha, beta, tile)
-    return value, (x, y, alpha, beta, row_lse, column_lse)
+                   beta: jax.Array | None) -> tuple[jax.Array, tuple]:
+    return _loss_forms.summed_forward(_TILE_OPS, kind, x, y, alpha, beta, tile)
 
 
-def _tiled_backward(kind: str, tile: int, residuals: tuple, grad: jax.Array) -> tuple:
-    x, y, alpha, beta, row_lse, column_lse = residuals
-    return _tiled.tiled_backward(_TILE_OPS, kind, x, y, alpha, beta, row_lse, column_lse,
-                                     grad, tile)
+def _tiled_backward(kind: str, tile: int, saved: tuple, grad: jax.Array) -> tuple:
+    return _loss_forms.summed_backward(_TILE_OPS, kind, saved, grad, tile)
 
 
 _tiled_sum.defvjp(_tiled_forward, _tiled_backward)
@@ -132,14 +129,10 @@ def _tiled_sum_across(kind: str, tile: int, collective: MeshCollective, counts: 
 
     def forward(x: jax.Array, y: jax.Array, alpha: jax.Array,
                 beta: jax.Array | None) -> tuple[jax.Array, tuple]:
-        value, columns, row_lse, column_lse = _loss_forms.forward_across(
-            ops, collective, layout(), kind, x, y, alpha, beta, tile)
-        return value, (x, columns, alpha, beta, row_lse, column_lse)
+        return _loss_forms.summed_forward(ops, kind, x, y, alpha, beta, tile, collective, layout())
 
-    def backward(residuals: tuple, grad: jax.Array) -> tuple:
-        x, columns, alpha, beta, row_lse, column_lse = residuals
-        return _loss_forms.backward_across(ops, collective, layout(), kind, x, columns, alpha,
-                                           beta, row_lse, column_lse, grad, tile)
+    def backward(saved: tuple, grad: jax.Array) -> tuple:
+        return _loss_forms.summed_backward(ops, kind, saved, grad, tile, collective, layout())
 
     @jax.custom_vjp
     def summed(x: jax.Array, y: jax.Array, alpha: jax.Array, beta: jax.Array | None) -> jax.Array:
@@ -153,12 +146,10 @@ class _LossOps:
     """:class:`gradcache._loss_forms.LossOps` over ``jax.numpy``."""
 
     def tiled_sum(self, kind: str, x: jax.Array, y: jax.Array, alpha: jax.Array,
-                  beta: jax.Array | None, tile: int) -> jax.Array:
-        return _tiled_sum(kind, tile, x, y, alpha, beta)
-
-    def tiled_sum_across(self, kind: str, x: jax.Array, y: jax.Array, alpha: jax.Array,
-                         beta: jax.Array | None, tile: int, collective: MeshCollective,
-                         layout: RankLayout) -> jax.Array:
+                  beta: jax.Array | None, tile: int, collective: MeshCollective | None = None,
+                  layout: RankLayout | None = None) -> jax.Array:
+        if collective is None:
+            return _tiled_sum(kind, tile, x, y, alpha, beta)
         return _tiled_sum_across(kind, tile, collective, layout.counts, layout.group, x, y, alpha,
                                  beta)
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from gradcache import GradCacheError, _loss_forms, _tiled
+from gradcache import GradCacheError, _loss_forms
 from gradcache._collective import Collective
 from gradcache._loss_api import AcrossRanks, LossDocs, bind
 from gradcache._loss_forms import RankLayout
@@ -143,27 +143,6 @@ def _tile_ops() -> _MathOps:
     return _EAGER if tf.executing_eagerly() else _GRAPH
 
 
-def _tiled_sum(kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, beta: tf.Tensor | None,
-               tile: int) -> tf.Tensor:
-    """The summed loss S as a ``tf.custom_gradient`` function (its inputs are plain tensors, so
-    the tape sees variables -- a learnable temperature -- outside of it, through ``alpha``)."""
-
-    @tf.custom_gradient
-    def run(x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, *maybe_beta: tf.Tensor) -> tuple:
-        bias = maybe_beta[0] if maybe_beta else None
-        value, row_lse, column_lse = _tiled.tiled_forward(_tile_ops(), kind, x, y, alpha, bias,
-                                                              tile)
-
-        def grad(upstream: tf.Tensor) -> tuple:
-            dx, dy, dalpha, dbeta = _tiled.tiled_backward(
-                _tile_ops(), kind, x, y, alpha, bias, row_lse, column_lse, upstream, tile)
-            return (dx, dy, dalpha) + ((dbeta,) if bias is not None else ())
-
-        return value, grad
-
-    return run(x, y, alpha, *(() if beta is None else (beta,)))
-
-
 class _ReplicaColumns(Collective):
     """The replicas' collective as :func:`gradcache._loss_forms.forward_across` and
     ``backward_across`` use it: the reduce-scatter of ``dy`` takes ``ReplicaCollective``'s
@@ -198,25 +177,27 @@ def _replica_columns(replicas: ReplicaCollective, layout: RankLayout, y: tf.Tens
     return _ReplicaColumns(replicas, (columns, every), traced=traced)
 
 
-def _tiled_sum_across(kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor,
-                      beta: tf.Tensor | None, tile: int, replicas: ReplicaCollective,
-                      layout: RankLayout) -> tf.Tensor:
-    """The global summed loss S from this replica's rows (``tf.custom_gradient``; its gradient
-    communicates too). ``dalpha``/``dbeta`` are the global ones on every replica: inside
-    ``cached_step(..., distributed=True)`` replica 0 alone carries a loss-owned variable's gradient
+def _tiled_sum(kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, beta: tf.Tensor | None,
+               tile: int, replicas: ReplicaCollective | None = None,
+               layout: RankLayout | None = None) -> tf.Tensor:
+    """The summed loss S as a ``tf.custom_gradient`` function (its inputs are plain tensors, so
+    the tape sees variables -- a learnable temperature -- outside of it, through ``alpha``).
+
+    Given the ``replicas``, S of every replica's rows, and its gradient communicates too.
+    ``dalpha``/``dbeta`` are then the global ones on every replica: inside ``cached_step(...,
+    distributed=True)`` replica 0 alone carries a loss-owned variable's gradient
     (``loss_grad_weight``), so the sum over replicas counts it once."""
-    collective = _replica_columns(replicas, layout, y)
+    collective = None if replicas is None else _replica_columns(replicas, layout, y)
 
     @tf.custom_gradient
     def run(x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, *maybe_beta: tf.Tensor) -> tuple:
         bias = maybe_beta[0] if maybe_beta else None
-        value, columns, row_lse, column_lse = _loss_forms.forward_across(
-            _tile_ops(), collective, layout, kind, x, y, alpha, bias, tile)
+        value, saved = _loss_forms.summed_forward(_tile_ops(), kind, x, y, alpha, bias, tile,
+                                                  collective, layout)
 
         def grad(upstream: tf.Tensor) -> tuple:
-            dx, dy, dalpha, dbeta = _loss_forms.backward_across(
-                _tile_ops(), collective, layout, kind, x, columns, alpha, bias, row_lse,
-                column_lse, upstream, tile)
+            dx, dy, dalpha, dbeta = _loss_forms.summed_backward(
+                _tile_ops(), kind, saved, upstream, tile, collective, layout)
             return (dx, dy, dalpha) + ((dbeta,) if bias is not None else ())
 
         return value, grad
@@ -228,13 +209,9 @@ class _LossOps:
     """:class:`gradcache._loss_forms.LossOps` over TensorFlow."""
 
     def tiled_sum(self, kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor,
-                  beta: tf.Tensor | None, tile: int) -> tf.Tensor:
-        return _tiled_sum(kind, x, y, alpha, beta, tile)
-
-    def tiled_sum_across(self, kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor,
-                         beta: tf.Tensor | None, tile: int, collective: ReplicaCollective,
-                         layout: RankLayout) -> tf.Tensor:
-        return _tiled_sum_across(kind, x, y, alpha, beta, tile, collective, layout)
+                  beta: tf.Tensor | None, tile: int, collective: ReplicaCollective | None = None,
+                  layout: RankLayout | None = None) -> tf.Tensor:
+        return _tiled_sum(kind, x, y, alpha, beta, tile, collective, layout)
 
     def shape(self, x: Any) -> tuple:
         shape = tf.convert_to_tensor(x).shape

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradcache import _loss_forms, _tiled
+from gradcache import _loss_forms
 from gradcache._loss_api import AcrossRanks, LossDocs, bind
 from gradcache._tile_ops import InPlaceLoopOps
 from gradcache_torch._distributed import TorchCollective
@@ -99,64 +99,37 @@ _TILE_OPS = _TileOps()
 
 
 class _TiledSum(torch.autograd.Function):
-    """A loss's summed form S; saves the inputs and the per-row / per-column statistics."""
-
-    @staticmethod
-    def forward(ctx: Any, kind: str, tile: int, x: torch.Tensor, y: torch.Tensor,
-                alpha: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
-        # under autocast the tiles' products would run in half precision: the sweeps keep the
-        # inputs' dtype (float32 at least, see _LossOps.prepare)
-        with torch.autocast(x.device.type, enabled=False):
-            value, row_lse, column_lse = _tiled.tiled_forward(_TILE_OPS, kind, x, y, alpha,
-                                                                  beta, tile)
-        ctx.kind, ctx.tile = kind, tile
-        ctx.save_for_backward(x, y, alpha, beta, row_lse, column_lse)
-        return value
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        x, y, alpha, beta, row_lse, column_lse = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            dx, dy, dalpha, dbeta = _tiled.tiled_backward(
-                _TILE_OPS, ctx.kind, x, y, alpha, beta, row_lse, column_lse, grad, ctx.tile)
-        return None, None, dx, dy, dalpha, dbeta
-
-
-class _TiledSumAcross(torch.autograd.Function):
-    """The global summed loss S from this rank's rows; its backward communicates too, so every
-    rank of the group must run it (as every rank runs the forward)."""
+    """A loss's summed form S; saves the inputs and the per-row / per-column statistics. Given a
+    collective, S of every rank's rows: its backward then communicates too, so every rank of the
+    group must run it (as every rank runs the forward)."""
 
     @staticmethod
     def forward(ctx: Any, kind: str, tile: int, collective: Any, layout: Any, x: torch.Tensor,
                 y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+        # under autocast the tiles' products would run in half precision: the sweeps keep the
+        # inputs' dtype (float32 at least, see _LossOps.prepare)
         with torch.autocast(x.device.type, enabled=False):
-            value, columns, row_lse, column_lse = _loss_forms.forward_across(
-                _TILE_OPS, collective, layout, kind, x, y, alpha, beta, tile)
+            value, saved = _loss_forms.summed_forward(_TILE_OPS, kind, x, y, alpha, beta, tile,
+                                                      collective, layout)
         ctx.kind, ctx.tile, ctx.collective, ctx.layout = kind, tile, collective, layout
-        ctx.save_for_backward(x, columns, alpha, beta, row_lse, column_lse)
+        ctx.save_for_backward(*saved)
         return value
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        x, columns, alpha, beta, row_lse, column_lse = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            dx, dy, dalpha, dbeta = _loss_forms.backward_across(
-                _TILE_OPS, ctx.collective, ctx.layout, ctx.kind, x, columns, alpha, beta, row_lse,
-                column_lse, grad, ctx.tile)
-        return None, None, None, None, dx, dy, dalpha, dbeta
+        with torch.autocast(grad.device.type, enabled=False):
+            grads = _loss_forms.summed_backward(_TILE_OPS, ctx.kind, ctx.saved_tensors, grad,
+                                                ctx.tile, ctx.collective, ctx.layout)
+        return (None, None, None, None, *grads)
 
 
 class _LossOps:
     """:class:`gradcache._loss_forms.LossOps` over torch autograd."""
 
     def tiled_sum(self, kind: str, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor,
-                  beta: torch.Tensor | None, tile: int) -> torch.Tensor:
-        return _TiledSum.apply(kind, tile, x, y, alpha, beta)
-
-    def tiled_sum_across(self, kind: str, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor,
-                         beta: torch.Tensor | None, tile: int, collective: Any,
-                         layout: Any) -> torch.Tensor:
-        return _TiledSumAcross.apply(kind, tile, collective, layout, x, y, alpha, beta)
+                  beta: torch.Tensor | None, tile: int, collective: Any = None,
+                  layout: Any = None) -> torch.Tensor:
+        return _TiledSum.apply(kind, tile, collective, layout, x, y, alpha, beta)
 
     def shape(self, x: torch.Tensor) -> tuple:
         return tuple(x.shape)
