@@ -1,8 +1,8 @@
 """The public loss functions and their documentation, written once and bound to each backend.
 
 Every adapter's ``losses`` module exposes the same seven names -- ``info_nce``, ``clip_loss``,
-``siglip_loss``, their ``*_dense`` references and ``across_ranks`` -- with the same keyword arguments,
-defaults, checks and documentation; only the framework underneath differs. :func:`bind` makes them
+``siglip_loss``, their ``*_dense`` references and ``across_ranks`` -- with the same keyword
+arguments, defaults, checks and documentation; only the framework underneath differs. :func:`bind` makes them
 from a backend's :class:`gradcache._loss_forms.LossOps`, in the spirit of array-api-compat binding
 generic functions to an array namespace: each is a real function with the adapter's
 ``__module__``, its own ``__name__`` and ``__qualname__``, the signature users see (its keyword

@@ -35,7 +35,7 @@ class ArrayOps:
 
     A backend supplies the primitives (the methods that raise :class:`NotImplementedError` here),
     and one way to loop: inherit :class:`InPlaceLoopOps` or :class:`PerTileLoopOps`, or write
-    ``fori``, ``rows``, ``write`` and ``subtract_every`` for a compiled loop with ``ragged = False``.
+    ``fori``, ``rows``, ``write`` and ``subtract_every`` for a compiled loop (``ragged = False``).
 
     >>> import numpy as np
     >>> class Minimal(InPlaceLoopOps):
@@ -101,7 +101,7 @@ class ArrayOps:
         ``private`` is the sweep's own buffer (it may be changed in place)."""
         return self._missing("subtract_every")
 
-    # -- derived: override only for speed or exactness ----------------------------------------------
+    # -- derived: override only for speed or exactness --------------------------------------------
     def abs(self, x: Any) -> Any:
         return self.maximum(x, -x)
 

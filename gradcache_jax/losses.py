@@ -252,7 +252,7 @@ _DOCS = LossDocs(
             >>> import jax, jax.numpy as jnp
             >>> from gradcache_jax.losses import info_nce, info_nce_dense
             >>> q = jax.random.normal(jax.random.PRNGKey(0), (6, 4))
-            >>> p = jax.random.normal(jax.random.PRNGKey(1), (12, 4))   # one hard negative per query
+            >>> p = jax.random.normal(jax.random.PRNGKey(1), (12, 4))   # 1 hard negative per query
             >>> loss = jax.jit(lambda q, p: info_nce(q, p, temperature=0.1, tile_size=4))(q, p)
             >>> bool(jnp.allclose(loss, info_nce_dense(q, p, temperature=0.1), rtol=1e-5))
             True
@@ -271,7 +271,8 @@ _DOCS = LossDocs(
             >>> from gradcache_jax.losses import siglip_loss, siglip_loss_dense
             >>> x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
             >>> y = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
-            >>> bool(jnp.allclose(siglip_loss(x, y, tile_size=2), siglip_loss_dense(x, y), rtol=1e-5))
+            >>> dense = siglip_loss_dense(x, y)
+            >>> bool(jnp.allclose(siglip_loss(x, y, tile_size=2), dense, rtol=1e-5))
             True
         """,
         "info_nce_dense": """

@@ -319,7 +319,8 @@ _DOCS = LossDocs(
             >>> import tensorflow as tf
             >>> from gradcache_tf.losses import info_nce, info_nce_dense
             >>> q = tf.random.stateless_normal((6, 4), seed=(0, 1), dtype=tf.float64)
-            >>> p = tf.random.stateless_normal((12, 4), seed=(0, 2), dtype=tf.float64)  # 1 hard negative
+            >>> # one hard negative per query
+            >>> p = tf.random.stateless_normal((12, 4), seed=(0, 2), dtype=tf.float64)
             >>> loss = info_nce(q, p, temperature=0.1, tile_size=4)
             >>> abs(float(loss - info_nce_dense(q, p, temperature=0.1))) < 1e-12
             True

@@ -216,15 +216,17 @@ _DOCS = LossDocs(
         "info_nce": """
             >>> import torch
             >>> from gradcache_torch.losses import info_nce, info_nce_dense
-            >>> q, p = torch.randn(6, 4, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64)
-            >>> loss = info_nce(q, p, temperature=0.1, tile_size=4)   # one hard negative per query
+            >>> q = torch.randn(6, 4, dtype=torch.float64)
+            >>> p = torch.randn(12, 4, dtype=torch.float64)   # one hard negative per query
+            >>> loss = info_nce(q, p, temperature=0.1, tile_size=4)
             >>> bool(torch.allclose(loss, info_nce_dense(q, p, temperature=0.1)))
             True
         """,
         "clip_loss": """
             >>> import torch
             >>> from gradcache_torch.losses import clip_loss, clip_loss_dense
-            >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+            >>> x = torch.randn(5, 3, dtype=torch.float64)
+            >>> y = torch.randn(5, 3, dtype=torch.float64)
             >>> scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
             >>> clip_loss(x, y, logit_scale=scale, tile_size=2).backward()
             >>> scale.grad.shape
@@ -233,7 +235,8 @@ _DOCS = LossDocs(
         "siglip_loss": """
             >>> import torch
             >>> from gradcache_torch.losses import siglip_loss, siglip_loss_dense
-            >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+            >>> x = torch.randn(5, 3, dtype=torch.float64)
+            >>> y = torch.randn(5, 3, dtype=torch.float64)
             >>> bool(torch.allclose(siglip_loss(x, y, tile_size=2), siglip_loss_dense(x, y)))
             True
         """,

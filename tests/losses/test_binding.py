@@ -142,7 +142,8 @@ def test_across_ranks_takes_its_argument_by_name(numpy_losses):
 
 
 def test_docstrings_take_the_backend_s_pieces(numpy_losses):
-    assert "a float or a scalar array (a number you change to learn it)" in numpy_losses.info_nce.__doc__
+    learnt = "a float or a scalar array (a number you change to learn it)"
+    assert learnt in numpy_losses.info_nce.__doc__
     assert "No gradients: values only." in numpy_losses.clip_loss.__doc__
     assert "plain hand-written gradients, the reference" in " ".join(
         numpy_losses.clip_loss_dense.__doc__.split())
@@ -160,8 +161,8 @@ def test_a_backend_without_a_rank_argument():
     losses = bind(_NumpyLossOps(), _docs(place_doc=""), Plain)
     assert list(inspect.signature(losses.across_ranks).parameters) == ["loss", "loss_kwargs"]
     assert repr(losses.across_ranks(losses.info_nce)) == "across_ranks(info_nce, **{})"
-    assert "\n    loss: :func:`info_nce`, :func:`clip_loss` or :func:`siglip_loss`.\n    **loss_kwargs" \
-        in losses.across_ranks.__doc__
+    assert ("\n    loss: :func:`info_nce`, :func:`clip_loss` or :func:`siglip_loss`.\n"
+            "    **loss_kwargs") in losses.across_ranks.__doc__
 
 
 def test_missing_tile_ops_are_named():
