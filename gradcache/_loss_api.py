@@ -19,7 +19,7 @@ import inspect
 import re
 import textwrap
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from gradcache import _loss_forms
@@ -61,7 +61,7 @@ class LossDocs:
     unit: str
     #: ``across_ranks``: whose global batch (``"a process group"``)
     ranks: str
-    #: ``across_ranks``: what the returned callable is given per call
+    #: ``across_ranks``: what its callable moves per call, after "per call it"
     communicates: str
     #: ``across_ranks``: the backend's own paragraph (learnable parameters, unequal rows, ...)
     specifics: str
@@ -71,8 +71,6 @@ class LossDocs:
     place_doc: str = ""
     #: after "``(B, d)`` representations" of the tiled losses' first argument (static shapes)
     rows: str = ""
-    #: anything else a backend's functions need in their docstrings
-    extra: Mapping[str, str] = field(default_factory=dict)
 
 
 class AcrossRanks:
@@ -295,7 +293,6 @@ def _docstring(name: str, docs: LossDocs) -> str:
     # comma, which it keeps
     pieces = {key: _piece(value) if "\n" in value else value
               for key, value in vars(docs).items() if isinstance(value, str)}
-    pieces.update(docs.extra)
     if name == "across_ranks":
         place_doc = _piece(docs.place_doc)
         # an entry of the template's Args, which are indented by 4
