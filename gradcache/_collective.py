@@ -114,9 +114,10 @@ class Rendezvous:
 
     def agree(self, stage: str, payload: Any = None) -> list[Any]:
         """Exchanges ``payload`` at ``stage``; raises if another rank reports a failure."""
-        if not self.active:
-            return [payload] * (self.collective.world_size if self.collective else 1)
-        reports = self.collective.exchange((None, payload))
+        collective = self.collective
+        if not self.active or collective is None:
+            return [payload] * (collective.world_size if collective else 1)
+        reports = collective.exchange((None, payload))
         self.done += 1
         failures = [(rank, error) for rank, (error, _) in enumerate(reports) if error is not None]
         if failures:
@@ -133,11 +134,12 @@ class Rendezvous:
         After the last agreement there is nobody left to tell: the others have passed it, and a
         wrapper's own collective (or the engine's timeout) is what they meet next.
         """
-        if not self.active or self.failed or self.done >= self.planned:
+        collective = self.collective
+        if not self.active or collective is None or self.failed or self.done >= self.planned:
             return
         self.failed = True
         try:
-            self.collective.exchange((_describe(error), None))
+            collective.exchange((_describe(error), None))
         except Exception as transport:  # the transport itself broke: the original error matters more
             add_location_note(error, f"gradcache: could not tell the other ranks "
                                      f"({_describe(transport)})")

@@ -1,11 +1,13 @@
-"""The tiled contrastive losses assembled once, over the few differentiable ops a backend supplies.
+"""The contrastive losses assembled once, over the few differentiable ops a backend supplies.
 
 Each loss is a constant times its summed loss ``S`` (:mod:`gradcache._tiled`), which each backend
 computes inside its own custom-gradient function. Around it, only ``O(B·d)`` work is left to the
 framework's autodiff: the cosine normalisation and turning the temperature into the logits' scale.
 A learnable temperature, logit scale or bias therefore gets its gradient from the framework,
-exactly once, through the scalar it became. This module also checks shapes and arguments, so that
-every backend words its errors alike. It must never import a framework.
+exactly once, through the scalar it became. The dense references are written here too, over the
+framework's own cross-entropy and log-sigmoid. This module also checks shapes and arguments, so
+that every backend words its errors alike; :mod:`gradcache._loss_api` makes the public functions
+from it. It must never import a framework.
 
 **Across ranks.** Given a :class:`gradcache.Collective`, each loss is one rank's part of the loss of
 the *global* batch (every rank's rows concatenated in rank order): :func:`forward_across` gathers
@@ -14,7 +16,8 @@ and sums the per-rank values; :func:`backward_across` sweeps them again, keeps `
 and sends every column's share of ``dy`` to its owner (one reduce-scatter of ``B x d``). The rest is
 scalars, and for CLIP one ``B``-vector per rank: the per-column log-sum-exp over each rank's rows,
 gathered and combined so that the column term is the global one and is counted once. A backend
-runs the two inside its custom-gradient function (``LossOps.tiled_sum_across``).
+runs the two inside its custom-gradient function (``LossOps.tiled_sum`` given a collective, through
+:func:`summed_forward` and :func:`summed_backward`).
 """
 
 from __future__ import annotations
@@ -50,16 +53,24 @@ DEFAULT_SIGLIP_BIAS = -10.0
 class LossOps(Protocol):
     """The differentiable operations the assembly needs (the backend's autodiff sees them all)."""
 
-    def tiled_sum(self, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int) -> Any: ...
+    def tiled_sum(self, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int,
+                  collective: Collective | None = None, layout: RankLayout | None = None) -> Any:
+        """The summed loss ``S``: the backend's custom-gradient function, whose forward and
+        backward are :func:`summed_forward` and :func:`summed_backward` (across ranks when a
+        ``collective`` is given)."""
     def shape(self, x: Any) -> tuple: ...
     def prepare(self, x: Any) -> Any: ...
     def as_scalar(self, value: Any, like: Any) -> Any: ...
     def normalize(self, x: Any) -> Any: ...
     def on_accelerator(self, x: Any) -> bool: ...
-    # only for losses across ranks (a ``collective`` given): the backend's custom-gradient function
-    # around forward_across / backward_across
-    def tiled_sum_across(self, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int,
-                         collective: Collective, layout: RankLayout) -> Any: ...
+    # only for the dense references, which the framework differentiates as written: its own
+    # cross-entropy and log-sigmoid, so that they check the tiled losses independently
+    def matmul_nt(self, a: Any, b: Any) -> Any: ...
+    def transpose(self, x: Any) -> Any: ...
+    def cross_entropy(self, logits: Any, step: int) -> Any:
+        """``mean_i -log softmax(logits_i)[i * step]``: row ``i``'s label is column ``i * step``."""
+    def sigmoid_loss(self, logits: Any) -> Any:
+        """``sum_ij -log sigmoid(l_ij logits_ij)``, ``l = +1`` on the diagonal, ``-1`` elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -203,6 +214,37 @@ def backward_across(ops: TileOps, collective: Collective, layout: RankLayout, ki
     return dx, dy, dalpha, dbeta
 
 
+def summed_forward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int,
+                   collective: Collective | None = None,
+                   layout: RankLayout | None = None) -> tuple[Any, tuple]:
+    """The summed loss ``S`` -- of every rank's rows when a ``collective`` is given -- and what
+    :func:`summed_backward` needs: the body of a backend's custom-gradient forward.
+
+    Returns:
+        ``(value, saved)``; the backend keeps ``saved``, ``(x, columns, alpha, beta, row_lse,
+        column_lse)`` (``columns``: ``y``, or every rank's gathered; ``beta`` and ``column_lse``
+        may be ``None``), for the backward.
+    """
+    if collective is None:
+        value, row_lse, column_lse = tiled_forward(ops, kind, x, y, alpha, beta, tile)
+        return value, (x, y, alpha, beta, row_lse, column_lse)
+    value, columns, row_lse, column_lse = forward_across(ops, collective, layout, kind, x, y,
+                                                         alpha, beta, tile)
+    return value, (x, columns, alpha, beta, row_lse, column_lse)
+
+
+def summed_backward(ops: TileOps, kind: str, saved: tuple, grad: Any, tile: int,
+                    collective: Collective | None = None,
+                    layout: RankLayout | None = None) -> tuple[Any, Any, Any, Any]:
+    """``(dx, dy, dalpha, dbeta)`` of ``grad * S`` from :func:`summed_forward`'s ``saved``, with
+    the same ``collective`` and ``layout``: the body of a backend's custom-gradient backward."""
+    x, columns, alpha, beta, row_lse, column_lse = saved
+    if collective is None:
+        return tiled_backward(ops, kind, x, columns, alpha, beta, row_lse, column_lse, grad, tile)
+    return backward_across(ops, collective, layout, kind, x, columns, alpha, beta, row_lse,
+                           column_lse, grad, tile)
+
+
 def _mean_rows(ops: LossOps, x: Any, y: Any, loss: str, square: bool,
                collective: Collective | None) -> tuple[int, RankLayout | None]:
     """The number of rows the loss averages over (all ranks' together), and the layout."""
@@ -215,9 +257,9 @@ def _mean_rows(ops: LossOps, x: Any, y: Any, loss: str, square: bool,
 
 def _summed(ops: LossOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int,
             collective: Collective | None, layout: RankLayout | None) -> Any:
-    if collective is None:
+    if collective is None:  # a backend without collectives need not take them
         return ops.tiled_sum(kind, x, y, alpha, beta, tile)
-    return ops.tiled_sum_across(kind, x, y, alpha, beta, tile, collective, layout)
+    return ops.tiled_sum(kind, x, y, alpha, beta, tile, collective, layout)
 
 
 def prepare(ops: LossOps, x: Any, y: Any, similarity: str, loss: str) -> tuple[Any, Any]:
@@ -267,6 +309,35 @@ def siglip_loss(ops: LossOps, x: Any, y: Any, logit_scale: Any, logit_bias: Any,
     alpha = ops.as_scalar(logit_scale, x)
     beta = ops.as_scalar(logit_bias, x)
     return _summed(ops, SIGMOID, x, y, alpha, beta, tile, collective, layout) / n
+
+
+def _checked(ops: LossOps, x: Any, y: Any, similarity: str, loss: str,
+             square: bool) -> tuple[Any, Any, int, int]:
+    n, m = check_pair(ops, x, y, loss, square=square)
+    x, y = prepare(ops, x, y, similarity, loss)
+    return x, y, n, m
+
+
+def info_nce_dense(ops: LossOps, q: Any, p: Any, temperature: Any, similarity: str) -> Any:
+    """:func:`info_nce` with the whole ``B x B(k+1)`` matrix of logits: the reference."""
+    q, p, n, m = _checked(ops, q, p, similarity, "info_nce_dense", False)
+    logits = ops.matmul_nt(q, p) / ops.as_scalar(temperature, q)
+    return ops.cross_entropy(logits, m // n)
+
+
+def clip_loss_dense(ops: LossOps, x: Any, y: Any, logit_scale: Any, similarity: str) -> Any:
+    """:func:`clip_loss` with the whole ``B x B`` matrix of logits: the reference."""
+    x, y, _, _ = _checked(ops, x, y, similarity, "clip_loss_dense", True)
+    logits = ops.as_scalar(logit_scale, x) * ops.matmul_nt(x, y)
+    return (ops.cross_entropy(logits, 1) + ops.cross_entropy(ops.transpose(logits), 1)) / 2
+
+
+def siglip_loss_dense(ops: LossOps, x: Any, y: Any, logit_scale: Any, logit_bias: Any,
+                      similarity: str) -> Any:
+    """:func:`siglip_loss` with the whole ``B x B`` matrix of logits: the reference."""
+    x, y, n, _ = _checked(ops, x, y, similarity, "siglip_loss_dense", True)
+    logits = ops.as_scalar(logit_scale, x) * ops.matmul_nt(x, y) + ops.as_scalar(logit_bias, x)
+    return ops.sigmoid_loss(logits) / n
 
 
 def check_across(loss: Any, front_ends: tuple, module: str, loss_kwargs: dict) -> None:

@@ -89,6 +89,10 @@ class StepOptions:
             raise GradCacheError(
                 f"loss_kwargs must be a mapping of keyword arguments for the loss, got "
                 f"{type(self.loss_kwargs).__name__}")
+        if isinstance(self.distributed, (int, float)) and not isinstance(self.distributed, bool):
+            raise GradCacheError(
+                f"distributed= takes False, True, a gradcache.Collective or the framework's own "
+                f"group, mesh or axis name, got the number {self.distributed!r}")
         if self.split_fn is not None and not callable(self.split_fn):
             raise GradCacheError(f"split_fn must be callable, got {self.split_fn!r}")
         if self.split_fn is not None and (self.pad_trim or self.sort_by_length):
@@ -110,7 +114,7 @@ class StepOptions:
         valid = cls.names()
         for name in keywords:
             if name not in valid:
-                choices = list(valid) + list(own)
+                choices = ["chunk_size", *valid, *own]
                 close = difflib.get_close_matches(name, choices, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 where = f"{adapter}.cached_step" if adapter else "cached_step"

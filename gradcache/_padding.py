@@ -24,6 +24,13 @@ from gradcache._errors import GradCacheError, where
 
 MASK_KEY = "attention_mask"
 
+#: Top-level keys of a tokenised batch whose second dimension is the sequence (Hugging Face names).
+#: ``pad_trim`` cuts these; any other leaf whose second dimension has the sequence's length could be
+#: a per-token tensor or a coincidence (a feature of that width, a pairwise ``(rows, L, L)``
+#: tensor), so it is refused rather than guessed.
+PER_TOKEN_KEYS = frozenset({MASK_KEY, "input_ids", "token_type_ids", "position_ids",
+                            "special_tokens_mask", "inputs_embeds", "global_attention_mask"})
+
 
 def attention_mask(backend: Backend, group: Any) -> Any | None:
     """The ``(rows, length)`` attention mask of a mapping group, or ``None`` if it has none."""
@@ -41,8 +48,9 @@ def host_mask(backend: Backend, mask: Any, group: int, option: str) -> np.ndarra
     if values is None:
         raise GradCacheError(
             f"{option} needs the values of the attention mask of {where(group)}, which are not "
-            f"known while the step is traced (jit, tf.function): shapes are static there. Trim or "
-            f"sort the batch before the compiled step, or run it eagerly")
+            f"known while the step is traced (jax.jit, tf.function, or the shard_map a distributed "
+            f"JAX step runs in): shapes are static there. Trim or sort the batch before the "
+            f"compiled step, or run a one-device step eagerly")
     return np.asarray(values)
 
 
@@ -52,16 +60,27 @@ def used_columns(mask_rows: np.ndarray) -> int:
     return int(used[-1]) + 1 if used.size else 1
 
 
-def trim_columns(backend: Backend, chunk: Any, length: int, keep: int) -> Any:
-    """``chunk`` with every leaf whose second dimension is ``length`` cut to ``keep`` columns."""
+def trim_columns(backend: Backend, chunk: Any, length: int, keep: int,
+                 keys: frozenset = PER_TOKEN_KEYS) -> Any:
+    """``chunk`` with its per-token leaves (:data:`PER_TOKEN_KEYS`, at the top level) cut to
+    ``keep`` columns; any other leaf with ``length`` columns is refused (it cannot be told apart
+    from a per-token tensor, and guessing would change the results silently)."""
     if keep >= length:
         return chunk
     leaves, spec = _tree.flatten(chunk, backend.is_leaf)
     trimmed = []
-    for leaf in leaves:
+    for path, leaf in zip(_tree.leaf_paths(spec), leaves):
         shape = tuple(backend.shape(leaf))
-        trimmed.append(backend.slice_columns(leaf, keep)
-                       if len(shape) >= 2 and shape[1] == length else leaf)
+        if len(shape) < 2 or shape[1] != length:
+            trimmed.append(leaf)
+        elif path in keys:
+            trimmed.append(backend.slice_columns(leaf, keep))
+        else:
+            raise GradCacheError(
+                f"pad_trim cannot tell whether '{path}' (shape {shape}) holds one entry per token: "
+                f"its second dimension is the sequence length {length}. It trims only "
+                f"{', '.join(sorted(keys))}; drop pad_trim, or cut such inputs yourself "
+                f"in a split_fn")
     return _tree.unflatten(spec, trimmed)
 
 
@@ -113,7 +132,7 @@ class InOriginalOrder:
     Whatever else the loss declares (``gathers_itself``) passes through.
     """
 
-    def __init__(self, backend: Backend, loss_fn: Callable, orders: list[np.ndarray | None]):
+    def __init__(self, backend: Backend, loss_fn: Any, orders: list[np.ndarray | None]):
         self.backend = backend
         self.loss_fn = loss_fn
         self.orders = orders

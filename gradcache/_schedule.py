@@ -11,6 +11,7 @@ frameworks only through :class:`gradcache.Backend` and must never import one.
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -124,6 +125,9 @@ def plan_groups(backend: Backend, encoders: Any, inputs: Any, chunk_size: Any, *
     sizes = [_as_chunk_size(size, index) for index, size in enumerate(sizes)]
     get_reps = _per_group(get_rep, num_groups, "get_rep functions",
                           lambda v: v is None or callable(v))
+    for index, pick in enumerate(get_reps):
+        if pick is not None and not callable(pick):
+            raise GradCacheError(f"get_rep for {where(index)} must be callable or None, got {pick!r}")
     groups = []
     for index, (encoder, group_inputs, size, pick) in enumerate(
             zip(encoder_list, inputs, sizes, get_reps)):
@@ -138,8 +142,7 @@ def plan_groups(backend: Backend, encoders: Any, inputs: Any, chunk_size: Any, *
         plan = ChunkPlan.uniform(batch, size)
         trimmed = _padding.trimmed_chunks(backend, group_inputs, plan.bounds, index) \
             if pad_trim else None
-        groups.append(GroupPlan(index, encoder, group_inputs, plan if trimmed is None else None,
-                                pick, pre_split=trimmed))
+        groups.append(GroupPlan(index, encoder, group_inputs, plan, pick, pre_split=trimmed))
     last_group_of = {id(group.encoder): group.index for group in groups}
     for group in groups:
         group.last_for_encoder = last_group_of[id(group.encoder)] == group.index
@@ -281,6 +284,9 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
                     "sort_by_length is not supported in a distributed step: the loss sees the "
                     "global batch, and each rank's sorting is its own")
             if split_fn is None and isinstance(inputs, (list, tuple)):
+                # the permutation is taken from the mask: every leaf must have its rows first
+                for index, group_inputs in enumerate(inputs):
+                    group_batch_size(backend, group_inputs, index)
                 inputs, loss_fn = _padding.sort_groups(backend, inputs, loss_fn)
         groups = plan_groups(backend, encoders, inputs, chunk_size, get_rep=get_rep,
                              split_fn=split_fn, pad_trim=pad_trim)
@@ -345,6 +351,7 @@ def cached_backward(forward: CachedForward, upstream: Any = None) -> Any:
     backend = forward.backend
     rep_grads = forward.rep_grads
     if upstream is not None:
+        _check_scalar_upstream(backend, upstream)
         rep_grads = [_tree.map_leaves(lambda leaf: leaf * upstream, grad, backend.is_leaf)
                      for grad in rep_grads]
     grads = forward.grads
@@ -360,6 +367,20 @@ def cached_backward(forward: CachedForward, upstream: Any = None) -> Any:
     finally:
         forward.close()
     return grads
+
+
+def _check_scalar_upstream(backend: Backend, upstream: Any) -> None:
+    """The gradient flowing into a scalar loss is a scalar: anything else would broadcast."""
+    if backend.is_leaf(upstream):
+        shape = tuple(backend.shape(upstream))
+        if shape != ():
+            raise GradCacheError(f"upstream must be a scalar (the gradient of a scalar loss), got "
+                                 f"a tensor of shape {shape}")
+        return
+    if isinstance(upstream, bool) or not isinstance(upstream, numbers.Number) \
+            or isinstance(upstream, complex):
+        raise GradCacheError(f"upstream must be a real number or a scalar {backend.name} tensor, "
+                             f"got {upstream!r}")
 
 
 def _agree_chunk_counts(rendezvous: Rendezvous, groups: list[GroupPlan]) -> None:
@@ -507,8 +528,16 @@ def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress) -> tuple[Any, 
     if group.pre_split is not None:
         # a split_fn's chunks (or pad_trim's) have their own shapes: one by one, and the plan is
         # known once each has run
-        _, rep, items = run_chunks(backend, body, None, None, ChunkPlan((0,) * len(group.pre_split)),
-                                   group=group.index, items=ChunkItems.one_by_one(group.pre_split))
+        try:
+            _, rep, items = run_chunks(backend, body, None, None,
+                                       ChunkPlan((0,) * len(group.pre_split)),
+                                       group=group.index, items=ChunkItems.one_by_one(group.pre_split))
+        except Exception as error:
+            if group.plan is not None:   # the chunks are pad_trim's, cut to different lengths
+                add_location_note(error, f"gradcache: pad_trim cut the chunks of {where(group.index)} "
+                                         f"to different lengths; per-token representations cannot "
+                                         f"be joined then: pool them in get_rep, or drop pad_trim")
+            raise
         group.plan = ChunkPlan(tuple(rows for _, rows in items.single))
         return rep, ChunkItems.one_by_one([record for record, _ in items.single])
     loop = loop_length(backend, group.plan, group.last_for_encoder)

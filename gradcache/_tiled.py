@@ -17,12 +17,14 @@ positive pairs are ``O(B·d)`` updates of those, and ``dS/dalpha`` follows from 
 further pass. Working memory is ``O((B + tile)·d + tile²)``. Each backend runs the two sweeps
 inside its own custom-gradient function (:mod:`gradcache._loss_forms` does the rest).
 
-The sweeps are written against :class:`TileOps`, which each backend supplies in a few dozen lines:
-the array operations, and the *way to loop*. Eager backends (numpy, torch, TensorFlow eager) loop in
-Python over tiles whose last one may be smaller (``ragged``). Compiled backends (``lax.fori_loop``,
-``tf.while_loop``) need one static tile shape: the last tile is then moved back to end at the last
-row (its start is clamped) and the rows an earlier tile already covered are masked out, so that the
-loop body is traced once whatever the batch size. This module must never import a framework; it
+The sweeps are written against :class:`TileOps`: the array operations, and the *way to loop*. A
+backend derives it from :class:`gradcache._tile_ops.ArrayOps`, which writes most of the operations
+once over a dozen array primitives the backend supplies. Eager backends (numpy, torch, TensorFlow
+eager) loop in Python over tiles whose last one may be smaller (``ragged``), with the loops and
+buffers of that module. Compiled backends (``lax.fori_loop``, ``tf.while_loop``) need one static
+tile shape: the last tile is then moved back to end at the last row (its start is clamped) and the
+rows an earlier tile already covered are masked out, so that the loop body is traced once whatever
+the batch size. This module must never import a framework; it
 uses numpy only for :class:`NumpyOps`, the reference that the tests run.
 """
 
@@ -35,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from gradcache._errors import GradCacheError
+from gradcache._tile_ops import InPlaceLoopOps
 
 ROWS = "rows"
 ROWS_AND_COLUMNS = "rows_and_columns"
@@ -51,7 +54,8 @@ NEG_INF = float("-inf")
 
 class TileOps(Protocol):
     """What the sweeps need from a framework. ``start`` and loop indices are Python ints when
-    :attr:`ragged` is true and may be traced integers otherwise."""
+    :attr:`ragged` is true and may be traced integers otherwise. A backend writes few of these:
+    :class:`gradcache._tile_ops.ArrayOps` derives the rest."""
 
     #: Python loops over tiles of which the last may be smaller (else: static tiles, masking).
     ragged: bool
@@ -173,11 +177,6 @@ def logaddexp(ops: TileOps, a: Any, b: Any) -> Any:
     top = ops.maximum(a, b)
     shift = ops.where(ops.isfinite(top), top, top * 0)
     return shift + ops.log(ops.exp(a - shift) + ops.exp(b - shift))
-
-
-def softplus(ops: TileOps, z: Any) -> Any:
-    """``log(1 + exp(z))`` without overflow and without the thresholds some frameworks take."""
-    return ops.maximum(z, z * 0) + ops.log1p(ops.exp(-ops.abs(z)))
 
 
 def _logits(ops: TileOps, x_scaled: Any, y_tile: Any, beta: Any) -> Any:
@@ -393,88 +392,18 @@ def subtract_own_positives(ops: TileOps, kind: str, x: Any, dy_own: Any, factor:
     return ops.subtract_every(dy_own, step, x * factor, weight) if weight else dy_own
 
 
-class NumpyOps:
+class NumpyOps(InPlaceLoopOps):
     """:class:`TileOps` over numpy, looping in Python: the reference the other backends match.
 
     >>> NumpyOps().logsumexp(np.zeros((2, 4)), 1)
     array([1.38629436, 1.38629436])
     """
 
-    ragged = True
-
-    def fori(self, count: int, body: Callable, carry: tuple) -> tuple:
-        for index in range(count):
-            carry = body(index, carry)
-        return carry
-
-    def rows(self, x: Any, start: int, size: int) -> Any:
-        return x[start:start + size]
-
-    def full(self, shape: tuple, fill: float, like: Any) -> Any:
-        return np.full(shape, fill, dtype=like.dtype)
-
-    def buffer(self, rows: int, tail: tuple, fill: float, like: Any) -> Any:
-        return np.full((rows,) + tuple(tail), fill, dtype=like.dtype)
-
-    def read(self, buffer: Any, start: int, size: int) -> Any:
-        return buffer[start:start + size]
-
-    def write(self, buffer: Any, start: int, value: Any) -> Any:
-        buffer[start:start + value.shape[0]] = value
-        return buffer
-
-    def add(self, buffer: Any, start: int, value: Any) -> Any:
-        buffer[start:start + value.shape[0]] += value
-        return buffer
-
-    def result(self, buffer: Any) -> Any:
-        return buffer
-
-    def scalar(self, value: float, like: Any) -> Any:
-        return like.dtype.type(value)
-
-    def rescale(self, private: Any, factor: Any) -> Any:
-        private *= factor
-        return private
-
-    def matmul_nt(self, a: Any, b: Any) -> Any:
-        return a @ b.T
-
-    def matmul(self, a: Any, b: Any) -> Any:
-        return a @ b
-
-    def matmul_tn(self, a: Any, b: Any) -> Any:
-        return a.T @ b
-
     exp = staticmethod(np.exp)
     log = staticmethod(np.log)
     log1p = staticmethod(np.log1p)
-    abs = staticmethod(np.abs)
     maximum = staticmethod(np.maximum)
     where = staticmethod(np.where)
-    isfinite = staticmethod(np.isfinite)
-
-    def sigmoid(self, x: Any) -> Any:
-        return np.exp(-softplus(self, -x))
-
-    def softplus(self, x: Any) -> Any:
-        return softplus(self, x)
-
-    def expdiff(self, a: Any, b: Any) -> Any:
-        return np.exp(a - b)
-
-    def inner(self, a: Any, b: Any) -> Any:
-        return np.vdot(a, b)
-
-    def every(self, x: Any, step: int) -> Any:
-        return x[::step]
-
-    def subtract_every(self, private: Any, step: int, value: Any, weight: float) -> Any:
-        private[::step] -= weight * value
-        return private
-
-    def sum(self, x: Any, axis: int | None = None) -> Any:
-        return np.sum(x, axis=axis)
 
     def logsumexp(self, x: Any, axis: int) -> Any:
         top = np.max(x, axis=axis, keepdims=True)
@@ -483,24 +412,11 @@ class NumpyOps:
             out = np.log(np.sum(np.exp(x - top), axis=axis, keepdims=True)) + top
         return np.squeeze(out, axis=axis)
 
-    def clamp_start(self, start: Any, last: int) -> Any:
-        return min(start, last)
+    def full(self, shape: tuple, fill: float, like: Any) -> Any:
+        return np.full(shape, fill, dtype=like.dtype)
 
-    def at_least(self, start: Any, size: int, low: Any) -> Any:
-        return start + np.arange(size) >= low
-
-    def outer_and(self, rows: Any, columns: Any) -> Any:
-        return rows[:, None] & columns[None, :]
-
-    def diagonal(self, tile: Any, row_start: Any, column_start: Any) -> Any:
-        rows, columns = tile.shape
-        return (row_start + np.arange(rows))[:, None] == (column_start + np.arange(columns))[None, :]
-
-    def column(self, x: Any) -> Any:
-        return x[:, None]
-
-    def row(self, x: Any) -> Any:
-        return x[None, :]
+    def arange(self, size: int, like: Any) -> Any:
+        return np.arange(size)
 
 
 class CompiledNumpyOps(NumpyOps):

@@ -88,13 +88,14 @@ def _unflatten(spec: TreeSpec, leaves) -> Any:
     if spec.kind == "static":
         return spec.static
     values = [_unflatten(child, leaves) for child in spec.children]
+    node_type: Any = spec.node_type   # a container node always records its type
     if spec.kind == "mapping":
-        return _rebuild_mapping(spec.node_type, dict(zip(spec.keys, values)))
+        return _rebuild_mapping(node_type, dict(zip(spec.keys, values)))
     if spec.kind == "namedtuple":
-        return spec.node_type(*values)
+        return node_type(*values)
     if spec.kind == "list":
-        return list(values) if spec.node_type is list else _rebuild_sequence(spec.node_type, values)
-    return tuple(values) if spec.node_type is tuple else _rebuild_sequence(spec.node_type, values)
+        return list(values) if node_type is list else _rebuild_sequence(node_type, values)
+    return tuple(values) if node_type is tuple else _rebuild_sequence(node_type, values)
 
 
 def _rebuild_mapping(node_type: type, items: dict) -> Mapping:

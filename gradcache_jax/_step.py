@@ -80,7 +80,11 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             them): this call runs inside your own ``jax.shard_map`` and ``inputs`` are this
             device's rows; the loss sees every device's representations (in device order), and
             every device returns the global loss and the gradient of the whole global batch.
-            Each device's step key is ``fold_in(rng, axis_index(axis))``.
+            Each device's step key is ``fold_in(rng, axis_index(axis))``. Any other
+            :class:`gradcache.Collective` (your own transport, ``gradcache.testing.ThreadCollective``)
+            runs the core's distributed schedule over it: ``grads`` are then this rank's share
+            (times its ``grad_scale``), and summing them over ranks is yours (a loss-owned
+            parameter's gradient is the global one on every rank: count it once).
         axis_name: with ``distributed=mesh``, the mesh axis the batch is split over (default: the
             mesh's only axis). ``axis_name=`` alone and ``mesh=`` are the deprecated spellings of
             ``distributed=axis`` and ``distributed=mesh``.
@@ -115,7 +119,12 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     """
     step = StepOptions.from_keywords(options, adapter="gradcache_jax",
                                      own=("params", "rng", "loss_takes_params", "axis_name", "mesh"))
-    mesh, axis_name = _distribution(step.distributed, mesh, axis_name)
+    given = step.distributed if isinstance(step.distributed, Collective) and not isinstance(
+        step.distributed, MeshCollective) else None
+    if given is not None and (mesh is not None or axis_name is not None):
+        raise GradCacheError("distributed= is a collective of your own: it cannot be combined with "
+                             "mesh= or axis_name=")
+    mesh, axis_name = _distribution(None if given else step.distributed, mesh, axis_name)
     if isinstance(inputs, (list, tuple)) and not hasattr(inputs, "_fields"):
         # numpy batches straight from a data loader: make them device arrays once, not per chunk
         inputs = type(inputs)(map_leaves(jnp.asarray, group, lambda v: isinstance(v, np.ndarray))
@@ -131,14 +140,15 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                                loss_kwargs=loss_kwargs, distributed=axis, **per_device)
 
         return on_mesh(mesh, axis, shard_step, params, rng, inputs, step.loss_kwargs)
-    collective = None
+    collective = given
     if axis_name is not None:
         # one device's part of a step inside shard_map: always traced, one program for all devices
         collective = MeshCollective(axis_name)
         if rng is not None:
             rng = shard_key(rng, axis_name)
-        backend = ShardedJaxBackend(params, axis_name=axis_name, rng=rng,
-                                    loss_takes_params=loss_takes_params, scan=True, concrete=False)
+        backend: JaxBackend = ShardedJaxBackend(
+            params, axis_name=axis_name, rng=rng, loss_takes_params=loss_takes_params, scan=True,
+            concrete=False)
     else:
         traced = _tracing((params, rng), inputs)
         # Eagerly, a progress bar or a determinism check wants the chunks one by one in Python:
@@ -149,15 +159,16 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     if loss_takes_params:
         user_loss = loss_fn
 
-        def loss_fn(*reps: Any, **kwargs: Any) -> Any:
+        def with_params(*reps: Any, **kwargs: Any) -> Any:
             return user_loss(backend.loss_params(), *reps, **kwargs)
 
         # a loss that communicates itself (across_ranks) must still be handed local rows
-        loss_fn.gathers_itself = getattr(user_loss, "gathers_itself", False)
+        with_params.gathers_itself = getattr(user_loss, "gathers_itself", False)  # type: ignore[attr-defined]
+        loss_fn = with_params
 
     loss, grads = run_cached_step(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
                                   collective=collective, **shared)
-    if collective is not None:
+    if isinstance(backend, ShardedJaxBackend):   # one sum of the encoders' gradients over devices
         grads = backend.reduce(grads)
     return loss, backend.grads_like_params(grads)
 
@@ -180,17 +191,16 @@ def _distribution(distributed: Any, mesh: Any, axis_name: Any) -> tuple[Any, Any
             warnings.warn("cached_step(..., axis_name=a) inside shard_map is deprecated: pass "
                           "distributed=a", DeprecationWarning, stacklevel=3)
         return None, axis_name
-    if distributed is True:
-        devices = np.array(jax.devices())
-        return jax.sharding.Mesh(devices, ("batch",)), None
+    if distributed is True:   # a one-axis mesh over every device, its axis named by axis_name
+        if axis_name is not None and not isinstance(axis_name, str):
+            raise GradCacheError(f"with distributed=True, axis_name names the one axis of the mesh "
+                                 f"over every device: a string, got {axis_name!r}")
+        name = axis_name or "batch"
+        return jax.sharding.Mesh(np.array(jax.devices()), (name,)), name
     if isinstance(distributed, jax.sharding.Mesh):
         return distributed, axis_name
     if isinstance(distributed, MeshCollective):
         return None, distributed.axis_name
-    if isinstance(distributed, Collective):
-        raise GradCacheError(
-            f"gradcache_jax steps communicate over a mesh axis: distributed= takes True, a Mesh, "
-            f"an axis name or a gradcache_jax MeshCollective, not a {type(distributed).__name__}")
     if isinstance(distributed, (str, tuple)):
         if axis_name is not None and axis_name != distributed:
             raise GradCacheError(f"distributed={distributed!r} and axis_name={axis_name!r} name "

@@ -16,6 +16,11 @@ reference the tiled ones equal. They are jit-able and work as the ``loss_fn`` of
 :func:`across_ranks` turns one of them into the loss of the global batch of a mesh axis inside
 ``jax.shard_map``, each device computing only its own rows' share: one all-gather and one
 reduce-scatter of ``B x d`` numbers per step (:mod:`gradcache._loss_forms`).
+
+This module holds JAX's part only: its tile ops, its ``custom_vjp`` around the sweeps, the
+differentiable ops of :class:`gradcache._loss_forms.LossOps`, its mesh collective for
+``across_ranks`` and its pieces of the docstrings. The public functions are written once in
+:mod:`gradcache._loss_api` and bound here.
 """
 
 from __future__ import annotations
@@ -28,14 +33,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gradcache import GradCacheError, _loss_forms, _tiled
-from gradcache._loss_forms import (
-    DEFAULT_CLIP_SCALE,
-    DEFAULT_SIGLIP_BIAS,
-    DEFAULT_SIGLIP_SCALE,
-    DEFAULT_TEMPERATURE,
-    RankLayout,
-)
+from gradcache import GradCacheError, _loss_forms
+from gradcache._loss_api import AcrossRanks, LossDocs, bind
+from gradcache._loss_forms import RankLayout
+from gradcache._tile_ops import ArrayOps
 from gradcache_jax._distributed import MeshCollective, _varying_axes, to_varying
 
 __all__ = [
@@ -49,8 +50,9 @@ __all__ = [
 ]
 
 
-class _TileOps:
-    """:class:`gradcache._tiled.TileOps` over ``lax``: static tiles, ``fori_loop``, dynamic slices."""
+class _TileOps(ArrayOps):
+    """:class:`gradcache._tiled.TileOps` over ``lax``: static tiles, ``fori_loop``, dynamic slices
+    (the rest is :class:`gradcache._tile_ops.ArrayOps` over the primitives)."""
 
     ragged = False
 
@@ -67,87 +69,26 @@ class _TileOps:
     def rows(self, x: jax.Array, start: Any, size: int) -> jax.Array:
         return lax.dynamic_slice_in_dim(x, start, size, axis=0)
 
-    def full(self, shape: tuple, fill: float, like: jax.Array) -> jax.Array:
-        return jnp.full(shape, fill, like.dtype)
-
-    def buffer(self, rows: int, tail: tuple, fill: float, like: jax.Array) -> jax.Array:
-        return jnp.full((rows, *tail), fill, like.dtype)
-
-    read = rows
-
     def write(self, buffer: jax.Array, start: Any, value: jax.Array) -> jax.Array:
         return lax.dynamic_update_slice_in_dim(buffer, value, start, axis=0)
-
-    def add(self, buffer: jax.Array, start: Any, value: jax.Array) -> jax.Array:
-        # XLA updates a loop-carried buffer in place: no copy of the whole buffer per tile
-        return self.write(buffer, start, self.rows(buffer, start, value.shape[0]) + value)
-
-    def result(self, buffer: jax.Array) -> jax.Array:
-        return buffer
-
-    def scalar(self, value: float, like: jax.Array) -> jax.Array:
-        return jnp.asarray(value, like.dtype)
-
-    def rescale(self, private: jax.Array, factor: jax.Array) -> jax.Array:
-        return private * factor
-
-    def matmul_nt(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        return lax.dot_general(a, b, (((1,), (1,)), ((), ())))
-
-    def matmul(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        return a @ b
-
-    def matmul_tn(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        return lax.dot_general(a, b, (((0,), (0,)), ((), ())))
-
-    exp = staticmethod(jnp.exp)
-    log = staticmethod(jnp.log)
-    log1p = staticmethod(jnp.log1p)
-    abs = staticmethod(jnp.abs)
-    sigmoid = staticmethod(jax.nn.sigmoid)
-    maximum = staticmethod(jnp.maximum)
-    isfinite = staticmethod(jnp.isfinite)
-    where = staticmethod(jnp.where)
-
-    softplus = staticmethod(jax.nn.softplus)  # logaddexp(x, 0): exact everywhere
-
-    def expdiff(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        return jnp.exp(a - b)
-
-    def inner(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        return jnp.vdot(a, b)
-
-    def every(self, x: jax.Array, step: int) -> jax.Array:
-        return x[::step]
 
     def subtract_every(self, private: jax.Array, step: int, value: jax.Array,
                        weight: float) -> jax.Array:
         return private.at[::step].add(-weight * value)
 
-    def sum(self, x: jax.Array, axis: int | None = None) -> jax.Array:
-        return jnp.sum(x, axis=axis)
+    exp = staticmethod(jnp.exp)
+    log = staticmethod(jnp.log)
+    maximum = staticmethod(jnp.maximum)
+    where = staticmethod(jnp.where)
+    logsumexp = staticmethod(jax.nn.logsumexp)
+    sigmoid = staticmethod(jax.nn.sigmoid)  # one op, where the default takes three
+    softplus = staticmethod(jax.nn.softplus)  # logaddexp(x, 0): exact everywhere
 
-    def logsumexp(self, x: jax.Array, axis: int) -> jax.Array:
-        return jax.nn.logsumexp(x, axis=axis)
+    def full(self, shape: tuple, fill: float, like: jax.Array) -> jax.Array:
+        return jnp.full(shape, fill, like.dtype)
 
-    def clamp_start(self, start: Any, last: int) -> Any:
-        return jnp.minimum(start, last)
-
-    def at_least(self, start: Any, size: int, low: Any) -> jax.Array:
-        return start + jnp.arange(size) >= low
-
-    def outer_and(self, rows: jax.Array, columns: jax.Array) -> jax.Array:
-        return rows[:, None] & columns[None, :]
-
-    def diagonal(self, tile: jax.Array, row_start: Any, column_start: Any) -> jax.Array:
-        rows, columns = tile.shape
-        return (row_start + jnp.arange(rows))[:, None] == (column_start + jnp.arange(columns))[None, :]
-
-    def column(self, x: jax.Array) -> jax.Array:
-        return x[:, None]
-
-    def row(self, x: jax.Array) -> jax.Array:
-        return x[None, :]
+    def arange(self, size: int, like: Any) -> jax.Array:
+        return jnp.arange(size)
 
 
 _TILE_OPS = _TileOps()
@@ -156,19 +97,16 @@ _TILE_OPS = _TileOps()
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _tiled_sum(kind: str, tile: int, x: jax.Array, y: jax.Array, alpha: jax.Array,
                beta: jax.Array | None) -> jax.Array:
-    return _tiled.tiled_forward(_TILE_OPS, kind, x, y, alpha, beta, tile)[0]
+    return _tiled_forward(kind, tile, x, y, alpha, beta)[0]
 
 
 def _tiled_forward(kind: str, tile: int, x: jax.Array, y: jax.Array, alpha: jax.Array,
-                       beta: jax.Array | None) -> tuple[jax.Array, tuple]:
-    value, row_lse, column_lse = _tiled.tiled_forward(_TILE_OPS, kind, x, y, alpha, beta, tile)
-    return value, (x, y, alpha, beta, row_lse, column_lse)
+                   beta: jax.Array | None) -> tuple[jax.Array, tuple]:
+    return _loss_forms.summed_forward(_TILE_OPS, kind, x, y, alpha, beta, tile)
 
 
-def _tiled_backward(kind: str, tile: int, residuals: tuple, grad: jax.Array) -> tuple:
-    x, y, alpha, beta, row_lse, column_lse = residuals
-    return _tiled.tiled_backward(_TILE_OPS, kind, x, y, alpha, beta, row_lse, column_lse,
-                                     grad, tile)
+def _tiled_backward(kind: str, tile: int, saved: tuple, grad: jax.Array) -> tuple:
+    return _loss_forms.summed_backward(_TILE_OPS, kind, saved, grad, tile)
 
 
 _tiled_sum.defvjp(_tiled_forward, _tiled_backward)
@@ -191,14 +129,10 @@ def _tiled_sum_across(kind: str, tile: int, collective: MeshCollective, counts: 
 
     def forward(x: jax.Array, y: jax.Array, alpha: jax.Array,
                 beta: jax.Array | None) -> tuple[jax.Array, tuple]:
-        value, columns, row_lse, column_lse = _loss_forms.forward_across(
-            ops, collective, layout(), kind, x, y, alpha, beta, tile)
-        return value, (x, columns, alpha, beta, row_lse, column_lse)
+        return _loss_forms.summed_forward(ops, kind, x, y, alpha, beta, tile, collective, layout())
 
-    def backward(residuals: tuple, grad: jax.Array) -> tuple:
-        x, columns, alpha, beta, row_lse, column_lse = residuals
-        return _loss_forms.backward_across(ops, collective, layout(), kind, x, columns, alpha,
-                                           beta, row_lse, column_lse, grad, tile)
+    def backward(saved: tuple, grad: jax.Array) -> tuple:
+        return _loss_forms.summed_backward(ops, kind, saved, grad, tile, collective, layout())
 
     @jax.custom_vjp
     def summed(x: jax.Array, y: jax.Array, alpha: jax.Array, beta: jax.Array | None) -> jax.Array:
@@ -212,12 +146,10 @@ class _LossOps:
     """:class:`gradcache._loss_forms.LossOps` over ``jax.numpy``."""
 
     def tiled_sum(self, kind: str, x: jax.Array, y: jax.Array, alpha: jax.Array,
-                  beta: jax.Array | None, tile: int) -> jax.Array:
-        return _tiled_sum(kind, tile, x, y, alpha, beta)
-
-    def tiled_sum_across(self, kind: str, x: jax.Array, y: jax.Array, alpha: jax.Array,
-                         beta: jax.Array | None, tile: int, collective: MeshCollective,
-                         layout: RankLayout) -> jax.Array:
+                  beta: jax.Array | None, tile: int, collective: MeshCollective | None = None,
+                  layout: RankLayout | None = None) -> jax.Array:
+        if collective is None:
+            return _tiled_sum(kind, tile, x, y, alpha, beta)
         return _tiled_sum_across(kind, tile, collective, layout.counts, layout.group, x, y, alpha,
                                  beta)
 
@@ -238,111 +170,32 @@ class _LossOps:
     def normalize(self, x: jax.Array) -> jax.Array:
         return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
+    def matmul_nt(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        return a @ b.T
+
+    def transpose(self, x: jax.Array) -> jax.Array:
+        return x.T
+
+    def cross_entropy(self, logits: jax.Array, step: int) -> jax.Array:
+        labels = jnp.arange(logits.shape[0]) * step
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+
+    def sigmoid_loss(self, logits: jax.Array) -> jax.Array:
+        labels = 2 * jnp.eye(logits.shape[0], dtype=logits.dtype) - 1
+        return -jnp.sum(jax.nn.log_sigmoid(labels * logits))
+
 
 _OPS = _LossOps()
 
 
-def info_nce(q: Any, p: Any, *, temperature: Any = DEFAULT_TEMPERATURE, similarity: str = "dot",
-             tile_size: int | None = None) -> jax.Array:
-    """InfoNCE (multiple-negatives ranking) with in-batch and hard negatives, tiled.
+class _AcrossRanks(AcrossRanks):
+    """What :func:`across_ranks` returns: call it, inside ``jax.shard_map``, with this device's
+    rows."""
 
-    Query ``i`` is scored against every row of ``p``; its positive is row ``i * (k + 1)``, where
-    ``p`` lays out ``k + 1`` rows per query (the positive, then ``k`` hard negatives). The loss is
-    ``mean_i [logsumexp_j(s_ij / t) - s_i,pos / t]``: equal to :func:`info_nce_dense`, value and
-    gradients, in ``O((B + tile)·d + tile²)`` memory.
+    place = "axis_name"
 
-    Args:
-        q: ``(B, d)`` query representations.
-        p: ``(B * (k + 1), d)`` passage representations, ``k >= 0``.
-        temperature: a float or a scalar array (a leaf of your params to learn it).
-        similarity: ``"dot"`` or ``"cosine"`` (rows normalised first).
-        tile_size: rows and columns per tile of logits (default 512, 4096 on a GPU); memory, never the result.
-
-    Returns:
-        The scalar loss.
-
-    >>> import jax, jax.numpy as jnp
-    >>> from gradcache_jax.losses import info_nce, info_nce_dense
-    >>> q = jax.random.normal(jax.random.PRNGKey(0), (6, 4))
-    >>> p = jax.random.normal(jax.random.PRNGKey(1), (12, 4))   # one hard negative per query
-    >>> loss = jax.jit(lambda q, p: info_nce(q, p, temperature=0.1, tile_size=4))(q, p)
-    >>> bool(jnp.allclose(loss, info_nce_dense(q, p, temperature=0.1), rtol=1e-5))
-    True
-    """
-    return _loss_forms.info_nce(_OPS, q, p, temperature, similarity, tile_size)
-
-
-def clip_loss(x: Any, y: Any, *, logit_scale: Any = DEFAULT_CLIP_SCALE, similarity: str = "dot",
-              tile_size: int | None = None) -> jax.Array:
-    """The symmetric CLIP loss, tiled: InfoNCE over the rows and over the columns, averaged.
-
-    Logits are ``logit_scale * x @ y.T``; row ``i`` of ``x`` pairs with row ``i`` of ``y``. As in
-    CLIP, learn the scale as ``jnp.exp(log_scale)`` (pass the result here).
-
-    Args:
-        x: ``(B, d)`` representations (images).
-        y: ``(B, d)`` representations (texts).
-        logit_scale: a float or a scalar array (default ``1 / 0.07``).
-        similarity: ``"dot"`` (CLIP normalises in the model) or ``"cosine"``.
-        tile_size: rows and columns per tile of logits (default 512, 4096 on a GPU).
-
-    Returns:
-        The scalar loss, equal to :func:`clip_loss_dense`.
-
-    >>> import jax, jax.numpy as jnp
-    >>> from gradcache_jax.losses import clip_loss
-    >>> x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
-    >>> y = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
-    >>> grad = jax.grad(lambda s: clip_loss(x, y, logit_scale=jnp.exp(s), tile_size=2))(0.5)
-    >>> grad.shape
-    ()
-    """
-    return _loss_forms.clip_loss(_OPS, x, y, logit_scale, similarity, tile_size)
-
-
-def siglip_loss(x: Any, y: Any, *, logit_scale: Any = DEFAULT_SIGLIP_SCALE,
-                logit_bias: Any = DEFAULT_SIGLIP_BIAS, similarity: str = "dot",
-                tile_size: int | None = None) -> jax.Array:
-    """The SigLIP sigmoid loss, tiled: every pair is a binary problem, positives on the diagonal.
-
-    ``-(1/B) sum_ij log sigmoid(label_ij * (logit_scale * x_i . y_j + logit_bias))`` with
-    ``label = +1`` on the diagonal and ``-1`` elsewhere (SigLIP's ``t`` and ``b``).
-
-    Args:
-        x: ``(B, d)`` representations (images).
-        y: ``(B, d)`` representations (texts).
-        logit_scale: SigLIP's temperature ``t`` (a multiplier; default 10), float or array.
-        logit_bias: SigLIP's bias ``b`` (default -10), float or array.
-        similarity: ``"dot"`` or ``"cosine"``.
-        tile_size: rows and columns per tile of logits (default 512, 4096 on a GPU).
-
-    Returns:
-        The scalar loss, equal to :func:`siglip_loss_dense`.
-
-    >>> import jax, jax.numpy as jnp
-    >>> from gradcache_jax.losses import siglip_loss, siglip_loss_dense
-    >>> x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
-    >>> y = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
-    >>> bool(jnp.allclose(siglip_loss(x, y, tile_size=2), siglip_loss_dense(x, y), rtol=1e-5))
-    True
-    """
-    return _loss_forms.siglip_loss(_OPS, x, y, logit_scale, logit_bias, similarity, tile_size)
-
-
-class _AcrossRanks:
-    """The object :func:`across_ranks` returns: call it, inside ``jax.shard_map``, with this
-    device's rows."""
-
-    #: tells :func:`gradcache_jax.cached_step` (``mesh=`` or ``axis_name=``) to pass this device's
-    #: own representations rather than the gathered global batch
-    gathers_itself = True
-
-    def __init__(self, loss: Callable, axis_name: Any, loss_kwargs: dict):
-        self.loss = loss
-        self.axis_name = axis_name
-        self.loss_kwargs = loss_kwargs
-
-    def __call__(self, x: Any, y: Any, **overrides: Any) -> jax.Array:
+    def collective_for(self, x: Any, y: Any) -> MeshCollective:
         try:
             collective = MeshCollective(self.axis_name)  # the axis bound where it is called
         except GradCacheError:
@@ -359,96 +212,89 @@ class _AcrossRanks:
                     f"batch, gathered already? As the loss_fn of cached_step it is given each "
                     f"device's rows because it gathers_itself; a function wrapping it must say so "
                     f"too (fn.gathers_itself = True)")
-        kwargs = {**self.loss_kwargs, **overrides}
-        return _loss_forms.across(_OPS, self.loss.__name__, collective, x, y, **kwargs)
-
-    def __repr__(self) -> str:
-        return (f"across_ranks({self.loss.__name__}, axis_name={self.axis_name!r}, "
-                f"**{self.loss_kwargs!r})")
+        return collective
 
 
-def across_ranks(loss: Callable, *, axis_name: Any, **loss_kwargs: Any) -> _AcrossRanks:
-    """``loss`` over the global batch of a mesh axis, each device computing its own rows' share.
-
-    The returned callable, called inside ``jax.shard_map`` (or as the ``loss_fn`` of
-    ``cached_step(..., mesh=...)`` / ``(..., axis_name=...)``), takes *this device's* rows,
-    ``(x_local, y_local)``, and returns the loss of the global batch -- every device's rows
-    concatenated in device order along ``axis_name`` -- the same value on every device (typed
-    invariant over the axis). Its gradient with respect to ``x_local`` and ``y_local`` is that of
-    the global loss, and a learnable temperature, scale or bias (replicated, i.e. invariant over
-    the axis) gets the global gradient, identical on every device and not summed again. Each device
-    scores only its own rows against every gathered column; per call it all-gathers ``y`` and
-    reduce-scatters its gradient (``B x d`` numbers each) plus scalars (and, for CLIP, one
-    ``B``-vector per device). Every device holds the same number of rows (shard_map's shapes are
-    static); for ``info_nce`` ``y_local`` holds ``k + 1`` rows per local query.
-
-    Args:
-        loss: :func:`info_nce`, :func:`clip_loss` or :func:`siglip_loss`.
+_DOCS = LossDocs(
+    module=__name__,
+    array_type=jax.Array,
+    tensor="array",
+    learnable="a leaf of your params",
+    log_scale="``jnp.exp(log_scale)``",
+    autodiff="autodiff",
+    gradients="""
+        A ``jax.custom_vjp`` function, jit-able: ``jax.grad`` gives the representations and a
+        learnable parameter their gradients. The tiles are a ``lax.fori_loop`` over one static tile
+        shape, so the compiled program is the same size for any batch.
+    """,
+    unit="device",
+    ranks="a mesh axis",
+    where="""
+        , called inside ``jax.shard_map`` (or as the ``loss_fn`` of ``cached_step(...,
+        mesh=...)`` / ``(..., axis_name=...)``),
+    """,
+    communicates="""
+        all-gathers ``y`` and reduce-scatters its gradient (``B x d`` numbers each) plus scalars
+        (and, for CLIP, one ``B``-vector per device)
+    """,
+    specifics="""
+        The value is typed invariant over the axis. A learnable temperature, scale or bias
+        (replicated, i.e. invariant over the axis) gets the global gradient, identical on every
+        device and not summed again. Every device holds the same number of rows (shard_map's shapes
+        are static); for ``info_nce`` ``y_local`` holds ``k + 1`` rows per local query.
+    """,
+    place_doc="""
         axis_name: the mesh axis the batch is split over (or a tuple of axes, counted as one in
             row-major order, as ``lax.axis_index`` numbers them).
-        **loss_kwargs: the loss's keyword arguments (``temperature``, ``logit_scale``,
-            ``logit_bias``, ``similarity``, ``tile_size``); more, or overrides, may be given per
-            call: ``loss_fn(x_local, y_local, temperature=jnp.exp(params["log_t"]))``.
+    """,
+    examples={
+        "info_nce": """
+            >>> import jax, jax.numpy as jnp
+            >>> from gradcache_jax.losses import info_nce, info_nce_dense
+            >>> q = jax.random.normal(jax.random.PRNGKey(0), (6, 4))
+            >>> p = jax.random.normal(jax.random.PRNGKey(1), (12, 4))   # 1 hard negative per query
+            >>> loss = jax.jit(lambda q, p: info_nce(q, p, temperature=0.1, tile_size=4))(q, p)
+            >>> bool(jnp.allclose(loss, info_nce_dense(q, p, temperature=0.1), rtol=1e-5))
+            True
+        """,
+        "clip_loss": """
+            >>> import jax, jax.numpy as jnp
+            >>> from gradcache_jax.losses import clip_loss
+            >>> x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
+            >>> y = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+            >>> grad = jax.grad(lambda s: clip_loss(x, y, logit_scale=jnp.exp(s), tile_size=2))(0.5)
+            >>> grad.shape
+            ()
+        """,
+        "siglip_loss": """
+            >>> import jax, jax.numpy as jnp
+            >>> from gradcache_jax.losses import siglip_loss, siglip_loss_dense
+            >>> x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
+            >>> y = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+            >>> dense = siglip_loss_dense(x, y)
+            >>> bool(jnp.allclose(siglip_loss(x, y, tile_size=2), dense, rtol=1e-5))
+            True
+        """,
+        "info_nce_dense": """
+            >>> import jax.numpy as jnp
+            >>> from gradcache_jax.losses import info_nce_dense
+            >>> info_nce_dense(jnp.eye(3), jnp.eye(3), temperature=1.0).shape
+            ()
+        """,
+        "clip_loss_dense": """
+            >>> import jax.numpy as jnp
+            >>> from gradcache_jax.losses import clip_loss_dense
+            >>> clip_loss_dense(jnp.eye(3), jnp.eye(3), logit_scale=1.0).shape
+            ()
+        """,
+        "siglip_loss_dense": """
+            >>> import jax.numpy as jnp
+            >>> from gradcache_jax.losses import siglip_loss_dense
+            >>> siglip_loss_dense(jnp.eye(3), jnp.eye(3)).shape
+            ()
+        """,
+    },
+)
 
-    Returns:
-        A callable ``(x_local, y_local, **more_kwargs) -> loss`` with ``gathers_itself = True``.
-    """
-    _loss_forms.check_across(loss, (info_nce, clip_loss, siglip_loss), "gradcache_jax.losses", loss_kwargs)
-    return _AcrossRanks(loss, axis_name, loss_kwargs)
-
-
-def _prepared(x: Any, y: Any, similarity: str, loss: str, *,
-              square: bool) -> tuple[jax.Array, jax.Array, int, int]:
-    n, m = _loss_forms.check_pair(_OPS, x, y, loss, square=square)
-    x, y = _loss_forms.prepare(_OPS, x, y, similarity, loss)
-    return x, y, n, m
-
-
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
-
-
-def info_nce_dense(q: Any, p: Any, *, temperature: Any = DEFAULT_TEMPERATURE,
-                   similarity: str = "dot") -> jax.Array:
-    """:func:`info_nce` with the whole ``B x B(k+1)`` logit matrix: plain autodiff, the reference.
-
-    >>> import jax.numpy as jnp
-    >>> from gradcache_jax.losses import info_nce_dense
-    >>> info_nce_dense(jnp.eye(3), jnp.eye(3), temperature=1.0).shape
-    ()
-    """
-    q, p, n, m = _prepared(q, p, similarity, "info_nce_dense", square=False)
-    logits = q @ p.T / temperature
-    return _cross_entropy(logits, jnp.arange(n) * (m // n))
-
-
-def clip_loss_dense(x: Any, y: Any, *, logit_scale: Any = DEFAULT_CLIP_SCALE,
-                    similarity: str = "dot") -> jax.Array:
-    """:func:`clip_loss` with the whole ``B x B`` logit matrix: plain autodiff, the reference.
-
-    >>> import jax.numpy as jnp
-    >>> from gradcache_jax.losses import clip_loss_dense
-    >>> clip_loss_dense(jnp.eye(3), jnp.eye(3), logit_scale=1.0).shape
-    ()
-    """
-    x, y, n, _ = _prepared(x, y, similarity, "clip_loss_dense", square=True)
-    logits = logit_scale * (x @ y.T)
-    labels = jnp.arange(n)
-    return (_cross_entropy(logits, labels) + _cross_entropy(logits.T, labels)) / 2
-
-
-def siglip_loss_dense(x: Any, y: Any, *, logit_scale: Any = DEFAULT_SIGLIP_SCALE,
-                      logit_bias: Any = DEFAULT_SIGLIP_BIAS, similarity: str = "dot") -> jax.Array:
-    """:func:`siglip_loss` with the whole ``B x B`` logit matrix: plain autodiff, the reference.
-
-    >>> import jax.numpy as jnp
-    >>> from gradcache_jax.losses import siglip_loss_dense
-    >>> siglip_loss_dense(jnp.eye(3), jnp.eye(3)).shape
-    ()
-    """
-    x, y, n, _ = _prepared(x, y, similarity, "siglip_loss_dense", square=True)
-    logits = logit_scale * (x @ y.T) + logit_bias
-    labels = 2 * jnp.eye(n, dtype=logits.dtype) - 1
-    return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / n
-
+(info_nce, clip_loss, siglip_loss, info_nce_dense, clip_loss_dense, siglip_loss_dense,
+ across_ranks) = bind(_OPS, _DOCS, _AcrossRanks)

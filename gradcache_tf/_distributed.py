@@ -103,7 +103,7 @@ class ReplicaCollective(Collective):
             return rows, [rows]
         return rows, self.context.all_gather(tf.constant([rows], tf.int32), axis=0)
 
-    def all_gather_rows(self, leaf: Any, counts: tuple[int, Any]) -> Any:
+    def all_gather_rows(self, leaf: Any, counts: Any) -> Any:   # (rows, every rank's rows)
         leaf = tf.convert_to_tensor(leaf)
         if leaf.shape.rank is None or leaf.shape[0] is None:
             raise GradCacheError(
@@ -115,14 +115,14 @@ class ReplicaCollective(Collective):
         # all_gather forgets the static shape inside tf.function; keep what every replica shares
         return tf.ensure_shape(gathered, [None, *leaf.shape[1:]])
 
-    def local_rows(self, leaf: Any, counts: tuple[int, Any]) -> Any:
+    def local_rows(self, leaf: Any, counts: Any) -> Any:   # (rows, every rank's rows)
         leaf = tf.convert_to_tensor(leaf)
         if self.world_size == 1:
             return leaf
         rows, every = counts
         return self._rows_from(leaf, self._offset(every), tf.TensorShape([rows, *leaf.shape[1:]]))
 
-    def reduce_scatter_rows(self, leaf: Any, counts: tuple[int, Any]) -> Any:
+    def reduce_scatter_rows(self, leaf: Any, counts: Any) -> Any:   # (rows, every rank's rows)
         # MirroredStrategy has no reduce-scatter of its own: sum everywhere, keep this replica's rows
         return self.local_rows(self.all_reduce_sum(tf.convert_to_tensor(leaf)), counts)
 

@@ -103,9 +103,10 @@ class GradCacheModel(keras.Model):
         return self.encoders[group]
 
     def _pick(self, group: int) -> Callable:
-        if isinstance(self.get_rep, (list, tuple)):
-            return self.get_rep[group]
-        return self.get_rep or (lambda output: output)
+        get_rep: Any = self.get_rep
+        if isinstance(get_rep, (list, tuple)):
+            return get_rep[group]
+        return get_rep or (lambda output: output)
 
     def call(self, inputs: Any, training: bool = False) -> tuple:
         """The full-batch representations of each group (no chunking), e.g. for inference."""

@@ -299,7 +299,7 @@ class UsageGuard:
 
         def state(generator: Any) -> Any:
             guard._note(generator)
-            return original.fget(generator)
+            return original.fget(generator) if original.fget is not None else None
         return property(state, original.fset, original.fdel, original.__doc__)
 
     def _on_op(self, op_type: str, inputs: Any, attrs: Any, outputs: Any, op_name: Any = None,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
-from gradcache import GradCacheError, StepOptions, flatten, run_cached_step
+from gradcache import Collective, GradCacheError, StepOptions, flatten, run_cached_step
 from gradcache_tf import _rng
 from gradcache_tf._backend import TFBackend, is_tensor
 from gradcache_tf._distributed import ReplicaCollective
@@ -174,7 +174,10 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             exactly the gradient of one device running the global batch (a loss-owned variable's
             gradient is carried by replica 0 alone). Replicas may hold different numbers of rows.
             Default ``False``: a call inside ``strategy.run`` is a per-replica step, as before.
-            A :class:`gradcache_tf.ReplicaCollective` is accepted too (to read what it moved).
+            A :class:`gradcache_tf.ReplicaCollective` is accepted too (to read what it moved), and
+            any other :class:`gradcache.Collective` (your own transport): ``grads`` are then this
+            rank's share, and summing them is yours (a loss-owned variable's gradient is the
+            global one on every rank: count it once).
 
     Returns:
         ``(loss, grads)``: the scalar loss (no gradient attached) and a list with one gradient per
@@ -206,7 +209,7 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     except GradCacheError as error:
         # Inside a tf.function that AutoGraph converts, an exception type it does not know is
         # re-raised as a StagingError; this flag makes it let ours through unchanged.
-        error.ag_pass_through = True
+        error.ag_pass_through = True  # type: ignore[attr-defined]
         raise
 
 
@@ -243,25 +246,29 @@ def _cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, chunk_size:
     return loss, backend.gradients_for_caller(grads)
 
 
-def _collective(distributed: Any) -> ReplicaCollective | None:
+def _collective(distributed: Any) -> Collective | None:
     """The replicas' collective a ``distributed=`` argument asks for (``True``: the current
     ``tf.distribute`` replica context's), or ``None`` for a one-replica step."""
     if distributed is False or distributed is None:
         return None
     if distributed is True:
         return ReplicaCollective()
-    if isinstance(distributed, ReplicaCollective):
+    if isinstance(distributed, Collective):   # ReplicaCollective, or a transport of your own
         return distributed
     raise GradCacheError(
         f"distributed= takes False, True (the replica context of the tf.distribute strategy the "
-        f"step runs in) or a gradcache_tf ReplicaCollective, got {distributed!r}")
+        f"step runs in) or a gradcache.Collective (gradcache_tf.ReplicaCollective), got "
+        f"{distributed!r}")
 
 
-def _first_replica_only(collective: ReplicaCollective | None) -> Any:
+def _first_replica_only(collective: Collective | None) -> Any:
     """1 on replica 0 and 0 elsewhere (``None`` outside a distributed step with several replicas):
     every replica computes the same global-batch gradient for a loss-owned variable, and the
-    optimizer sums the replicas' gradients, so only one replica may contribute it."""
-    if collective is None or collective.world_size == 1:
+    optimizer sums the replicas' gradients, so only one replica may contribute it. With a
+    collective of the caller's own, every rank keeps the global gradient, as on the other
+    adapters (what the caller sums is the encoders' shares)."""
+    if collective is None or collective.world_size == 1 or not isinstance(collective,
+                                                                          ReplicaCollective):
         return None
     first = collective.is_first()
     return float(first) if isinstance(first, bool) else tf.cast(first, tf.float32)

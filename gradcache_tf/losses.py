@@ -16,6 +16,12 @@ They work as the ``loss_fn`` of :func:`gradcache_tf.cached_step`; see ``docs/los
 ``tf.distribute`` strategy (inside ``strategy.run``), each replica computing only its own rows'
 share: one all-gather of ``B x d`` numbers and one sum of its gradient per step
 (:mod:`gradcache._loss_forms`).
+
+This module holds TensorFlow's part only: its tile ops (a Python loop eagerly, a ``tf.while_loop``
+in a graph), its ``custom_gradient`` around the sweeps, the differentiable ops of
+:class:`gradcache._loss_forms.LossOps`, its replicas' collective for ``across_ranks`` and its pieces
+of the docstrings. The public functions are written once in :mod:`gradcache._loss_api` and bound
+here.
 """
 
 from __future__ import annotations
@@ -25,15 +31,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from gradcache import GradCacheError, _loss_forms, _tiled
+from gradcache import GradCacheError, _loss_forms
 from gradcache._collective import Collective
-from gradcache._loss_forms import (
-    DEFAULT_CLIP_SCALE,
-    DEFAULT_SIGLIP_BIAS,
-    DEFAULT_SIGLIP_SCALE,
-    DEFAULT_TEMPERATURE,
-    RankLayout,
-)
+from gradcache._loss_api import AcrossRanks, LossDocs, bind
+from gradcache._loss_forms import RankLayout
+from gradcache._tile_ops import ArrayOps, PerTileLoopOps
 from gradcache_tf._distributed import ReplicaCollective, replica_context
 
 __all__ = [
@@ -54,50 +56,39 @@ def _like(value: Any, other: Any) -> Any:
     return value
 
 
-class _MathOps:
-    """The element-wise and matrix operations both of TensorFlow's tile loops use."""
-
-    def full(self, shape: tuple, fill: float, like: tf.Tensor) -> tf.Tensor:
-        return tf.fill(shape, tf.constant(fill, like.dtype))
-
-    def scalar(self, value: float, like: tf.Tensor) -> tf.Tensor:
-        return tf.constant(value, like.dtype)
-
-    def rescale(self, private: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-        return private * factor
-
-    def matmul_nt(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(a, b, transpose_b=True)
-
-    def matmul(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(a, b)
-
-    def matmul_tn(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(a, b, transpose_a=True)
+class _MathOps(ArrayOps):
+    """The primitives both of TensorFlow's tile loops use (the rest is
+    :class:`gradcache._tile_ops.ArrayOps` over them)."""
 
     exp = staticmethod(tf.exp)
     log = staticmethod(tf.math.log)
-    log1p = staticmethod(tf.math.log1p)
-    abs = staticmethod(tf.abs)
-    sigmoid = staticmethod(tf.sigmoid)
     maximum = staticmethod(tf.maximum)
+    # one op where the default takes three: each eager op costs tens of microseconds, once per tile
     isfinite = staticmethod(tf.math.is_finite)
-
+    sigmoid = staticmethod(tf.sigmoid)  # one op, where the default takes three
+    logsumexp = staticmethod(tf.reduce_logsumexp)
     # TF's softplus returns x above x = -log(eps) + 2, where log1p(exp(-x)) is below x's rounding
     softplus = staticmethod(tf.math.softplus)
-
-    def expdiff(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return tf.exp(a - b)
-
-    def inner(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return tf.tensordot(a, b, axes=2)
 
     def where(self, condition: tf.Tensor, a: Any, b: Any) -> tf.Tensor:
         a, b = _like(a, b), _like(b, a)
         return tf.where(condition, a, b)
 
-    def every(self, x: tf.Tensor, step: int) -> tf.Tensor:
-        return x[::step]
+    def full(self, shape: tuple, fill: float, like: tf.Tensor) -> tf.Tensor:
+        return tf.fill(shape, tf.constant(fill, like.dtype))
+
+    def arange(self, size: int, like: Any) -> tf.Tensor:
+        return tf.range(size)
+
+    def sum(self, x: tf.Tensor, axis: int | None = None) -> tf.Tensor:
+        return tf.reduce_sum(x, axis=axis)  # TF tensors have no .sum
+
+    # TF tensors have no .T; the flags also spare a transposed copy of the tile
+    def matmul_nt(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(a, b, transpose_b=True)
+
+    def matmul_tn(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(a, b, transpose_a=True)
 
     def subtract_every(self, private: tf.Tensor, step: int, value: tf.Tensor,
                        weight: float) -> tf.Tensor:
@@ -108,86 +99,13 @@ class _MathOps:
         first = groups[:, :1] - weight * value[:, None]
         return tf.reshape(tf.concat([first, groups[:, 1:]], axis=1), tf.shape(private))
 
-    def sum(self, x: tf.Tensor, axis: int | None = None) -> tf.Tensor:
-        return tf.reduce_sum(x, axis=axis)
 
-    def logsumexp(self, x: tf.Tensor, axis: int) -> tf.Tensor:
-        return tf.reduce_logsumexp(x, axis=axis)
+class _EagerOps(_MathOps, PerTileLoopOps):
+    """Eager tiles: a Python loop, a smaller last tile, accumulators kept per tile
+    (:class:`gradcache._tile_ops.PerTileLoopOps`)."""
 
-    def clamp_start(self, start: Any, last: int) -> Any:
-        return tf.minimum(start, last)
-
-    def at_least(self, start: Any, size: int, low: Any) -> tf.Tensor:
-        return start + tf.range(size) >= low
-
-    def outer_and(self, rows: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
-        return tf.logical_and(rows[:, None], columns[None, :])
-
-    def diagonal(self, tile: tf.Tensor, row_start: Any, column_start: Any) -> tf.Tensor:
-        rows, columns = tile.shape
-        return tf.equal((row_start + tf.range(rows))[:, None],
-                        (column_start + tf.range(columns))[None, :])
-
-    def column(self, x: tf.Tensor) -> tf.Tensor:
-        return x[:, None]
-
-    def row(self, x: tf.Tensor) -> tf.Tensor:
-        return x[None, :]
-
-
-class _Tiles:
-    """An eager accumulator kept as one tensor per tile: adding to a tile replaces that tile only,
-    where adding to a slice of one immutable tensor would copy the whole of it."""
-
-    def __init__(self, rows: int, tail: tuple, fill: float, dtype: tf.DType):
-        self.rows, self.tail, self.fill, self.dtype = rows, tuple(tail), fill, dtype
-        self.tiles: dict[int, tf.Tensor] = {}
-
-    def get(self, start: int, size: int) -> tf.Tensor:
-        if start in self.tiles:
-            return self.tiles[start]
-        return tf.fill((size, *self.tail), tf.constant(self.fill, self.dtype))
-
-    def concat(self) -> tf.Tensor:
-        pieces, at = [], 0
-        for start in sorted(self.tiles):
-            if start > at:
-                pieces.append(self.get(at, start - at))
-            pieces.append(self.tiles[start])
-            at = start + int(self.tiles[start].shape[0])
-        if at < self.rows:
-            pieces.append(self.get(at, self.rows - at))
+    def concat(self, pieces: list) -> tf.Tensor:
         return tf.concat(pieces, axis=0)
-
-
-class _EagerOps(_MathOps):
-    """Eager tiles: a Python loop, a smaller last tile, accumulators kept per tile."""
-
-    ragged = True
-
-    def fori(self, count: int, body: Callable, carry: tuple) -> tuple:
-        for index in range(count):
-            carry = body(index, carry)
-        return carry
-
-    def rows(self, x: tf.Tensor, start: int, size: int) -> tf.Tensor:
-        return x[start:start + size]
-
-    def buffer(self, rows: int, tail: tuple, fill: float, like: tf.Tensor) -> _Tiles:
-        return _Tiles(rows, tail, fill, like.dtype)
-
-    def read(self, buffer: _Tiles, start: int, size: int) -> tf.Tensor:
-        return buffer.get(start, size)
-
-    def write(self, buffer: _Tiles, start: int, value: tf.Tensor) -> _Tiles:
-        buffer.tiles[start] = value
-        return buffer
-
-    def add(self, buffer: _Tiles, start: int, value: tf.Tensor) -> _Tiles:
-        return self.write(buffer, start, buffer.get(start, int(value.shape[0])) + value)
-
-    def result(self, buffer: _Tiles) -> tf.Tensor:
-        return buffer.concat()
 
 
 class _GraphOps(_MathOps):
@@ -209,11 +127,6 @@ class _GraphOps(_MathOps):
         begin = tf.stack([tf.cast(start, tf.int32)] + [tf.constant(0)] * (rank - 1))
         return tf.slice(x, begin, [size] + [-1] * (rank - 1))
 
-    def buffer(self, rows: int, tail: tuple, fill: float, like: tf.Tensor) -> tf.Tensor:
-        return self.full((rows, *tail), fill, like)
-
-    read = rows
-
     @staticmethod
     def _indices(start: Any, size: int) -> tf.Tensor:
         return (tf.cast(start, tf.int32) + tf.range(size))[:, None]
@@ -224,36 +137,12 @@ class _GraphOps(_MathOps):
     def add(self, buffer: tf.Tensor, start: Any, value: tf.Tensor) -> tf.Tensor:
         return tf.tensor_scatter_nd_add(buffer, self._indices(start, value.shape[0]), value)
 
-    def result(self, buffer: tf.Tensor) -> tf.Tensor:
-        return buffer
-
 
 _EAGER, _GRAPH = _EagerOps(), _GraphOps()
 
 
 def _tile_ops() -> _MathOps:
     return _EAGER if tf.executing_eagerly() else _GRAPH
-
-
-def _tiled_sum(kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, beta: tf.Tensor | None,
-               tile: int) -> tf.Tensor:
-    """The summed loss S as a ``tf.custom_gradient`` function (its inputs are plain tensors, so
-    the tape sees variables -- a learnable temperature -- outside of it, through ``alpha``)."""
-
-    @tf.custom_gradient
-    def run(x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, *maybe_beta: tf.Tensor) -> tuple:
-        bias = maybe_beta[0] if maybe_beta else None
-        value, row_lse, column_lse = _tiled.tiled_forward(_tile_ops(), kind, x, y, alpha, bias,
-                                                              tile)
-
-        def grad(upstream: tf.Tensor) -> tuple:
-            dx, dy, dalpha, dbeta = _tiled.tiled_backward(
-                _tile_ops(), kind, x, y, alpha, bias, row_lse, column_lse, upstream, tile)
-            return (dx, dy, dalpha) + ((dbeta,) if bias is not None else ())
-
-        return value, grad
-
-    return run(x, y, alpha, *(() if beta is None else (beta,)))
 
 
 class _ReplicaColumns(Collective):
@@ -290,25 +179,27 @@ def _replica_columns(replicas: ReplicaCollective, layout: RankLayout, y: tf.Tens
     return _ReplicaColumns(replicas, (columns, every), traced=traced)
 
 
-def _tiled_sum_across(kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor,
-                      beta: tf.Tensor | None, tile: int, replicas: ReplicaCollective,
-                      layout: RankLayout) -> tf.Tensor:
-    """The global summed loss S from this replica's rows (``tf.custom_gradient``; its gradient
-    communicates too). ``dalpha``/``dbeta`` are the global ones on every replica: inside
-    ``cached_step(..., distributed=True)`` replica 0 alone carries a loss-owned variable's gradient
+def _tiled_sum(kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, beta: tf.Tensor | None,
+               tile: int, replicas: ReplicaCollective | None = None,
+               layout: RankLayout | None = None) -> tf.Tensor:
+    """The summed loss S as a ``tf.custom_gradient`` function (its inputs are plain tensors, so
+    the tape sees variables -- a learnable temperature -- outside of it, through ``alpha``).
+
+    Given the ``replicas``, S of every replica's rows, and its gradient communicates too.
+    ``dalpha``/``dbeta`` are then the global ones on every replica: inside ``cached_step(...,
+    distributed=True)`` replica 0 alone carries a loss-owned variable's gradient
     (``loss_grad_weight``), so the sum over replicas counts it once."""
-    collective = _replica_columns(replicas, layout, y)
+    collective = None if replicas is None else _replica_columns(replicas, layout, y)
 
     @tf.custom_gradient
     def run(x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, *maybe_beta: tf.Tensor) -> tuple:
         bias = maybe_beta[0] if maybe_beta else None
-        value, columns, row_lse, column_lse = _loss_forms.forward_across(
-            _tile_ops(), collective, layout, kind, x, y, alpha, bias, tile)
+        value, saved = _loss_forms.summed_forward(_tile_ops(), kind, x, y, alpha, bias, tile,
+                                                  collective, layout)
 
         def grad(upstream: tf.Tensor) -> tuple:
-            dx, dy, dalpha, dbeta = _loss_forms.backward_across(
-                _tile_ops(), collective, layout, kind, x, columns, alpha, bias, row_lse,
-                column_lse, upstream, tile)
+            dx, dy, dalpha, dbeta = _loss_forms.summed_backward(
+                _tile_ops(), kind, saved, upstream, tile, collective, layout)
             return (dx, dy, dalpha) + ((dbeta,) if bias is not None else ())
 
         return value, grad
@@ -320,13 +211,9 @@ class _LossOps:
     """:class:`gradcache._loss_forms.LossOps` over TensorFlow."""
 
     def tiled_sum(self, kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor,
-                  beta: tf.Tensor | None, tile: int) -> tf.Tensor:
-        return _tiled_sum(kind, x, y, alpha, beta, tile)
-
-    def tiled_sum_across(self, kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor,
-                         beta: tf.Tensor | None, tile: int, collective: ReplicaCollective,
-                         layout: RankLayout) -> tf.Tensor:
-        return _tiled_sum_across(kind, x, y, alpha, beta, tile, collective, layout)
+                  beta: tf.Tensor | None, tile: int, collective: ReplicaCollective | None = None,
+                  layout: RankLayout | None = None) -> tf.Tensor:
+        return _tiled_sum(kind, x, y, alpha, beta, tile, collective, layout)
 
     def shape(self, x: Any) -> tuple:
         shape = tf.convert_to_tensor(x).shape
@@ -348,110 +235,27 @@ class _LossOps:
     def normalize(self, x: tf.Tensor) -> tf.Tensor:
         return tf.math.l2_normalize(x, axis=-1)
 
+    def matmul_nt(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(a, b, transpose_b=True)
+
+    def transpose(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.transpose(x)
+
+    def cross_entropy(self, logits: tf.Tensor, step: int) -> tf.Tensor:
+        labels = tf.range(logits.shape[0]) * step
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+
+    def sigmoid_loss(self, logits: tf.Tensor) -> tf.Tensor:
+        labels = 2 * tf.eye(logits.shape[0], dtype=logits.dtype) - 1
+        return -tf.reduce_sum(tf.math.log_sigmoid(labels * logits))
+
 
 _OPS = _LossOps()
 
 
-def info_nce(q: Any, p: Any, *, temperature: Any = DEFAULT_TEMPERATURE, similarity: str = "dot",
-             tile_size: int | None = None) -> tf.Tensor:
-    """InfoNCE (multiple-negatives ranking) with in-batch and hard negatives, tiled.
-
-    Query ``i`` is scored against every row of ``p``; its positive is row ``i * (k + 1)``, where
-    ``p`` lays out ``k + 1`` rows per query (the positive, then ``k`` hard negatives). The loss is
-    ``mean_i [logsumexp_j(s_ij / t) - s_i,pos / t]``: equal to :func:`info_nce_dense`, value and
-    gradients, in ``O((B + tile)·d + tile²)`` memory.
-
-    Args:
-        q: ``(B, d)`` query representations (inside ``tf.function``, with a static ``B``).
-        p: ``(B * (k + 1), d)`` passage representations, ``k >= 0``.
-        temperature: a float, a scalar tensor or a ``tf.Variable`` (to learn it).
-        similarity: ``"dot"`` or ``"cosine"`` (rows normalised first).
-        tile_size: rows and columns per tile of logits (default 512, 4096 on a GPU); memory, never the result.
-
-    Returns:
-        The scalar loss.
-
-    >>> import tensorflow as tf
-    >>> from gradcache_tf.losses import info_nce, info_nce_dense
-    >>> q = tf.random.stateless_normal((6, 4), seed=(0, 1), dtype=tf.float64)
-    >>> p = tf.random.stateless_normal((12, 4), seed=(0, 2), dtype=tf.float64)  # 1 hard negative
-    >>> loss = info_nce(q, p, temperature=0.1, tile_size=4)
-    >>> abs(float(loss - info_nce_dense(q, p, temperature=0.1))) < 1e-12
-    True
-    """
-    return _loss_forms.info_nce(_OPS, q, p, temperature, similarity, tile_size)
-
-
-def clip_loss(x: Any, y: Any, *, logit_scale: Any = DEFAULT_CLIP_SCALE, similarity: str = "dot",
-              tile_size: int | None = None) -> tf.Tensor:
-    """The symmetric CLIP loss, tiled: InfoNCE over the rows and over the columns, averaged.
-
-    Logits are ``logit_scale * x @ y.T``; row ``i`` of ``x`` pairs with row ``i`` of ``y``. As in
-    CLIP, learn the scale as ``tf.exp(log_scale)`` (pass the result here).
-
-    Args:
-        x: ``(B, d)`` representations (images).
-        y: ``(B, d)`` representations (texts).
-        logit_scale: a float, a scalar tensor or a ``tf.Variable`` (default ``1 / 0.07``).
-        similarity: ``"dot"`` (CLIP normalises in the model) or ``"cosine"``.
-        tile_size: rows and columns per tile of logits (default 512, 4096 on a GPU).
-
-    Returns:
-        The scalar loss, equal to :func:`clip_loss_dense`.
-
-    >>> import tensorflow as tf
-    >>> from gradcache_tf.losses import clip_loss
-    >>> x = tf.random.stateless_normal((5, 3), seed=(0, 1))
-    >>> y = tf.random.stateless_normal((5, 3), seed=(0, 2))
-    >>> log_scale = tf.Variable(0.5)
-    >>> with tf.GradientTape() as tape:
-    ...     loss = clip_loss(x, y, logit_scale=tf.exp(log_scale), tile_size=2)
-    >>> tape.gradient(loss, log_scale).shape
-    TensorShape([])
-    """
-    return _loss_forms.clip_loss(_OPS, x, y, logit_scale, similarity, tile_size)
-
-
-def siglip_loss(x: Any, y: Any, *, logit_scale: Any = DEFAULT_SIGLIP_SCALE,
-                logit_bias: Any = DEFAULT_SIGLIP_BIAS, similarity: str = "dot",
-                tile_size: int | None = None) -> tf.Tensor:
-    """The SigLIP sigmoid loss, tiled: every pair is a binary problem, positives on the diagonal.
-
-    ``-(1/B) sum_ij log sigmoid(label_ij * (logit_scale * x_i . y_j + logit_bias))`` with
-    ``label = +1`` on the diagonal and ``-1`` elsewhere (SigLIP's ``t`` and ``b``).
-
-    Args:
-        x: ``(B, d)`` representations (images).
-        y: ``(B, d)`` representations (texts).
-        logit_scale: SigLIP's temperature ``t`` (a multiplier; default 10): float, tensor, variable.
-        logit_bias: SigLIP's bias ``b`` (default -10): float, tensor or variable.
-        similarity: ``"dot"`` or ``"cosine"``.
-        tile_size: rows and columns per tile of logits (default 512, 4096 on a GPU).
-
-    Returns:
-        The scalar loss, equal to :func:`siglip_loss_dense`.
-
-    >>> import tensorflow as tf
-    >>> from gradcache_tf.losses import siglip_loss, siglip_loss_dense
-    >>> x = tf.random.stateless_normal((5, 3), seed=(0, 1), dtype=tf.float64)
-    >>> y = tf.random.stateless_normal((5, 3), seed=(0, 2), dtype=tf.float64)
-    >>> abs(float(siglip_loss(x, y, tile_size=2) - siglip_loss_dense(x, y))) < 1e-12
-    True
-    """
-    return _loss_forms.siglip_loss(_OPS, x, y, logit_scale, logit_bias, similarity, tile_size)
-
-
-class _AcrossRanks:
-    """The object :func:`across_ranks` returns: call it, inside ``strategy.run``, with this
+class _AcrossRanks(AcrossRanks):
+    """What :func:`across_ranks` returns: call it, inside ``strategy.run``, with this
     replica's rows."""
-
-    #: tells :func:`gradcache_tf.cached_step` (``distributed=True``) to pass this replica's own
-    #: representations rather than the gathered global batch
-    gathers_itself = True
-
-    def __init__(self, loss: Callable, loss_kwargs: dict):
-        self.loss = loss
-        self.loss_kwargs = loss_kwargs
 
     @property
     def trainable_variables(self) -> list:
@@ -463,107 +267,105 @@ class _AcrossRanks:
     def variables(self) -> list:
         return [value for value in self.loss_kwargs.values() if isinstance(value, tf.Variable)]
 
-    @tf.autograph.experimental.do_not_convert
-    def __call__(self, x: Any, y: Any, **overrides: Any) -> tf.Tensor:
+    def collective_for(self, x: Any, y: Any) -> ReplicaCollective:
         if tf.distribute.get_replica_context() is None:
             raise GradCacheError(f"{self!r} was called in a cross-replica context (inside "
                                  f"strategy.scope() but outside strategy.run); call it inside the "
                                  f"function that strategy.run runs on every replica")
-        collective = ReplicaCollective(replica_context())
-        kwargs = {**self.loss_kwargs, **overrides}
-        return _loss_forms.across(_OPS, self.loss.__name__, collective, x, y, **kwargs)
+        return ReplicaCollective(replica_context())
 
-    def __repr__(self) -> str:
-        return f"across_ranks({self.loss.__name__}, **{self.loss_kwargs!r})"
+    # the loss runs its own Python loops and collectives: autograph must not rewrite them
+    __call__ = tf.autograph.experimental.do_not_convert(AcrossRanks.__call__)
 
 
-def across_ranks(loss: Callable, **loss_kwargs: Any) -> _AcrossRanks:
-    """``loss`` over the global batch of a ``tf.distribute`` strategy's replicas, each replica
-    computing its own rows' share.
+_DOCS = LossDocs(
+    module=__name__,
+    array_type=tf.Tensor,
+    tensor="tensor",
+    learnable="a ``tf.Variable``",
+    log_scale="``tf.exp(log_scale)``",
+    autodiff="autodiff",
+    gradients="""
+        A ``tf.custom_gradient`` function: ``tf.GradientTape`` gives the representations and a
+        learnable variable their gradients. Eagerly the tiles are a Python loop; inside
+        ``tf.function`` a ``tf.while_loop`` over tiles of one static shape, so the graph does not
+        grow with the batch.
+    """,
+    rows=" (inside ``tf.function``, with a static ``B``)",
+    unit="replica",
+    ranks="a ``tf.distribute`` strategy's replicas",
+    where="""
+        , called inside ``strategy.run`` (``MirroredStrategy``, ``MultiWorkerMirroredStrategy``;
+        the current replica context is the group),
+    """,
+    communicates="""
+        all-gathers ``y`` (``B x d`` numbers) and every replica's row counts, and sums ``dy`` over
+        replicas (MirroredStrategy has no reduce-scatter), plus scalars (and, for CLIP, one
+        ``B``-vector per replica)
+    """,
+    specifics="""
+        The replicas' encoder gradients therefore sum to the global batch's. A learnable
+        temperature, scale or bias gets the *global* gradient on every replica: as the ``loss_fn``
+        of ``cached_step(..., distributed=True)``, which passes each replica's own representations
+        (``gathers_itself``), replica 0 alone carries it and the optimizer's sum over replicas is
+        exact; in your own ``tf.GradientTape`` under ``strategy.run``, count it once yourself. A
+        ``tf.Variable`` among the loss's arguments is the loss's own variable for ``cached_step``
+        (``trainable_variables``); a scale computed from one (``tf.exp(log_scale)``) must be
+        computed inside the loss: wrap it, ``def loss_fn(x, y): return across(x, y,
+        logit_scale=tf.exp(log_scale))``, with ``loss_fn.gathers_itself = True``. Replicas may hold
+        different numbers of rows; for ``info_nce`` each replica's ``y_local`` holds ``k + 1`` rows
+        per local query, the same ``k`` everywhere.
+    """,
+    examples={
+        "info_nce": """
+            >>> import tensorflow as tf
+            >>> from gradcache_tf.losses import info_nce, info_nce_dense
+            >>> q = tf.random.stateless_normal((6, 4), seed=(0, 1), dtype=tf.float64)
+            >>> # one hard negative per query
+            >>> p = tf.random.stateless_normal((12, 4), seed=(0, 2), dtype=tf.float64)
+            >>> loss = info_nce(q, p, temperature=0.1, tile_size=4)
+            >>> abs(float(loss - info_nce_dense(q, p, temperature=0.1))) < 1e-12
+            True
+        """,
+        "clip_loss": """
+            >>> import tensorflow as tf
+            >>> from gradcache_tf.losses import clip_loss
+            >>> x = tf.random.stateless_normal((5, 3), seed=(0, 1))
+            >>> y = tf.random.stateless_normal((5, 3), seed=(0, 2))
+            >>> log_scale = tf.Variable(0.5)
+            >>> with tf.GradientTape() as tape:
+            ...     loss = clip_loss(x, y, logit_scale=tf.exp(log_scale), tile_size=2)
+            >>> tape.gradient(loss, log_scale).shape
+            TensorShape([])
+        """,
+        "siglip_loss": """
+            >>> import tensorflow as tf
+            >>> from gradcache_tf.losses import siglip_loss, siglip_loss_dense
+            >>> x = tf.random.stateless_normal((5, 3), seed=(0, 1), dtype=tf.float64)
+            >>> y = tf.random.stateless_normal((5, 3), seed=(0, 2), dtype=tf.float64)
+            >>> abs(float(siglip_loss(x, y, tile_size=2) - siglip_loss_dense(x, y))) < 1e-12
+            True
+        """,
+        "info_nce_dense": """
+            >>> import tensorflow as tf
+            >>> from gradcache_tf.losses import info_nce_dense
+            >>> info_nce_dense(tf.eye(3), tf.eye(3), temperature=1.0).shape
+            TensorShape([])
+        """,
+        "clip_loss_dense": """
+            >>> import tensorflow as tf
+            >>> from gradcache_tf.losses import clip_loss_dense
+            >>> clip_loss_dense(tf.eye(3), tf.eye(3), logit_scale=1.0).shape
+            TensorShape([])
+        """,
+        "siglip_loss_dense": """
+            >>> import tensorflow as tf
+            >>> from gradcache_tf.losses import siglip_loss_dense
+            >>> siglip_loss_dense(tf.eye(3), tf.eye(3)).shape
+            TensorShape([])
+        """,
+    },
+)
 
-    The returned callable, called inside ``strategy.run`` (``MirroredStrategy``,
-    ``MultiWorkerMirroredStrategy``; the current replica context is the group), takes *this
-    replica's* rows, ``(x_local, y_local)``, and returns the loss of the global batch -- every
-    replica's rows concatenated in replica order -- the same value on every replica. Its gradient
-    with respect to ``x_local`` and ``y_local`` is that of the global loss, so the replicas' encoder
-    gradients sum to the global batch's. A learnable temperature, scale or bias gets the *global*
-    gradient on every replica: as the ``loss_fn`` of ``cached_step(..., distributed=True)``, which
-    passes each replica's own representations (``gathers_itself``), replica 0 alone carries it and
-    the optimizer's sum over replicas is exact; in your own ``tf.GradientTape`` under
-    ``strategy.run``, count it once yourself. Per call it all-gathers ``y`` (``B x d`` numbers) and
-    every replica's row counts, and sums ``dy`` over replicas (MirroredStrategy has no
-    reduce-scatter), plus scalars (and, for CLIP, one ``B``-vector per replica). Replicas may hold
-    different numbers of rows; for ``info_nce`` each replica's ``y_local`` holds ``k + 1`` rows per
-    local query, the same ``k`` everywhere. Every replica must call it, and run its gradient.
-
-    Args:
-        loss: :func:`info_nce`, :func:`clip_loss` or :func:`siglip_loss`.
-        **loss_kwargs: the loss's keyword arguments (``temperature``, ``logit_scale``,
-            ``logit_bias``, ``similarity``, ``tile_size``), the same on every replica. A
-            ``tf.Variable`` among them is the loss's own variable for ``cached_step``
-            (``trainable_variables``); a scale computed from one (``tf.exp(log_scale)``) must be
-            computed inside the loss: wrap it, ``def loss_fn(x, y): return
-            across(x, y, logit_scale=tf.exp(log_scale))``, with ``loss_fn.gathers_itself = True``.
-
-    Returns:
-        A callable ``(x_local, y_local, **more_kwargs) -> loss`` with ``gathers_itself = True``.
-    """
-    _loss_forms.check_across(loss, (info_nce, clip_loss, siglip_loss), "gradcache_tf.losses", loss_kwargs)
-    return _AcrossRanks(loss, loss_kwargs)
-
-
-def _prepared(x: Any, y: Any, similarity: str, loss: str, *,
-              square: bool) -> tuple[tf.Tensor, tf.Tensor, int, int]:
-    n, m = _loss_forms.check_pair(_OPS, x, y, loss, square=square)
-    x, y = _loss_forms.prepare(_OPS, x, y, similarity, loss)
-    return x, y, n, m
-
-
-def _cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-
-
-def info_nce_dense(q: Any, p: Any, *, temperature: Any = DEFAULT_TEMPERATURE,
-                   similarity: str = "dot") -> tf.Tensor:
-    """:func:`info_nce` with the whole ``B x B(k+1)`` logit matrix: plain autodiff, the reference.
-
-    >>> import tensorflow as tf
-    >>> from gradcache_tf.losses import info_nce_dense
-    >>> info_nce_dense(tf.eye(3), tf.eye(3), temperature=1.0).shape
-    TensorShape([])
-    """
-    q, p, n, m = _prepared(q, p, similarity, "info_nce_dense", square=False)
-    logits = tf.matmul(q, p, transpose_b=True) / _OPS.as_scalar(temperature, q)
-    return _cross_entropy(logits, tf.range(n) * (m // n))
-
-
-def clip_loss_dense(x: Any, y: Any, *, logit_scale: Any = DEFAULT_CLIP_SCALE,
-                    similarity: str = "dot") -> tf.Tensor:
-    """:func:`clip_loss` with the whole ``B x B`` logit matrix: plain autodiff, the reference.
-
-    >>> import tensorflow as tf
-    >>> from gradcache_tf.losses import clip_loss_dense
-    >>> clip_loss_dense(tf.eye(3), tf.eye(3), logit_scale=1.0).shape
-    TensorShape([])
-    """
-    x, y, n, _ = _prepared(x, y, similarity, "clip_loss_dense", square=True)
-    logits = _OPS.as_scalar(logit_scale, x) * tf.matmul(x, y, transpose_b=True)
-    labels = tf.range(n)
-    return (_cross_entropy(logits, labels) + _cross_entropy(tf.transpose(logits), labels)) / 2
-
-
-def siglip_loss_dense(x: Any, y: Any, *, logit_scale: Any = DEFAULT_SIGLIP_SCALE,
-                      logit_bias: Any = DEFAULT_SIGLIP_BIAS, similarity: str = "dot") -> tf.Tensor:
-    """:func:`siglip_loss` with the whole ``B x B`` logit matrix: plain autodiff, the reference.
-
-    >>> import tensorflow as tf
-    >>> from gradcache_tf.losses import siglip_loss_dense
-    >>> siglip_loss_dense(tf.eye(3), tf.eye(3)).shape
-    TensorShape([])
-    """
-    x, y, n, _ = _prepared(x, y, similarity, "siglip_loss_dense", square=True)
-    logits = (_OPS.as_scalar(logit_scale, x) * tf.matmul(x, y, transpose_b=True)
-              + _OPS.as_scalar(logit_bias, x))
-    labels = 2 * tf.eye(n, dtype=logits.dtype) - 1
-    return -tf.reduce_sum(tf.math.log_sigmoid(labels * logits)) / n
-
+(info_nce, clip_loss, siglip_loss, info_nce_dense, clip_loss_dense, siglip_loss_dense,
+ across_ranks) = bind(_OPS, _DOCS, _AcrossRanks)

@@ -59,8 +59,9 @@ def trim_padding(chunk: Any, mask_key: str = "attention_mask") -> Any:
     """Drops the trailing sequence columns that no row of ``chunk`` attends to.
 
     Applies to Mapping inputs holding ``mask_key`` (a ``(rows, length)`` 0/1 mask, Hugging Face
-    style): every tensor leaf whose second dimension equals the mask's length is cut to the last
-    column any row uses. With a model that masks padding (as transformers do), the outputs are those
+    style): the per-token leaves (``input_ids``, the mask, ``token_type_ids``, ``position_ids``, ...:
+    ``gradcache._padding.PER_TOKEN_KEYS``) are cut to the last column any row uses; another leaf
+    with as many columns is refused, since it may not be per-token. With a model that masks padding (as transformers do), the outputs are those
     of the padded chunk; the compute of the padding is saved. ``cached_step(..., pad_trim=True)``
     does this to every chunk (the core's :mod:`gradcache._padding`, the same on every backend).
     """
@@ -68,7 +69,8 @@ def trim_padding(chunk: Any, mask_key: str = "attention_mask") -> Any:
     if not _is_tensor(mask) or mask.dim() != 2:
         return chunk
     keep = _padding.used_columns(mask.detach().cpu().numpy())
-    return _padding.trim_columns(TorchBackend(), chunk, mask.shape[1], keep)
+    return _padding.trim_columns(TorchBackend(), chunk, mask.shape[1], keep,
+                                 keys=_padding.PER_TOKEN_KEYS | {mask_key})
 
 
 class TorchBackend(Backend):

@@ -41,6 +41,11 @@ def is_fsdp(module: Any) -> bool:
 
 def resolve_group(distributed: Any) -> Any:
     """The process group a ``distributed=`` argument names (``True``: the default group)."""
+    group_type = getattr(dist, "ProcessGroup", None) if dist.is_available() else None
+    if distributed is not True and not (group_type and isinstance(distributed, group_type)):
+        raise GradCacheError(
+            f"distributed= takes False, True (the default process group), a "
+            f"torch.distributed.ProcessGroup or a gradcache.Collective, got {distributed!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise GradCacheError(
             "distributed=... needs an initialised torch.distributed process group: call "

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradcache import GradCacheError, StepOptions, run_cached_step
+from gradcache import Collective, GradCacheError, StepOptions, run_cached_step
 from gradcache_torch._backend import TorchBackend
 from gradcache_torch._distributed import (
     GradientSync,
@@ -64,7 +64,10 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             by more than ``determinism_tolerance`` (relative to their magnitude).
         progress: a tqdm bar over the chunks of both passes.
         distributed: ``True`` (the default process group), a ``ProcessGroup``, or a
-            :class:`gradcache_torch.TorchCollective` (to read its byte count): this call is one
+            :class:`gradcache_torch.TorchCollective` (to read its byte count), or any other
+            :class:`gradcache.Collective` (then each rank's ``.grad`` gets its own rows' share and
+            reducing it is yours -- a loss-owned parameter's is the global one on every rank; DDP's
+            hooks are still bypassed): this call is one
             rank's part of a step over the *global* batch. Every rank's representations are
             gathered after pass 1 (rank order), ``loss_fn`` sees the global batch (or, for a loss
             that ``gathers_itself`` such as :func:`gradcache_torch.losses.across_ranks`, this rank's
@@ -95,6 +98,8 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     torch.Size([4, 8])
     """
     step = StepOptions.from_keywords(options, adapter="gradcache_torch", own=("scaler",))
+    if scaler is not None and not callable(getattr(scaler, "scale", None)):
+        raise GradCacheError(f"scaler must be a torch.amp.GradScaler (with scale()), got {scaler!r}")
     collective, sync = None, None
     if step.distributed is not False and step.distributed is not None:
         collective, sync = _distribute(encoders, loss_fn, step.distributed)
@@ -112,8 +117,15 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
 
 
 def _distribute(encoders: Any, loss_fn: Any,
-                distributed: Any) -> tuple[TorchCollective, GradientSync | None]:
-    """The collective of a distributed step and the averaging of its DDP and unwrapped modules."""
+                distributed: Any) -> tuple[Collective, GradientSync | None]:
+    """The collective of a distributed step and the averaging of its DDP and unwrapped modules.
+
+    A :class:`gradcache.Collective` that is not a :class:`TorchCollective` (your own transport, or
+    ``gradcache.testing.ThreadCollective``) is used as it is: each rank's ``.grad`` then receives
+    its own rows' share (times the collective's ``grad_scale``), and reducing it is the caller's.
+    """
+    if isinstance(distributed, Collective) and not isinstance(distributed, TorchCollective):
+        return distributed, None
     given = distributed if isinstance(distributed, TorchCollective) else None
     group = given.group if given is not None else resolve_group(distributed)
     loss_group = getattr(loss_fn, "group", None)

@@ -5,32 +5,33 @@ logits: each is a ``torch.autograd.Function`` whose forward sweeps the tiles und
 keeping only the representations and one log-sum-exp per row (and column), and whose backward
 recomputes each tile once and returns the gradients of the representations and of the logits'
 scale and bias (the sweeps are :mod:`gradcache._tiled`, shared by every backend). The rest --
-cosine normalisation, turning a temperature into a scale -- is ordinary autograd, so a learnable temperature, logit scale or bias is an ``nn.Parameter`` like any other
-and gets its gradient once. ``*_dense`` are the same losses written plainly (a ``B x B`` matrix), the
-reference the tiled ones equal. Use them directly or as the ``loss_fn`` of
-:func:`gradcache_torch.cached_step`; see ``docs/losses.md``.
+cosine normalisation, turning a temperature into a scale -- is ordinary autograd, so a learnable
+temperature, logit scale or bias is an ``nn.Parameter`` like any other and gets its gradient once.
+``*_dense`` are the same losses written plainly (a ``B x B`` matrix), the reference the tiled ones
+equal. Use them directly or as the ``loss_fn`` of :func:`gradcache_torch.cached_step`; see
+``docs/losses.md``.
 
 :func:`across_ranks` turns one of them into the loss of the global batch of a process group, each
 rank computing only its own rows' share: one all-gather and one reduce-scatter of ``B x d`` numbers
 per step (:mod:`gradcache._loss_forms`).
+
+This module holds torch's part only: its tile ops, its ``autograd.Function`` around the sweeps, the
+differentiable ops of :class:`gradcache._loss_forms.LossOps`, its collective for ``across_ranks``
+and its pieces of the docstrings. The public functions are written once in
+:mod:`gradcache._loss_api` and bound here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from gradcache import _loss_forms, _tiled
-from gradcache._loss_forms import (
-    DEFAULT_CLIP_SCALE,
-    DEFAULT_SIGLIP_BIAS,
-    DEFAULT_SIGLIP_SCALE,
-    DEFAULT_TEMPERATURE,
-)
+from gradcache import _loss_forms
+from gradcache._loss_api import AcrossRanks, LossDocs, bind
+from gradcache._tile_ops import InPlaceLoopOps
 from gradcache_torch._distributed import TorchCollective
 
 __all__ = [
@@ -44,60 +45,22 @@ __all__ = [
 ]
 
 
-class _TileOps:
-    """:class:`gradcache._tiled.TileOps` over torch: Python loops, accumulators updated in place."""
+class _TileOps(InPlaceLoopOps):
+    """:class:`gradcache._tiled.TileOps` over torch: Python loops, accumulators updated in place
+    (:class:`gradcache._tile_ops.InPlaceLoopOps`); the primitives, and torch's fast ``exp``."""
 
-    ragged = True
-
-    def fori(self, count: int, body: Callable, carry: tuple) -> tuple:
-        for index in range(count):
-            carry = body(index, carry)
-        return carry
-
-    def rows(self, x: torch.Tensor, start: int, size: int) -> torch.Tensor:
-        return x.narrow(0, start, size)
+    exp = staticmethod(torch.exp)
+    log = staticmethod(torch.log)
+    maximum = staticmethod(torch.maximum)
+    where = staticmethod(torch.where)
+    # one op where the default takes three: each torch op costs microseconds, once per tile
+    isfinite = staticmethod(torch.isfinite)
 
     def full(self, shape: tuple, fill: float, like: torch.Tensor) -> torch.Tensor:
         return torch.full(shape, fill, dtype=like.dtype, device=like.device)
 
-    def buffer(self, rows: int, tail: tuple, fill: float, like: torch.Tensor) -> torch.Tensor:
-        return self.full((rows, *tail), fill, like)
-
-    def read(self, buffer: torch.Tensor, start: int, size: int) -> torch.Tensor:
-        return buffer.narrow(0, start, size)
-
-    def write(self, buffer: torch.Tensor, start: int, value: torch.Tensor) -> torch.Tensor:
-        buffer.narrow(0, start, value.shape[0]).copy_(value)
-        return buffer
-
-    def add(self, buffer: torch.Tensor, start: int, value: torch.Tensor) -> torch.Tensor:
-        buffer.narrow(0, start, value.shape[0]).add_(value)
-        return buffer
-
-    def result(self, buffer: torch.Tensor) -> torch.Tensor:
-        return buffer
-
-    def scalar(self, value: float, like: torch.Tensor) -> torch.Tensor:
-        return torch.full((), value, dtype=like.dtype, device=like.device)
-
-    def rescale(self, private: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        return private.mul_(factor)  # the sweep's own buffer: no copy
-
-    def matmul_nt(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a @ b.T
-
-    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a @ b
-
-    def matmul_tn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a.T @ b
-
-    exp = staticmethod(torch.exp)
-    log = staticmethod(torch.log)
-    log1p = staticmethod(torch.log1p)
-    abs = staticmethod(torch.abs)
-    maximum = staticmethod(torch.maximum)
-    isfinite = staticmethod(torch.isfinite)
+    def arange(self, size: int, like: torch.Tensor | None) -> torch.Tensor:
+        return torch.arange(size, device=None if like is None else like.device)
 
     # torch's CPU exp is 10-30x slower on arguments near or below log(smallest normal) (-87 in float32),
     # where its result is a denormal or zero; the tiles are full of such arguments. Raising them to
@@ -119,38 +82,8 @@ class _TileOps:
         bound = -self._floor(x)
         return torch.sigmoid(x.clamp(-bound, bound))
 
-    def inner(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.vdot(a.reshape(-1), b.reshape(-1))
-
-    def where(self, condition: torch.Tensor, a: Any, b: Any) -> torch.Tensor:
-        return torch.where(condition, a, b)
-
-    def every(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        return x[::step]
-
-    def subtract_every(self, private: torch.Tensor, step: int, value: torch.Tensor,
-                       weight: float) -> torch.Tensor:
-        private[::step].sub_(value, alpha=weight)
-        return private
-
-    def sum(self, x: torch.Tensor, axis: int | None = None) -> torch.Tensor:
-        return x.sum() if axis is None else x.sum(dim=axis)
-
-    def logsumexp(self, x: torch.Tensor, axis: int) -> torch.Tensor:
-        top = x.amax(dim=axis, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        return self.expdiff(x, top).sum(dim=axis).log_().add_(top.squeeze(axis))
-
-    def clamp_start(self, start: int, last: int) -> int:
-        return min(start, last)
-
-    def at_least(self, start: int, size: int, low: int) -> torch.Tensor:
-        return torch.arange(start, start + size) >= low  # unused: this backend is ragged
-
-    def outer_and(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        return rows[:, None] & columns[None, :]
-
     def diagonal(self, tile: torch.Tensor, row_start: int, column_start: int) -> torch.Tensor:
+        # a few times faster than the default's comparison of two ranges
         rows, columns = tile.shape
         mask = torch.zeros(rows, columns, dtype=torch.bool, device=tile.device)
         # cell (a, b) pairs global row row_start + a with column column_start + b: equal where
@@ -158,75 +91,47 @@ class _TileOps:
         mask.diagonal(row_start - column_start).fill_(True)
         return mask
 
-    def column(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, None]
-
-    def row(self, x: torch.Tensor) -> torch.Tensor:
-        return x[None, :]
+    def logsumexp(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        top = x.amax(dim=axis, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        return self.expdiff(x, top).sum(dim=axis).log_().add_(top.squeeze(axis))
 
 
 _TILE_OPS = _TileOps()
 
 
 class _TiledSum(torch.autograd.Function):
-    """A loss's summed form S; saves the inputs and the per-row / per-column statistics."""
-
-    @staticmethod
-    def forward(ctx: Any, kind: str, tile: int, x: torch.Tensor, y: torch.Tensor,
-                alpha: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
-        # under autocast the tiles' products would run in half precision: the sweeps keep the
-        # inputs' dtype (float32 at least, see _LossOps.prepare)
-        with torch.autocast(x.device.type, enabled=False):
-            value, row_lse, column_lse = _tiled.tiled_forward(_TILE_OPS, kind, x, y, alpha,
-                                                                  beta, tile)
-        ctx.kind, ctx.tile = kind, tile
-        ctx.save_for_backward(x, y, alpha, beta, row_lse, column_lse)
-        return value
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        x, y, alpha, beta, row_lse, column_lse = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            dx, dy, dalpha, dbeta = _tiled.tiled_backward(
-                _TILE_OPS, ctx.kind, x, y, alpha, beta, row_lse, column_lse, grad, ctx.tile)
-        return None, None, dx, dy, dalpha, dbeta
-
-
-class _TiledSumAcross(torch.autograd.Function):
-    """The global summed loss S from this rank's rows; its backward communicates too, so every
-    rank of the group must run it (as every rank runs the forward)."""
+    """A loss's summed form S; saves the inputs and the per-row / per-column statistics. Given a
+    collective, S of every rank's rows: its backward then communicates too, so every rank of the
+    group must run it (as every rank runs the forward)."""
 
     @staticmethod
     def forward(ctx: Any, kind: str, tile: int, collective: Any, layout: Any, x: torch.Tensor,
                 y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+        # under autocast the tiles' products would run in half precision: the sweeps keep the
+        # inputs' dtype (float32 at least, see _LossOps.prepare)
         with torch.autocast(x.device.type, enabled=False):
-            value, columns, row_lse, column_lse = _loss_forms.forward_across(
-                _TILE_OPS, collective, layout, kind, x, y, alpha, beta, tile)
+            value, saved = _loss_forms.summed_forward(_TILE_OPS, kind, x, y, alpha, beta, tile,
+                                                      collective, layout)
         ctx.kind, ctx.tile, ctx.collective, ctx.layout = kind, tile, collective, layout
-        ctx.save_for_backward(x, columns, alpha, beta, row_lse, column_lse)
+        ctx.save_for_backward(*saved)
         return value
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        x, columns, alpha, beta, row_lse, column_lse = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            dx, dy, dalpha, dbeta = _loss_forms.backward_across(
-                _TILE_OPS, ctx.collective, ctx.layout, ctx.kind, x, columns, alpha, beta, row_lse,
-                column_lse, grad, ctx.tile)
-        return None, None, None, None, dx, dy, dalpha, dbeta
+        with torch.autocast(grad.device.type, enabled=False):
+            grads = _loss_forms.summed_backward(_TILE_OPS, ctx.kind, ctx.saved_tensors, grad,
+                                                ctx.tile, ctx.collective, ctx.layout)
+        return (None, None, None, None, *grads)
 
 
 class _LossOps:
     """:class:`gradcache._loss_forms.LossOps` over torch autograd."""
 
     def tiled_sum(self, kind: str, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor,
-                  beta: torch.Tensor | None, tile: int) -> torch.Tensor:
-        return _TiledSum.apply(kind, tile, x, y, alpha, beta)
-
-    def tiled_sum_across(self, kind: str, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor,
-                         beta: torch.Tensor | None, tile: int, collective: Any,
-                         layout: Any) -> torch.Tensor:
-        return _TiledSumAcross.apply(kind, tile, collective, layout, x, y, alpha, beta)
+                  beta: torch.Tensor | None, tile: int, collective: Any = None,
+                  layout: Any = None) -> torch.Tensor:
+        return _TiledSum.apply(kind, tile, collective, layout, x, y, alpha, beta)
 
     def shape(self, x: torch.Tensor) -> tuple:
         return tuple(x.shape)
@@ -246,202 +151,117 @@ class _LossOps:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1)
 
+    def matmul_nt(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b.T
+
+    def transpose(self, x: torch.Tensor) -> torch.Tensor:
+        return x.T
+
+    def cross_entropy(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        labels = torch.arange(logits.shape[0], device=logits.device) * step
+        return F.cross_entropy(logits, labels)
+
+    def sigmoid_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        labels = 2 * torch.eye(logits.shape[0], dtype=logits.dtype, device=logits.device) - 1
+        return -F.logsigmoid(labels * logits).sum()
+
 
 _OPS = _LossOps()
 
 
-def info_nce(q: torch.Tensor, p: torch.Tensor, *, temperature: float | torch.Tensor = DEFAULT_TEMPERATURE,
-             similarity: str = "dot", tile_size: int | None = None) -> torch.Tensor:
-    """InfoNCE (multiple-negatives ranking) with in-batch and hard negatives, tiled.
+class _AcrossRanks(AcrossRanks):
+    """What :func:`across_ranks` returns: call it with this rank's rows."""
 
-    Query ``i`` is scored against every row of ``p``; its positive is row ``i * (k + 1)``, where
-    ``p`` lays out ``k + 1`` rows per query (the positive, then ``k`` hard negatives). The loss is
-    ``mean_i [logsumexp_j(s_ij / t) - s_i,pos / t]``: equal to :func:`info_nce_dense`, value and
-    gradients, in ``O((B + tile)·d + tile²)`` memory.
+    place, place_default = "group", None
 
-    Args:
-        q: ``(B, d)`` query representations.
-        p: ``(B * (k + 1), d)`` passage representations, ``k >= 0``.
-        temperature: a float, or a scalar tensor (an ``nn.Parameter`` to learn it).
-        similarity: ``"dot"`` or ``"cosine"`` (rows normalised first).
-        tile_size: rows and columns per tile of logits (default 512, 4096 on a GPU); memory, never the result.
-
-    Returns:
-        The scalar loss.
-
-    >>> import torch
-    >>> from gradcache_torch.losses import info_nce, info_nce_dense
-    >>> q, p = torch.randn(6, 4, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64)
-    >>> loss = info_nce(q, p, temperature=0.1, tile_size=4)   # one hard negative per query
-    >>> bool(torch.allclose(loss, info_nce_dense(q, p, temperature=0.1)))
-    True
-    """
-    return _loss_forms.info_nce(_OPS, q, p, temperature, similarity, tile_size)
-
-
-def clip_loss(x: torch.Tensor, y: torch.Tensor, *,
-              logit_scale: float | torch.Tensor = DEFAULT_CLIP_SCALE, similarity: str = "dot",
-              tile_size: int | None = None) -> torch.Tensor:
-    """The symmetric CLIP loss, tiled: InfoNCE over the rows and over the columns, averaged.
-
-    Logits are ``logit_scale * x @ y.T``; row ``i`` of ``x`` pairs with row ``i`` of ``y``. As in
-    CLIP, learn the scale as ``log_scale.exp()`` (pass the result here).
-
-    Args:
-        x: ``(B, d)`` representations (images).
-        y: ``(B, d)`` representations (texts).
-        logit_scale: a float or a scalar tensor (default ``1 / 0.07``).
-        similarity: ``"dot"`` (CLIP normalises in the model) or ``"cosine"``.
-        tile_size: rows and columns per tile of logits (default 512, 4096 on a GPU).
-
-    Returns:
-        The scalar loss, equal to :func:`clip_loss_dense`.
-
-    >>> import torch
-    >>> from gradcache_torch.losses import clip_loss, clip_loss_dense
-    >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
-    >>> scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-    >>> clip_loss(x, y, logit_scale=scale, tile_size=2).backward()
-    >>> scale.grad.shape
-    torch.Size([])
-    """
-    return _loss_forms.clip_loss(_OPS, x, y, logit_scale, similarity, tile_size)
-
-
-def siglip_loss(x: torch.Tensor, y: torch.Tensor, *,
-                logit_scale: float | torch.Tensor = DEFAULT_SIGLIP_SCALE,
-                logit_bias: float | torch.Tensor = DEFAULT_SIGLIP_BIAS, similarity: str = "dot",
-                tile_size: int | None = None) -> torch.Tensor:
-    """The SigLIP sigmoid loss, tiled: every pair is a binary problem, positives on the diagonal.
-
-    ``-(1/B) sum_ij log sigmoid(label_ij * (logit_scale * x_i . y_j + logit_bias))`` with
-    ``label = +1`` on the diagonal and ``-1`` elsewhere (SigLIP's ``t`` and ``b``).
-
-    Args:
-        x: ``(B, d)`` representations (images).
-        y: ``(B, d)`` representations (texts).
-        logit_scale: SigLIP's temperature ``t`` (a multiplier; default 10), float or tensor.
-        logit_bias: SigLIP's bias ``b`` (default -10), float or tensor.
-        similarity: ``"dot"`` or ``"cosine"``.
-        tile_size: rows and columns per tile of logits (default 512, 4096 on a GPU).
-
-    Returns:
-        The scalar loss, equal to :func:`siglip_loss_dense`.
-
-    >>> import torch
-    >>> from gradcache_torch.losses import siglip_loss, siglip_loss_dense
-    >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
-    >>> bool(torch.allclose(siglip_loss(x, y, tile_size=2), siglip_loss_dense(x, y)))
-    True
-    """
-    return _loss_forms.siglip_loss(_OPS, x, y, logit_scale, logit_bias, similarity, tile_size)
-
-
-class _AcrossRanks:
-    """The object :func:`across_ranks` returns: call it with this rank's rows."""
-
-    #: tells :func:`gradcache_torch.cached_step` (``distributed=...``) to pass this rank's own
-    #: representations rather than the gathered global batch
-    gathers_itself = True
-
-    def __init__(self, loss: Callable, group: Any, loss_kwargs: dict):
-        self.loss = loss
-        self.group = group
-        self.loss_kwargs = loss_kwargs
+    def __init__(self, *args: Any):
+        super().__init__(*args)
         #: the :class:`gradcache_torch._distributed.TorchCollective` of the calls so far (made at
         #: the first, when the process group exists; it counts the bytes it moved)
         self.collective: Any = None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, **overrides: Any) -> torch.Tensor:
+    def collective_for(self, x: torch.Tensor, y: torch.Tensor) -> TorchCollective:
         if self.collective is None:
             self.collective = TorchCollective(self.group)
-        kwargs = {**self.loss_kwargs, **overrides}
-        return _loss_forms.across(_OPS, self.loss.__name__, self.collective, x, y, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"across_ranks({self.loss.__name__}, group={self.group!r}, **{self.loss_kwargs!r})"
+        return self.collective
 
 
-def across_ranks(loss: Callable, *, group: Any = None, **loss_kwargs: Any) -> _AcrossRanks:
-    """``loss`` over the global batch of a process group, each rank computing its own rows' share.
-
-    The returned callable takes *this rank's* rows, ``(x_local, y_local)``, and returns the loss of
-    the global batch -- every rank's rows concatenated in rank order -- the same value on every
-    rank; its gradient with respect to ``x_local`` and ``y_local`` is that of the global loss, and
-    a learnable temperature, scale or bias gets the global gradient, identical on every rank. Each
-    rank scores only its own rows against every gathered column, so the work and the memory of the
-    loss are divided among ranks; per call it all-gathers ``y`` and reduce-scatters its gradient
-    (``B x d`` numbers each) plus scalars (and, for CLIP, one ``B``-vector per rank). Ranks may
-    hold different numbers of rows; for ``info_nce`` each rank's ``y_local`` holds ``k + 1`` rows per
-    local query, the same ``k`` everywhere. Every rank must call it, and run its backward, at the
-    same point (it communicates in both). As the ``loss_fn`` of ``cached_step(...,
-    distributed=True)`` it is given each rank's own representations (``gathers_itself``).
-
-    Args:
-        loss: :func:`info_nce`, :func:`clip_loss` or :func:`siglip_loss`.
+_DOCS = LossDocs(
+    module=__name__,
+    array_type=torch.Tensor,
+    tensor="tensor",
+    learnable="an ``nn.Parameter``",
+    log_scale="``log_scale.exp()``",
+    autodiff="autograd",
+    gradients="""
+        A ``torch.autograd.Function``: ``backward()`` gives the representations and a learnable
+        parameter their gradients (in the inputs' dtype; the tiles run in float32 at least, autocast
+        or not).
+    """,
+    unit="rank",
+    ranks="a process group",
+    communicates="""
+        all-gathers ``y`` and reduce-scatters its gradient (``B x d`` numbers each) plus scalars
+        (and, for CLIP, one ``B``-vector per rank)
+    """,
+    specifics="""
+        A learnable temperature, scale or bias gets the global gradient, identical on every rank.
+        Ranks may hold different numbers of rows; for ``info_nce`` each rank's ``y_local`` holds
+        ``k + 1`` rows per local query, the same ``k`` everywhere. As the ``loss_fn`` of
+        ``cached_step(..., distributed=True)`` it is given each rank's own representations
+        (``gathers_itself``).
+    """,
+    place_doc="""
         group: the ``torch.distributed`` process group (``None``: the default one).
-        **loss_kwargs: the loss's keyword arguments (``temperature``, ``logit_scale``,
-            ``logit_bias``, ``similarity``, ``tile_size``), the same on every rank.
+    """,
+    examples={
+        "info_nce": """
+            >>> import torch
+            >>> from gradcache_torch.losses import info_nce, info_nce_dense
+            >>> q = torch.randn(6, 4, dtype=torch.float64)
+            >>> p = torch.randn(12, 4, dtype=torch.float64)   # one hard negative per query
+            >>> loss = info_nce(q, p, temperature=0.1, tile_size=4)
+            >>> bool(torch.allclose(loss, info_nce_dense(q, p, temperature=0.1)))
+            True
+        """,
+        "clip_loss": """
+            >>> import torch
+            >>> from gradcache_torch.losses import clip_loss, clip_loss_dense
+            >>> x = torch.randn(5, 3, dtype=torch.float64)
+            >>> y = torch.randn(5, 3, dtype=torch.float64)
+            >>> scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+            >>> clip_loss(x, y, logit_scale=scale, tile_size=2).backward()
+            >>> scale.grad.shape
+            torch.Size([])
+        """,
+        "siglip_loss": """
+            >>> import torch
+            >>> from gradcache_torch.losses import siglip_loss, siglip_loss_dense
+            >>> x = torch.randn(5, 3, dtype=torch.float64)
+            >>> y = torch.randn(5, 3, dtype=torch.float64)
+            >>> bool(torch.allclose(siglip_loss(x, y, tile_size=2), siglip_loss_dense(x, y)))
+            True
+        """,
+        "info_nce_dense": """
+            >>> import torch
+            >>> from gradcache_torch.losses import info_nce_dense
+            >>> info_nce_dense(torch.eye(3), torch.eye(3), temperature=1.0).shape
+            torch.Size([])
+        """,
+        "clip_loss_dense": """
+            >>> import torch
+            >>> from gradcache_torch.losses import clip_loss_dense
+            >>> clip_loss_dense(torch.eye(3), torch.eye(3), logit_scale=1.0).shape
+            torch.Size([])
+        """,
+        "siglip_loss_dense": """
+            >>> import torch
+            >>> from gradcache_torch.losses import siglip_loss_dense
+            >>> siglip_loss_dense(torch.eye(3), torch.eye(3)).shape
+            torch.Size([])
+        """,
+    },
+)
 
-    Returns:
-        A callable ``(x_local, y_local, **more_kwargs) -> loss`` with ``gathers_itself = True``.
-    """
-    _loss_forms.check_across(loss, (info_nce, clip_loss, siglip_loss), "gradcache_torch.losses", loss_kwargs)
-    return _AcrossRanks(loss, group, loss_kwargs)
-
-
-def _prepared(x: torch.Tensor, y: torch.Tensor, similarity: str, loss: str, *,
-              square: bool) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    n, m = _loss_forms.check_pair(_OPS, x, y, loss, square=square)
-    x, y = _loss_forms.prepare(_OPS, x, y, similarity, loss)
-    return x, y, n, m
-
-
-def info_nce_dense(q: torch.Tensor, p: torch.Tensor, *,
-                   temperature: float | torch.Tensor = DEFAULT_TEMPERATURE,
-                   similarity: str = "dot") -> torch.Tensor:
-    """:func:`info_nce` with the whole ``B x B(k+1)`` logit matrix: plain autograd, the reference.
-
-    >>> import torch
-    >>> from gradcache_torch.losses import info_nce_dense
-    >>> info_nce_dense(torch.eye(3), torch.eye(3), temperature=1.0).shape
-    torch.Size([])
-    """
-    q, p, n, m = _prepared(q, p, similarity, "info_nce_dense", square=False)
-    logits = q @ p.T / temperature
-    labels = torch.arange(n, device=q.device) * (m // n)
-    return F.cross_entropy(logits, labels)
-
-
-def clip_loss_dense(x: torch.Tensor, y: torch.Tensor, *,
-                    logit_scale: float | torch.Tensor = DEFAULT_CLIP_SCALE,
-                    similarity: str = "dot") -> torch.Tensor:
-    """:func:`clip_loss` with the whole ``B x B`` logit matrix: plain autograd, the reference.
-
-    >>> import torch
-    >>> from gradcache_torch.losses import clip_loss_dense
-    >>> clip_loss_dense(torch.eye(3), torch.eye(3), logit_scale=1.0).shape
-    torch.Size([])
-    """
-    x, y, n, _ = _prepared(x, y, similarity, "clip_loss_dense", square=True)
-    logits = logit_scale * (x @ y.T)
-    labels = torch.arange(n, device=x.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
-def siglip_loss_dense(x: torch.Tensor, y: torch.Tensor, *,
-                      logit_scale: float | torch.Tensor = DEFAULT_SIGLIP_SCALE,
-                      logit_bias: float | torch.Tensor = DEFAULT_SIGLIP_BIAS,
-                      similarity: str = "dot") -> torch.Tensor:
-    """:func:`siglip_loss` with the whole ``B x B`` logit matrix: plain autograd, the reference.
-
-    >>> import torch
-    >>> from gradcache_torch.losses import siglip_loss_dense
-    >>> siglip_loss_dense(torch.eye(3), torch.eye(3)).shape
-    torch.Size([])
-    """
-    x, y, n, _ = _prepared(x, y, similarity, "siglip_loss_dense", square=True)
-    logits = logit_scale * (x @ y.T) + logit_bias
-    labels = 2 * torch.eye(n, dtype=logits.dtype, device=x.device) - 1
-    return -F.logsigmoid(labels * logits).sum() / n
-
+(info_nce, clip_loss, siglip_loss, info_nce_dense, clip_loss_dense, siglip_loss_dense,
+ across_ranks) = bind(_OPS, _DOCS, _AcrossRanks)

@@ -1,8 +1,9 @@
-"""A numpy :class:`gradcache.Collective` whose ranks are threads of one process, for tests.
+"""A :class:`gradcache.Collective` whose ranks are threads of one process, for tests.
 
 It lets the core's distributed schedule -- gathering, the gradient of each rank's own rows, the
 agreements that stop every rank when one fails -- be tested, and a new backend's collective be
-compared, with no framework and no sockets. :func:`run_ranks` starts the ranks and returns what each
+compared, with no sockets. Rows are joined with numpy by default; give ``concat`` (``torch.cat``,
+``jnp.concatenate``, ``tf.concat``) to run an adapter's step on thread ranks with its own tensors. :func:`run_ranks` starts the ranks and returns what each
 returned or raised; every wait has a timeout, so a schedule that would hang fails the test instead.
 """
 
@@ -30,8 +31,10 @@ class ThreadCollective(Collective):
 
     agrees = True
 
-    def __init__(self, board: _Board, rank: int, *, grad_scale: float = 1.0):
+    def __init__(self, board: _Board, rank: int, *, grad_scale: float = 1.0,
+                 concat: Callable[[list], Any] | None = None):
         self.board = board
+        self.concat = concat or (lambda leaves: np.concatenate(leaves, axis=0))
         self.rank = rank
         self.world_size = len(board.slots)
         self.grad_scale = grad_scale
@@ -48,14 +51,14 @@ class ThreadCollective(Collective):
     def exchange(self, payload: Any) -> list[Any]:
         return self._all(payload, "exchange")
 
-    def all_gather_rows(self, leaf: np.ndarray, counts: Sequence[int]) -> np.ndarray:
-        return np.concatenate(self._all(leaf, "all_gather"), axis=0)
+    def all_gather_rows(self, leaf: Any, counts: Sequence[int]) -> Any:
+        return self.concat(self._all(leaf, "all_gather"))
 
-    def local_rows(self, leaf: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    def local_rows(self, leaf: Any, counts: Sequence[int]) -> Any:
         start = sum(counts[:self.rank])
         return leaf[start:start + counts[self.rank]]
 
-    def reduce_scatter_rows(self, leaf: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    def reduce_scatter_rows(self, leaf: Any, counts: Sequence[int]) -> Any:
         return self.local_rows(sum(self._all(leaf, "reduce_scatter")), counts)
 
     def all_reduce_sum(self, value: Any) -> Any:
@@ -63,8 +66,11 @@ class ThreadCollective(Collective):
 
 
 def run_ranks(world_size: int, fn: Callable[[int, ThreadCollective], Any], *,
-              grad_scale: float = 1.0, timeout: float = 20.0) -> list[tuple[Any, BaseException | None]]:
+              grad_scale: float = 1.0, timeout: float = 20.0,
+              concat: Callable[[list], Any] | None = None) -> list[tuple[Any, BaseException | None]]:
     """Runs ``fn(rank, collective)`` on ``world_size`` threads; returns ``(result, error)`` per rank.
+
+    ``concat`` joins the ranks' rows in ``all_gather_rows`` (default: ``numpy.concatenate``).
 
     >>> run_ranks(3, lambda rank, c: c.all_reduce_sum(rank + 1))
     [(6, None), (6, None), (6, None)]
@@ -74,7 +80,8 @@ def run_ranks(world_size: int, fn: Callable[[int, ThreadCollective], Any], *,
 
     def main(rank: int) -> None:
         try:
-            outcomes[rank] = (fn(rank, ThreadCollective(board, rank, grad_scale=grad_scale)), None)
+            collective = ThreadCollective(board, rank, grad_scale=grad_scale, concat=concat)
+            outcomes[rank] = (fn(rank, collective), None)
         except BaseException as error:  # reported to the caller, who decides
             outcomes[rank] = (None, error)
 

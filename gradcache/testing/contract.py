@@ -64,7 +64,7 @@ class ProblemSpec:
         for e in range(self.num_encoders):
             params[f"enc{e}.W"] = rng.normal(scale=0.5, size=(self.dim_in, self.dim_out)).astype(dtype)
             params[f"enc{e}.b"] = rng.normal(scale=0.5, size=(self.dim_out,)).astype(dtype)
-        inputs = []
+        inputs: list[Any] = []
         for size in self.batch_sizes:
             x = rng.normal(size=(size, self.dim_in)).astype(dtype)
             if self.nested_input:
@@ -115,7 +115,7 @@ class Harness(Protocol):
         """A loss for :meth:`step` taking any number of reps; ``"vector"`` returns a vector."""
 
 
-def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+def relative_error(actual: Any, expected: Any) -> float:
     """``max|actual - expected| / max|expected|`` (absolute when ``expected`` is all zeros)."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     scale = float(np.max(np.abs(expected), initial=0.0))
@@ -164,7 +164,7 @@ def problem_specs(draw: Any, features: frozenset, *, dropout: bool = False,
     )
 
 
-_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+_SETTINGS: dict[str, Any] = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                       HealthCheck.function_scoped_fixture,
                                                       HealthCheck.differing_executors])
 
@@ -249,7 +249,7 @@ class BackendContract:
         check()
 
     # -- errors -----------------------------------------------------------------------------------------
-    def _pair(self, rows: tuple[int, int] = (4, 4), dim: int = 3) -> tuple:
+    def _pair(self, rows: tuple[int, ...] = (4, 4), dim: int = 3) -> tuple:
         rng = np.random.default_rng(0)
         return tuple(self.harness.tensor(rng.normal(size=(r, dim))) for r in rows)
 

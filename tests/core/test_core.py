@@ -176,6 +176,15 @@ def test_scalar_leaf_has_no_batch_dimension() -> None:
                         NumpyInfoNCE(), chunk_size=1)
 
 
+@pytest.mark.parametrize("get_rep", [[False, None], [3, None]])
+def test_get_rep_entries_must_be_callable(get_rep) -> None:
+    # False once passed silently as "no get_rep", and 3 failed late with a bare TypeError
+    encoder, inputs = _problem()
+    with pytest.raises(GradCacheError, match="get_rep for group 0 must be callable"):
+        run_cached_step(NumpyBackend(), encoder, inputs, NumpyInfoNCE(), chunk_size=4,
+                        get_rep=get_rep)
+
+
 def test_dispatch_refuses_unknown_tensors() -> None:
     with pytest.raises(GradCacheError, match="cannot tell which framework"):
         gradcache.cached_step(lambda x: x, (np.ones((2, 2)),), NumpyInfoNCE(), chunk_size=1)

@@ -36,6 +36,15 @@ def test_halves_with_upstream_scale_the_whole_step(seed, batch, chunk, upstream)
                                upstream * grads[id(encoder)]["weight"], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("upstream", [np.array([1.0, 2.0, 3.0]), "2", True, 1j])
+def test_upstream_must_be_a_real_scalar(upstream) -> None:
+    # a vector once broadcast into wrong gradients
+    encoder, inputs = _problem(0, 6)
+    forward = cached_forward(NumpyBackend(), encoder, inputs, NumpyInfoNCE(), chunk_size=4)
+    with pytest.raises(GradCacheError, match="upstream must be"):
+        cached_backward(forward, upstream=upstream)
+
+
 def test_a_forward_is_pulled_back_once() -> None:
     encoder, inputs = _problem(0, 6)
     forward = cached_forward(NumpyBackend(), encoder, inputs, NumpyInfoNCE(), chunk_size=4)

@@ -302,5 +302,35 @@ def test_the_old_spellings_still_work_with_a_warning():
                       out_specs=PartitionSpec())(tower_params(), q, d)
 
 
+def test_distributed_true_names_its_axis_and_a_collective_takes_no_mesh():
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from gradcache import GradCacheError
+    from gradcache.testing import ThreadCollective
+    from gradcache.testing._threads import _Board
+    from gradcache_jax import cached_step
+    from tests.jax.common import batch, info_nce, tower, tower_params
+
+    q, d = batch(4), batch(4)
+    _, named = cached_step(tower, (q, d), info_nce, chunk_size=2, params=tower_params(),
+                           distributed=True, axis_name="rows")
+    _, plain = cached_step(tower, (q, d), info_nce, chunk_size=2, params=tower_params())
+    for name in plain:
+        np.testing.assert_allclose(named[name], plain[name], rtol=1e-6)
+    with pytest.raises(GradCacheError, match="a string"):
+        cached_step(tower, (q, d), info_nce, chunk_size=2, params=tower_params(),
+                    distributed=True, axis_name=("a", "b"))
+    collective = ThreadCollective(_Board(1, 5.0), 0)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
+    with pytest.raises(GradCacheError, match="cannot be combined"):
+        cached_step(tower, (q, d), info_nce, chunk_size=2, params=tower_params(),
+                    distributed=collective, axis_name="batch")
+    with pytest.raises(GradCacheError, match="cannot be combined"):
+        cached_step(tower, (q, d), info_nce, chunk_size=2, params=tower_params(),
+                    distributed=collective, mesh=mesh)
+
+
 if __name__ == "__main__":
     print(json.dumps(_child(int(sys.argv[1]), int(sys.argv[2]))))

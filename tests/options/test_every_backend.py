@@ -14,11 +14,13 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
 
 from gradcache import GradCacheError
+from gradcache.testing import run_ranks
 
 VOCAB, DIM = 11, 5
 
@@ -40,6 +42,7 @@ class Kit:
     name: str
     step: Callable[..., np.ndarray]
     widths: list = field(default_factory=list)   # the sequence lengths the encoder saw
+    concat: Callable[[list], Any] | None = None   # joins rows of this framework's tensors
 
 
 def torch_kit(weights: np.ndarray) -> Kit:
@@ -47,7 +50,7 @@ def torch_kit(weights: np.ndarray) -> Kit:
 
     from gradcache_torch import cached_step
 
-    kit = Kit("torch", None)
+    kit = Kit("torch", None, concat=lambda leaves: torch.cat(leaves, dim=0))
 
     class Pool(torch.nn.Module):
         def __init__(self):
@@ -78,7 +81,7 @@ def jax_kit(weights: np.ndarray) -> Kit:
 
     from gradcache_jax import cached_step
 
-    kit = Kit("jax", None)
+    kit = Kit("jax", None, concat=lambda leaves: jnp.concatenate(leaves, axis=0))
 
     def pool(params, x):
         kit.widths.append(int(x["input_ids"].shape[1]))
@@ -106,7 +109,7 @@ def tf_kit(weights: np.ndarray) -> Kit:
 
     from gradcache_tf import cached_step
 
-    kit = Kit("tf", None)
+    kit = Kit("tf", None, concat=lambda leaves: tf.concat(leaves, axis=0))
 
     class Pool(tf.Module):
         def __init__(self):
@@ -197,6 +200,44 @@ def test_progress_and_determinism_check_follow_an_eager_step(kit: Kit) -> None:
     plain = kit.step(_groups())
     checked = kit.step(_groups(), progress=True, check_determinism=True)
     np.testing.assert_allclose(checked, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_distributed_on_thread_ranks_shares_sum_to_the_global_gradient(kit: Kit) -> None:
+    """``distributed=`` takes any ``gradcache.Collective``: here two threads of this process, each
+    with half of every group's rows; the loss sees the global batch, and the ranks' gradients (each
+    its own rows' share) add up to the one-process gradient of the whole batch."""
+    groups = _groups()
+    whole = kit.step(groups)
+
+    def rank_step(rank: int, collective) -> np.ndarray:
+        mine = [{k: v[rank * 5:(rank + 1) * 5] for k, v in group.items()} for group in groups]
+        return kit.step(mine, distributed=collective, pad_trim=True)
+
+    outcomes = run_ranks(2, rank_step, concat=kit.concat, timeout=60)
+    errors = [error for _, error in outcomes if error is not None]
+    assert not errors, errors
+    np.testing.assert_allclose(outcomes[0][0] + outcomes[1][0], whole, rtol=1e-10, atol=1e-12)
+
+
+def test_sorting_checks_every_leaf_has_the_rows_first(kit: Kit) -> None:
+    # the permutation comes from the mask: a mask with fewer rows once dropped a row silently
+    groups = _groups()
+    groups[0] = {**groups[0], "attention_mask": groups[0]["attention_mask"][:-1]}
+    with pytest.raises(GradCacheError, match="disagree on the batch size"):
+        kit.step(groups, sort_by_length=True)
+
+
+def test_pad_trim_refuses_a_leaf_it_cannot_tell_is_per_token(kit: Kit) -> None:
+    # a (rows, L) feature that is not per-token was once cut with the tokens, silently
+    groups = _groups()
+    groups[0] = {**groups[0], "extra": np.ones(groups[0]["input_ids"].shape)}
+    with pytest.raises(GradCacheError, match="cannot tell whether 'extra'"):
+        kit.step(groups, pad_trim=True)
+
+
+def test_a_number_is_not_a_distributed_value(kit: Kit) -> None:
+    with pytest.raises(GradCacheError, match="distributed= takes"):
+        kit.step(_groups(), distributed=0)
 
 
 def test_the_options_object_lists_one_spelling() -> None:

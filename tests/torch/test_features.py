@@ -309,3 +309,42 @@ def test_length_sorted_chunks_give_the_same_gradients_in_the_callers_order() -> 
     assert_all_close(grads_of(model), grads_of(reference), rtol=1e-12)
     lengths = sorted(q["attention_mask"].sum(1).tolist(), reverse=True)
     assert model.lengths_seen[0] == lengths[0] and model.lengths_seen[3] == lengths[9]
+
+
+def test_pad_trim_with_per_token_representations_says_why_they_cannot_be_joined() -> None:
+    # the chunks are cut to different lengths: a per-token output cannot be concatenated
+    model = MaskedMeanEncoder()
+    q, p = token_batch(6, 8, 1), token_batch(6, 8, 2)
+    per_token = lambda out: out.hidden   # noqa: E731
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask):
+            @dataclass
+            class Out:
+                hidden: torch.Tensor
+            return Out(torch.tanh(self.inner.mix(self.inner.embed(input_ids))))
+
+    def token_loss(q, p):
+        return (q.mean(1) @ p.mean(1).T).sum()
+
+    with pytest.raises(RuntimeError) as info:
+        cached_step(Tokens(), (q, p), token_loss, chunk_size=3, get_rep=per_token, pad_trim=True)
+    assert any("pad_trim cut the chunks" in note for note in info.value.__notes__)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("distributed", ["yes", [1]])
+def test_distributed_refuses_what_is_not_a_group_or_collective(distributed) -> None:
+    with pytest.raises(GradCacheError, match="distributed= takes"):
+        cached_step(torch.nn.Linear(3, 2), (torch.randn(4, 3),) * 2, info_nce, chunk_size=2,
+                    distributed=distributed)
+
+
+def test_scaler_must_be_a_grad_scaler() -> None:
+    with pytest.raises(GradCacheError, match="scaler must be"):
+        cached_step(torch.nn.Linear(3, 2), (torch.randn(4, 3),) * 2, info_nce, chunk_size=2,
+                    scaler=3)
