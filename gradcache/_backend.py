@@ -249,6 +249,16 @@ class Backend:
         gradient a loss supplies itself. Default: no scale (``GradScaler``, ``LossScaleOptimizer``)."""
         return value
 
+    def multiply(self, leaf: Any, factor: Any) -> Any:
+        """``leaf * factor`` for a scalar ``factor`` (the upstream gradient of
+        :func:`gradcache.cached_backward`), in ``leaf``'s dtype. Default: ``leaf * factor``."""
+        return leaf * factor
+
+    def trains(self, encoder: Any) -> bool:
+        """Whether an encoder has anything to train. A group whose encoder does not (a frozen
+        tower) is encoded once, without a graph, and skipped in pass 2. Default: true."""
+        return True
+
     def progress_enabled(self) -> bool:
         """Whether a progress bar can follow the chunks (false while tracing a compiled loop)."""
         return True

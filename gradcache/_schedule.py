@@ -11,6 +11,7 @@ frameworks only through :class:`gradcache.Backend` and must never import one.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -38,10 +39,32 @@ class GroupPlan:
     get_rep: Callable
     pre_split: list | None = None   # chunks made by a user split_fn
     last_for_encoder: bool = False  # the last group pulled back through this encoder
+    rep_takes_inputs: bool = False  # get_rep(output, chunk_inputs) rather than get_rep(output)
+    frozen: bool = False            # nothing to train: encoded once, skipped in pass 2
+
+    def picker(self, chunk_inputs: Any) -> Callable:
+        """``get_rep`` for one chunk: given the chunk's inputs too when it takes them."""
+        if not self.rep_takes_inputs:
+            return self.get_rep
+        return lambda output: self.get_rep(output, chunk_inputs)
 
 
 def _identity(value: Any) -> Any:
     return value
+
+
+def _takes_inputs(get_rep: Callable) -> bool:
+    """Whether ``get_rep`` takes the chunk's inputs after the output (``get_rep(output, inputs)``,
+    for pooling over an attention mask): it accepts two positional arguments."""
+    try:
+        parameters = inspect.signature(get_rep).parameters.values()
+    except (TypeError, ValueError):   # builtins such as operator.itemgetter: one argument
+        return False
+    positional = [p for p in parameters
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return False   # f(*args): keep the documented one-argument call
+    return len(positional) >= 2 and all(p.default is p.empty for p in positional[1:2])
 
 
 def _as_chunk_size(value: Any, group: int) -> int:
@@ -131,21 +154,26 @@ def plan_groups(backend: Backend, encoders: Any, inputs: Any, chunk_size: Any, *
     groups = []
     for index, (encoder, group_inputs, size, pick) in enumerate(
             zip(encoder_list, inputs, sizes, get_reps)):
+        takes_inputs = pick is not None and _takes_inputs(pick)
         pick = pick or _identity
         if split_fn is not None:
             chunks = list(split_fn(group_inputs, size))
             if not chunks:
                 raise GradCacheError(f"split_fn returned no chunks for {where(index)}")
-            groups.append(GroupPlan(index, encoder, group_inputs, None, pick, pre_split=chunks))
+            groups.append(GroupPlan(index, encoder, group_inputs, None, pick, pre_split=chunks,
+                                    rep_takes_inputs=takes_inputs))
             continue
         batch = group_batch_size(backend, group_inputs, index)
         plan = ChunkPlan.uniform(batch, size)
         trimmed = _padding.trimmed_chunks(backend, group_inputs, plan.bounds, index) \
             if pad_trim else None
-        groups.append(GroupPlan(index, encoder, group_inputs, plan, pick, pre_split=trimmed))
-    last_group_of = {id(group.encoder): group.index for group in groups}
+        groups.append(GroupPlan(index, encoder, group_inputs, plan, pick, pre_split=trimmed,
+                                rep_takes_inputs=takes_inputs))
     for group in groups:
-        group.last_for_encoder = last_group_of[id(group.encoder)] == group.index
+        group.frozen = not backend.trains(group.encoder)
+    last_group_of = {id(group.encoder): group.index for group in groups if not group.frozen}
+    for group in groups:
+        group.last_for_encoder = last_group_of.get(id(group.encoder)) == group.index
     return groups
 
 
@@ -257,14 +285,17 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
                    pad_trim: bool = False, sort_by_length: bool = False,
                    check_finite: bool = False, check_determinism: bool = False,
                    determinism_tolerance: float = 1e-5, progress: bool = False,
-                   collective: Collective | None = None) -> CachedForward:
+                   collective: Collective | None = None,
+                   differentiate: bool = True) -> CachedForward:
     """The first half of a step: plan, pass 1, the loss and its gradient with respect to the reps.
 
     Validates every argument before anything runs, encodes every chunk without a graph (recording
     its random state), takes the loss (on the global batch, with a ``collective``) and
     ``dloss/dreps``, and runs ``check_finite``. Gradients of loss-owned parameters go into the
     accumulator here. Run it inside ``backend.transaction()`` when the backend writes gradients in
-    place. The arguments are :func:`run_cached_step`'s.
+    place. The arguments are :func:`run_cached_step`'s, and ``differentiate``: when false (an
+    evaluation loop, ``torch.no_grad()``), only the loss is taken -- no gradient of any kind is
+    computed or written -- and the forward cannot be pulled back.
 
     >>> import numpy as np
     >>> from gradcache.testing import NumpyBackend, LinearEncoder, NumpyInfoNCE
@@ -306,7 +337,8 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
             "loss, so it needs a distributed step: pass distributed=... (without it, averaging "
             "wrappers would leave the gradients a factor world-size too small)")
     track = backend.progress_enabled() and progress
-    total = 2 * sum(g.plan.num_chunks if g.plan else len(g.pre_split) for g in groups)
+    total = sum((1 if g.frozen or not differentiate else 2)
+                * (g.plan.num_chunks if g.plan else len(g.pre_split)) for g in groups)
     bar = _Progress(track, total)
     try:
         reps, records = [], []
@@ -315,21 +347,39 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
             reps.append(rep)
             records.append(record)
         # after pass 1: lazily built layers (Keras) have made their variables by now
-        grads = backend.zero_grads()
-        if collective is None:
-            loss, rep_grads, grads = loss_and_rep_grads(backend, checked_loss, reps, grads)
+        if not differentiate:
+            loss, rep_grads, grads = _loss_only(backend, collective, rendezvous, checked_loss,
+                                                reps), [], None
+        elif collective is None:
+            loss, rep_grads, grads = loss_and_rep_grads(backend, checked_loss, reps,
+                                                        backend.zero_grads())
         else:
             loss, rep_grads, grads = _distributed_loss(backend, collective, rendezvous,
-                                                       checked_loss, reps, grads)
+                                                       checked_loss, reps, backend.zero_grads())
         if check_finite:
             backend.run_check(_require_finite(backend), loss)
     except Exception as error:
         bar.close()
         rendezvous.fail(error)
         raise
-    return CachedForward(backend, groups, reps if check_determinism else [None] * len(reps),
-                         records, rep_grads, loss, grads, check_determinism,
-                         determinism_tolerance, rendezvous, bar)
+    forward = CachedForward(backend, groups, reps if check_determinism else [None] * len(reps),
+                            records, rep_grads, loss, grads, check_determinism,
+                            determinism_tolerance, rendezvous, bar)
+    if not differentiate:
+        forward.close()   # nothing to pull back: release the records at once
+    return forward
+
+
+def _loss_only(backend: Backend, collective: Collective | None, rendezvous: Rendezvous,
+               checked_loss: CheckedLoss, reps: list) -> Any:
+    """The loss of the (global) batch, with no gradient: an evaluation step."""
+    if collective is not None:
+        counts = _agreed_counts(backend, collective, rendezvous, reps)
+        if not checked_loss.gathers_itself:
+            reps = [_tree.map_leaves(lambda leaf, c=c: collective.all_gather_rows(leaf, c), rep,
+                                     backend.is_leaf) for rep, c in zip(reps, counts)]
+        rendezvous.planned -= 1   # no pass 2, so no meeting after it
+    return backend.detach(checked_loss(*reps))
 
 
 def cached_backward(forward: CachedForward, upstream: Any = None) -> Any:
@@ -339,25 +389,32 @@ def cached_backward(forward: CachedForward, upstream: Any = None) -> Any:
     of the representations' gradient is pulled back into the gradient accumulator, which is
     returned. ``upstream`` is the gradient of whatever the caller differentiates with respect to
     the loss (a loss scale, ``1 / accumulation_steps``); ``None`` means 1. The loss-owned
-    parameters' gradient, added in the first half, is *not* scaled here: a caller passing
-    ``upstream`` scales it itself. Every rank of a distributed step then meets the last time.
-    A forward can be pulled back once; a second call raises :class:`GradCacheError`.
+    parameters' gradient that the first half left in the accumulator is scaled by ``upstream``
+    too, so the result is the gradient of ``upstream * loss`` (a backend that writes the
+    loss-owned gradient in place at the loss, such as torch's ``cached_step``, must defer it to
+    the accumulator for this to hold). A group whose encoder has nothing to train is skipped.
+    Every rank of a distributed step then meets the last time. A forward can be pulled back
+    once; a second call raises :class:`GradCacheError`.
     """
     if forward.consumed:
         raise GradCacheError(
-            "this cached forward was already pulled back (or released): pass 2 runs once per "
-            "forward; run the forward again for another backward")
+            "this cached forward was already pulled back (or released, or taken without "
+            "gradients): pass 2 runs once per forward; run the forward again for another backward")
     forward.consumed = True
     backend = forward.backend
-    rep_grads = forward.rep_grads
+    rep_grads, grads = forward.rep_grads, forward.grads
     if upstream is not None:
         _check_scalar_upstream(backend, upstream)
-        rep_grads = [_tree.map_leaves(lambda leaf: leaf * upstream, grad, backend.is_leaf)
-                     for grad in rep_grads]
-    grads = forward.grads
+
+        def scaled(tree: Any) -> Any:
+            return _tree.map_leaves(lambda leaf: backend.multiply(leaf, upstream), tree,
+                                    backend.is_leaf)
+        rep_grads, grads = [scaled(grad) for grad in rep_grads], scaled(grads)
     try:
         for group, rep, rep_grad, record in zip(forward.groups, forward.reps, rep_grads,
                                                 forward.records):
+            if group.frozen:
+                continue
             grads = _pass_two(backend, group, rep, rep_grad, record, grads,
                               forward.determinism_tolerance, forward.bar)
         forward.rendezvous.agree("after pass 2")
@@ -511,7 +568,7 @@ def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress) -> tuple[Any, 
         inputs = item if group.pre_split is not None else rows
         try:
             record = backend.rng_capture(group.index, chunk.index)
-            rep = backend.encode(group.encoder, inputs, record, group.get_rep)
+            rep = backend.encode(group.encoder, inputs, record, group.picker(inputs))
         except GradCacheError as error:
             raise GradCacheError(f"{where(group.index, chunk.label, 'pass 1')}: {error}") from None
         except Exception as error:
@@ -557,8 +614,9 @@ def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, recor
         # a plain bool: the core runs a group's last chunk by itself when the backend reads this
         final_use = group.last_for_encoder and chunk.last
         try:
-            grads, recomputed = pullback(backend, group.encoder, inputs, record, group.get_rep,
-                                         grad_chunk, grads, final_use=final_use)
+            grads, recomputed = pullback(backend, group.encoder, inputs, record,
+                                         group.picker(inputs), grad_chunk, grads,
+                                         final_use=final_use)
         except GradCacheError as error:
             raise GradCacheError(f"{where(group.index, chunk.label, 'pass 2')}: {error}") from None
         except Exception as error:

@@ -140,6 +140,10 @@ class NumpyBackend(Backend):
         # without raising: numpy cannot differentiate a function
         raise GradCacheError("the numpy backend needs a loss with value_and_grad(*reps)")
 
+    def trains(self, encoder: Any) -> bool:
+        # an encoder marked ``trainable = False`` is a frozen tower
+        return bool(getattr(encoder, "trainable", True))
+
     def vjp(self, encoder: Any, chunk: Any, record: Any, outputs: Any, grads: Any, *,
             final_use: bool) -> tuple[list, Any]:
         if not hasattr(encoder, "vjp"):

@@ -17,6 +17,10 @@ The contract problem, which every harness implements identically:
 * the loss is InfoNCE of group 0's rows against the rows of every group:
   ``scores = scale * r0 @ concat(r).T``, ``loss = mean(logsumexp(scores, 1) - diag(scores))``, with
   ``scale`` a loss-owned learnable parameter when ``learnable_scale``;
+* what is differentiated is ``upstream * loss`` -- plus ``0.5 * sum(enc0.b ** 2)``, a term the
+  encoder's parameters have outside the loss, with ``extra_term`` -- as a trainer scales a loss
+  (``loss / accumulation_steps``, a loss scale) and adds other terms; ``Result.loss`` is the loss
+  alone. ``cached_step`` runs only ``upstream == 1`` without the term; ``cached_loss`` runs any;
 * parameters come from ``numpy.random.default_rng(seed)``: for each encoder in order, ``W`` then
   ``b`` (``normal(scale=0.5)``), then the inputs of each group (``x`` then ``x2``), then ``scale``
   starts at 2.0. Gradients are reported as ``{"enc0.W": ..., "enc0.b": ..., "scale": ...}``.
@@ -51,6 +55,8 @@ class ProblemSpec:
     learnable_scale: bool = True
     dtype: str = "float64"
     seed: int = 0
+    upstream: float = 1.0
+    extra_term: bool = False
 
     @property
     def num_encoders(self) -> int:
@@ -90,16 +96,20 @@ class Harness(Protocol):
 
     name: str
     #: any of "nested_input", "nested_output", "dropout", "float32", "learnable_scale",
-    #: "separate_encoders", "rng_state"
+    #: "separate_encoders", "rng_state", "cached_loss"
     features: frozenset
 
     def run(self, spec: ProblemSpec, mode: str) -> Result:
-        """Runs the problem: ``"cached"`` (the adapter's cached_step), ``"full"`` (one full-batch
-        autodiff step) or ``"chunked"`` (chunk by chunk with a graph, groups and chunks in order)."""
+        """Runs the problem: ``"cached"`` (the adapter's cached_step), ``"cached_loss"`` (the
+        adapter's cached_loss, differentiated by the framework's own autodiff, times
+        ``spec.upstream`` plus the extra term), ``"full"`` (one full-batch autodiff step) or
+        ``"chunked"`` (chunk by chunk with a graph, groups and chunks in order)."""
 
-    def run_failing(self, spec: ProblemSpec, fail_at_call: int) -> tuple[dict, dict]:
-        """Gradients before and after a cached step whose encoder raises on its ``fail_at_call``-th
-        call (counting from 1, over both passes); the step must have raised."""
+    def run_failing(self, spec: ProblemSpec, fail_at_call: int,
+                    mode: str = "cached") -> tuple[dict, dict]:
+        """Gradients before and after a cached step (``mode="cached"``) or a cached loss's
+        backward (``"cached_loss"``) whose encoder raises on its ``fail_at_call``-th call (counting
+        from 1, over both passes); the step must have raised."""
 
     def step(self, encoders: Any, inputs: Any, loss_fn: Any, **options: Any) -> Any:
         """Calls the adapter's cached_step on raw harness objects (for the error tests)."""
@@ -136,6 +146,15 @@ def assert_results_close(actual: Result, expected: Result, dtype: str) -> None:
     for name in expected.grads:
         error = relative_error(actual.grads[name], expected.grads[name])
         assert error <= tolerance, f"{name}: relative error {error:.3g} > {tolerance:g}"
+
+
+def _assert_unchanged(before: dict, after: dict) -> None:
+    assert set(before) == set(after)
+    for name in before:
+        if before[name] is None:
+            assert after[name] is None, f"{name}: a gradient appeared after a failed step"
+        else:
+            assert np.array_equal(before[name], after[name]), f"{name} changed"
 
 
 @st.composite
@@ -227,6 +246,36 @@ class BackendContract:
         b = self.harness.run(ProblemSpec(**{**spec.__dict__, "dropout": 0.0}), "full")
         assert relative_error(a.grads["enc0.W"], b.grads["enc0.W"]) > 1e-6
 
+    def test_cached_loss_equals_full_batch(self) -> None:
+        # the framework's autodiff drives pass 2: a scaled loss plus another term, as trainers do
+        if "cached_loss" not in self._features():
+            pytest.skip(f"{self.harness.name} harness has no cached_loss")
+
+        @st.composite
+        def scaled_specs(draw: Any) -> ProblemSpec:
+            spec = draw(problem_specs(self._features()))
+            upstream = draw(st.sampled_from([1.0, 0.5, -1.5, 3.0, 1 / 3, 1024.0]))
+            return ProblemSpec(**{**spec.__dict__, "upstream": upstream,
+                                  "extra_term": draw(st.booleans())})
+
+        @self._property(scaled_specs(), "test_cached_loss_equals_full_batch")
+        def check(spec: ProblemSpec) -> None:
+            cached = self.harness.run(spec, "cached_loss")
+            full = self.harness.run(spec, "full")
+            assert_results_close(cached, full, spec.dtype)
+        check()
+
+    def test_cached_loss_replays_dropout(self) -> None:
+        if "cached_loss" not in self._features() or "dropout" not in self._features():
+            pytest.skip(f"{self.harness.name} harness has no cached_loss with dropout")
+
+        @self._property(problem_specs(self._features(), dropout=True),
+                        "test_cached_loss_replays_dropout", max(5, self.max_examples // 3))
+        def check(spec: ProblemSpec) -> None:
+            assert_results_close(self.harness.run(spec, "cached_loss"),
+                                 self.harness.run(spec, "chunked"), spec.dtype)
+        check()
+
     # -- nothing half-done ----------------------------------------------------------------------------
     def test_failure_leaves_gradients_untouched(self) -> None:
         @st.composite
@@ -239,13 +288,24 @@ class BackendContract:
                         max(5, self.max_examples // 3))
         def check(case: tuple[ProblemSpec, int]) -> None:
             spec, fail_at = case
-            before, after = self.harness.run_failing(spec, fail_at)
-            assert set(before) == set(after)
-            for name in before:
-                if before[name] is None:
-                    assert after[name] is None, f"{name}: a gradient appeared after a failed step"
-                else:
-                    assert np.array_equal(before[name], after[name]), f"{name} changed"
+            _assert_unchanged(*self.harness.run_failing(spec, fail_at))
+        check()
+
+    def test_cached_loss_failure_leaves_gradients_untouched(self) -> None:
+        if "cached_loss" not in self._features():
+            pytest.skip(f"{self.harness.name} harness has no cached_loss")
+
+        @st.composite
+        def failing_specs(draw: Any) -> tuple[ProblemSpec, int]:
+            spec = draw(problem_specs(self._features()))
+            calls = 2 * sum(-(-b // c) for b, c in zip(spec.batch_sizes, spec.chunk_sizes))
+            return spec, draw(st.integers(1, calls))
+
+        @self._property(failing_specs(), "test_cached_loss_failure_leaves_gradients_untouched",
+                        max(5, self.max_examples // 3))
+        def check(case: tuple[ProblemSpec, int]) -> None:
+            spec, fail_at = case
+            _assert_unchanged(*self.harness.run_failing(spec, fail_at, mode="cached_loss"))
         check()
 
     # -- errors -----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from gradcache import run_cached_step
+from gradcache import cached_backward, cached_forward, run_cached_step
 from gradcache.testing import NumpyBackend, NumpyInfoNCE
 from gradcache.testing.contract import ProblemSpec, Result
 
@@ -38,7 +38,9 @@ class VectorLoss:
 
 class NumpyHarness:
     name = "numpy"
-    features = frozenset({"separate_encoders", "float32"})
+    # "cached_loss" here is the core's two halves with an upstream gradient: numpy has no autodiff
+    # to drive them, so the harness adds the extra term's gradient by hand
+    features = frozenset({"separate_encoders", "float32", "cached_loss"})
 
     def build(self, spec: ProblemSpec) -> tuple[list, list]:
         arrays = spec.arrays()
@@ -61,19 +63,34 @@ class NumpyHarness:
         if mode == "cached":
             loss, grads = run_cached_step(NumpyBackend(), encoders, inputs, loss_fn,
                                           chunk_size=list(spec.chunk_sizes))
+        elif mode == "cached_loss":
+            forward = cached_forward(NumpyBackend(), encoders, inputs, loss_fn,
+                                     chunk_size=list(spec.chunk_sizes))
+            loss, grads = forward.loss, cached_backward(forward, upstream=spec.upstream)
+            self.add_extra_term(spec, encoders, grads)
         elif mode == "full":
             reps = [encoder(x) for encoder, x in zip(encoders, inputs)]
             loss, rep_grads = loss_fn.value_and_grad(*reps)
-            grads: dict = {}
+            grads = {}
             for encoder, x, g in zip(encoders, inputs, rep_grads):
                 mine = grads.setdefault(id(encoder), {})
-                for name, value in encoder.vjp(x, g)[1].items():
+                for name, value in encoder.vjp(x, spec.upstream * g)[1].items():
                     mine[name] = mine.get(name, 0.0) + value
+            self.add_extra_term(spec, encoders, grads)
         else:
             raise ValueError(mode)
         return Result(float(loss), self.named(encoders, grads))
 
-    def run_failing(self, spec: ProblemSpec, fail_at_call: int) -> tuple[dict, dict]:
+    @staticmethod
+    def add_extra_term(spec: ProblemSpec, encoders: list, grads: dict) -> None:
+        """The gradient of ``0.5 * sum(enc0.b ** 2)`` (the contract's extra term)."""
+        if spec.extra_term:
+            first = encoders[0]
+            mine = grads.setdefault(id(first), {})
+            mine["b"] = mine.get("b", 0.0) + first.bias
+
+    def run_failing(self, spec: ProblemSpec, fail_at_call: int,
+                    mode: str = "cached") -> tuple[dict, dict]:
         encoders, inputs = self.build(spec)
         calls = {"n": 0}
 
@@ -96,9 +113,15 @@ class NumpyHarness:
 
         wrapped = {id(e): Failing(e) for e in encoders}
         before = {name: value.copy() for name, value in spec.arrays()["params"].items()}
+        failing = [wrapped[id(e)] for e in encoders]
         try:
-            run_cached_step(NumpyBackend(), [wrapped[id(e)] for e in encoders], inputs,
-                            NumpyInfoNCE(2.0), chunk_size=list(spec.chunk_sizes))
+            if mode == "cached_loss":
+                forward = cached_forward(NumpyBackend(), failing, inputs, NumpyInfoNCE(2.0),
+                                         chunk_size=list(spec.chunk_sizes))
+                cached_backward(forward, upstream=0.5)
+            else:
+                run_cached_step(NumpyBackend(), failing, inputs, NumpyInfoNCE(2.0),
+                                chunk_size=list(spec.chunk_sizes))
         except RuntimeError:
             pass
         else:
