@@ -15,10 +15,9 @@ import statistics
 import time
 
 import torch
+from bench_torch import SmallTransformer, batch, info_nce  # noqa: E402 - same model as bench_torch
 
 from gradcache_torch import cached_loss, cached_step
-
-from bench_torch import SmallTransformer, batch, info_nce  # noqa: E402 - same model as bench_torch
 
 
 def measure(rows: int, chunk: int, length: int, dim: int, repeats: int) -> dict:

