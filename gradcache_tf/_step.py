@@ -115,7 +115,8 @@ def _check_static_batch(inputs: Any) -> None:
                     f"input group {group} has a tensor of shape {leaf.shape} whose batch size "
                     f"(dimension 0) is unknown while tracing tf.function; chunks are planned at "
                     f"trace time, so give the batch a static size: an input_signature with a fixed "
-                    f"batch size, or a tf.data pipeline batched with drop_remainder=True")
+                    f"batch size, a tf.data pipeline batched with drop_remainder=True, or (Keras "
+                    f"fit with arrays) a batch_size that divides the number of rows")
 
 
 @tf.autograph.experimental.do_not_convert
