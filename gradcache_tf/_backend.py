@@ -206,15 +206,16 @@ class TFBackend(Backend):
         return leaf * tf.cast(factor, leaf.dtype)
 
     def trains(self, encoder: Any) -> bool:
-        """False for a Keras layer or model (built) or a ``tf.Module`` with no trainable variable
-        (``layer.trainable = False``: a frozen tower, encoded once). An unbuilt Keras layer has
-        no variables yet, and a plain callable's are not known: those are assumed to train."""
+        """False for a Keras layer or model (built) or a ``tf.Module`` that has variables, none of
+        them trainable (``layer.trainable = False``: a frozen tower, encoded once and skipped in
+        pass 2). An unbuilt Keras layer has no variables yet, a wrapper with none of its own may
+        read someone else's, and a plain callable's are not known: those are assumed to train."""
         layer_class = _rng._layer_class()
-        if layer_class is not None and isinstance(encoder, layer_class):
-            return not encoder.built or bool(encoder.trainable_variables)
-        if isinstance(encoder, tf.Module):
-            return bool(encoder.trainable_variables)
-        return True
+        owns = (layer_class is not None and isinstance(encoder, layer_class)
+                and encoder.built) or isinstance(encoder, tf.Module)
+        if not owns:
+            return True
+        return bool(encoder.trainable_variables) or not encoder.variables
 
     def differentiable(self, leaf: Any) -> bool:
         return _differentiable(leaf)
