@@ -19,7 +19,7 @@ from tensorflow.python.eager import tape as tape_lib  # variable_accessed (priva
 
 from gradcache import GradCacheError, StepOptions, cached_backward, cached_forward
 from gradcache_tf import _rng
-from gradcache_tf._step import (_backend_for, _check_static_batch, _collective, as_tensors)
+from gradcache_tf._step import _backend_for, _check_static_batch, _collective, as_tensors
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow as tf
 
-from gradcache import (Collective, GradCacheError, StepOptions, flatten, map_leaves,
-                       run_cached_step)
+from gradcache import Collective, GradCacheError, StepOptions, flatten, map_leaves, run_cached_step
 from gradcache_tf import _rng
 from gradcache_tf._backend import TFBackend, is_tensor
 from gradcache_tf._distributed import ReplicaCollective
