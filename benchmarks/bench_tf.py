@@ -7,6 +7,10 @@ ratio measured side by side means anything). Memory: a cached step at batch = ch
 peak that TensorFlow's CPU allocator held during the step; the cached step should grow only by the
 representations (and their gradients) and the loss's own memory, not by activations. It prints tables and asserts nothing.
 
+``--cached-loss``: instead, ``cached_loss`` + ``tape.gradient`` against ``cached_step`` on the same
+batch, interleaved, eagerly and inside ``tf.function`` (the same two halves of the core run in both;
+the ratio should stay within 1.03).
+
 Run: ``python benchmarks/bench_tf.py`` (``--quick`` for a smaller, faster run).
 """
 
@@ -101,6 +105,55 @@ def steps(encoder, chunk: int):
         return loss, tape.gradient(loss, encoder.trainable_variables)
 
     return cached, full
+
+
+def loss_steps(encoder, chunk: int, compiled: bool):
+    """``cached_loss`` + ``tape.gradient`` and ``cached_step``: both ``(q, p) -> (loss, grads)``."""
+    import tensorflow as tf
+
+    import gradcache_tf
+
+    def step(q, p):
+        return gradcache_tf.cached_step(encoder, (q, p), info_nce, chunk_size=chunk)
+
+    def with_tape(q, p):
+        with tf.GradientTape() as tape:
+            loss = gradcache_tf.cached_loss(encoder, (q, p), info_nce, chunk_size=chunk)
+        return loss, tape.gradient(loss, encoder.trainable_variables)
+
+    if compiled:
+        return tf.function(with_tape), tf.function(step)
+    return with_tape, step
+
+
+def loss_table(runs: list, repeats: int) -> None:
+    """cached_loss + tape.gradient over cached_step, same batch, interleaved (target <= 1.03)."""
+    print(f"cached_loss + tape.gradient vs cached_step on CPU ({os.cpu_count()} cores), float32, "
+          f"2 groups, median of {repeats} interleaved runs (wall clock; CPU seconds in brackets)")
+    print(f"  {'configuration':<36}{'where':>12}{'step ms':>14}{'loss ms':>14}{'loss/step':>13}")
+    for label, config in runs:
+        encoder = build(**config)
+        q, p = data(config, config["batch"])
+        for compiled in (True, False):
+            with_tape, step = loss_steps(encoder, config["chunk"], compiled)
+            for fn in (with_tape, step):  # trace and warm up
+                run_once(fn, q, p)
+                run_once(fn, q, p)
+            wall: dict[str, list] = {"loss": [], "step": []}
+            cpu: dict[str, list] = {"loss": [], "step": []}
+            for index in range(repeats):
+                order = (("loss", with_tape), ("step", step))
+                for name, fn in (order if index % 2 == 0 else order[::-1]):
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    run_once(fn, q, p)
+                    wall[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - start_cpu)
+            w = {name: statistics.median(values) * 1e3 for name, values in wall.items()}
+            c = {name: statistics.median(values) * 1e3 for name, values in cpu.items()}
+            where = "tf.function" if compiled else "eager"
+            print(f"  {label:<36}{where:>12}{w['step']:>7.0f} ({c['step']:>4.0f})"
+                  f"{w['loss']:>7.0f} ({c['loss']:>4.0f}){w['loss'] / w['step']:>7.3f} "
+                  f"({c['loss'] / c['step']:.3f})")
 
 
 def data(config: dict, batch: int):
@@ -208,11 +261,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller model and fewer repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--child", nargs=2, metavar=("KIND", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--cached-loss", action="store_true",
+                        help="only cached_loss + tape.gradient against cached_step")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     mode = args.mode or ("quick" if args.quick else "full")
     if args.child:
         memory_child(args.child[0], int(args.child[1]), MEMORY[mode])
+        return
+    if args.cached_loss:
+        loss_table(TIME_RUNS[mode], args.repeats or (5 if args.quick else 11))
         return
     time_table(TIME_RUNS[mode], args.repeats or (3 if args.quick else 7))
     memory_table(MEMORY[mode], mode)

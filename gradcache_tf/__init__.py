@@ -1,4 +1,5 @@
-"""gradcache for TensorFlow and Keras: ``cached_step`` returns full-batch-exact ``(loss, grads)``.
+"""gradcache for TensorFlow and Keras: ``cached_step`` returns full-batch-exact ``(loss, grads)``;
+``cached_loss`` returns a loss whose ``tape.gradient`` is that gradient.
 
 ``grads`` is aligned with the variables (by default the encoders' trainable variables, then the
 loss's), ready for ``optimizer.apply_gradients``. It runs eagerly and inside ``tf.function``, with
@@ -24,6 +25,7 @@ except ImportError:  # pragma: no cover - exercised only without TensorFlow
 from gradcache import GradCacheError
 from gradcache_tf._backend import TFBackend
 from gradcache_tf._distributed import ReplicaCollective
+from gradcache_tf._loss import cached_loss
 from gradcache_tf._rng import RandomSources
 from gradcache_tf._step import cached_step, trainable_variables
 
@@ -33,6 +35,7 @@ __all__ = [
     "RandomSources",
     "ReplicaCollective",
     "TFBackend",
+    "cached_loss",
     "cached_step",
     "trainable_variables",
 ]

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import tensorflow as tf
+from tensorflow.python.eager import record as _record  # stop_recording (private, stable)
 from tensorflow.python.ops import control_flow_util  # XLA context detection (private, stable)
 
 from gradcache import Backend, GradCacheError, call_with_convention, flatten, unflatten
@@ -156,14 +157,16 @@ class TFBackend(Backend):
         return call_with_convention(encoder, chunk, is_tensor)
 
     def encode(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable) -> Any:
-        if self.check_random:
-            guard = _rng.UsageGuard(self.random)
-            with guard.watching():
+        # no tape records pass 1: not the caller's around cached_loss, whose gradient is pass 2's
+        with _record.stop_recording():
+            if self.check_random:
+                guard = _rng.UsageGuard(self.random)
+                with guard.watching():
+                    rep = get_rep(self._call(encoder, chunk))
+                guard.check()
+                self._keras_draws += guard.keras_draws
+            else:
                 rep = get_rep(self._call(encoder, chunk))
-            guard.check()
-            self._keras_draws += guard.keras_draws
-        else:
-            rep = get_rep(self._call(encoder, chunk))
         leaves, spec = flatten(rep, is_tensor)
         return unflatten(spec, [tf.stop_gradient(leaf) for leaf in leaves])
 
@@ -194,6 +197,25 @@ class TFBackend(Backend):
                 self.touched.add(slot)
                 out[slot] = _add(out[slot], gradient)
         return out
+
+    def multiply(self, leaf: Any, factor: Any) -> Any:
+        # the factor in the leaf's dtype, the product in float32 at least (a float16 gradient
+        # times 1 / loss_scale would round the factor to a subnormal)
+        if leaf.dtype in (tf.float16, tf.bfloat16):
+            return tf.cast(tf.cast(leaf, tf.float32) * tf.cast(factor, tf.float32), leaf.dtype)
+        return leaf * tf.cast(factor, leaf.dtype)
+
+    def trains(self, encoder: Any) -> bool:
+        """False for a Keras layer or model (built) or a ``tf.Module`` that has variables, none of
+        them trainable (``layer.trainable = False``: a frozen tower, encoded once and skipped in
+        pass 2). An unbuilt Keras layer has no variables yet, a wrapper with none of its own may
+        read someone else's, and a plain callable's are not known: those are assumed to train."""
+        layer_class = _rng._layer_class()
+        owns = (layer_class is not None and isinstance(encoder, layer_class)
+                and encoder.built) or isinstance(encoder, tf.Module)
+        if not owns:
+            return True
+        return bool(encoder.trainable_variables) or not encoder.variables
 
     def differentiable(self, leaf: Any) -> bool:
         return _differentiable(leaf)

@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import tensorflow as tf
 
-from gradcache import Collective, GradCacheError, StepOptions, flatten, run_cached_step
+from gradcache import Collective, GradCacheError, StepOptions, flatten, map_leaves, run_cached_step
 from gradcache_tf import _rng
 from gradcache_tf._backend import TFBackend, is_tensor
 from gradcache_tf._distributed import ReplicaCollective
@@ -113,7 +114,8 @@ def _check_static_batch(inputs: Any) -> None:
                     f"input group {group} has a tensor of shape {leaf.shape} whose batch size "
                     f"(dimension 0) is unknown while tracing tf.function; chunks are planned at "
                     f"trace time, so give the batch a static size: an input_signature with a fixed "
-                    f"batch size, or a tf.data pipeline batched with drop_remainder=True")
+                    f"batch size, a tf.data pipeline batched with drop_remainder=True, or (Keras "
+                    f"fit with arrays) a batch_size that divides the number of rows")
 
 
 @tf.autograph.experimental.do_not_convert
@@ -218,8 +220,30 @@ def _cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, chunk_size:
                  check_random: bool, graph_loop: bool,
                  step: StepOptions) -> tuple[tf.Tensor, list]:
     collective = _collective(step.distributed)
-    encoder_list = list(encoders) if isinstance(encoders, (list, tuple)) else [encoders]
+    inputs = as_tensors(inputs)
     _check_static_batch(inputs)
+    backend = _backend_for(encoders, loss_fn, variables, training, optimizer, random_state,
+                           check_random, graph_loop, collective)
+    loss, grads = run_cached_step(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
+                                  collective=collective, **step.step_keywords())
+    return loss, backend.gradients_for_caller(grads)
+
+
+def as_tensors(inputs: Any) -> Any:
+    """The input groups with every numpy array made a tensor (as the JAX adapter takes them)."""
+    def convert(leaf: Any) -> Any:
+        return tf.convert_to_tensor(leaf) if isinstance(leaf, np.ndarray) else leaf
+    if not isinstance(inputs, (list, tuple)):
+        return inputs   # the core words the error for a malformed batch
+    return type(inputs)(map_leaves(convert, group, lambda v: is_tensor(v) or isinstance(
+        v, np.ndarray)) for group in inputs)
+
+
+def _backend_for(encoders: Any, loss_fn: Any, variables: Any, training: Any, optimizer: Any,
+                 random_state: Any, check_random: bool, graph_loop: bool,
+                 collective: Collective | None) -> TFBackend:
+    """The backend of one step (``cached_step``) or one forward and backward (``cached_loss``)."""
+    encoder_list = list(encoders) if isinstance(encoders, (list, tuple)) else [encoders]
     if variables is None:
         def found() -> list:
             return trainable_variables(encoder_list, loss_fn)
@@ -237,13 +261,9 @@ def _cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, chunk_size:
     if variables is None:
         def check_variables() -> set[int]:
             return _known_variable_ids(encoder_list, loss_fn)
-    backend = TFBackend(source, random=random, training=training, loss_scale=loss_scale,
-                        check_random=check_random, check_variables=check_variables,
-                        graph_loop=graph_loop,
-                        loss_grad_weight=_first_replica_only(collective))
-    loss, grads = run_cached_step(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
-                                  collective=collective, **step.step_keywords())
-    return loss, backend.gradients_for_caller(grads)
+    return TFBackend(source, random=random, training=training, loss_scale=loss_scale,
+                     check_random=check_random, check_variables=check_variables,
+                     graph_loop=graph_loop, loss_grad_weight=_first_replica_only(collective))
 
 
 def _collective(distributed: Any) -> Collective | None:

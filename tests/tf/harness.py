@@ -135,6 +135,14 @@ class Problem:
         if spec.learnable_scale:
             self.names[id(self.loss.scale)] = "scale"
 
+    def objective(self, loss: tf.Tensor) -> tf.Tensor:
+        """What is differentiated: ``upstream * loss``, plus ``0.5 * sum(enc0.b ** 2)`` with
+        ``extra_term``."""
+        total = tf.cast(self.spec.upstream, loss.dtype) * loss
+        if self.spec.extra_term:
+            total += 0.5 * tf.cast(tf.reduce_sum(self.encoders[0].b ** 2), loss.dtype)
+        return total
+
     def variables(self) -> list:
         return gradcache_tf.trainable_variables(self.encoders, self.loss)
 
@@ -158,7 +166,7 @@ class TFHarness:
     """Runs the contract problem with ``mode`` in ``"eager"``, ``"function"`` or ``"xla"``."""
 
     features = frozenset({"nested_input", "nested_output", "dropout", "float32", "learnable_scale",
-                          "separate_encoders", "rng_state"})
+                          "separate_encoders", "rng_state", "cached_loss"})
 
     def __init__(self, mode: str = "eager", flavor: str = "module"):
         self.mode = mode
@@ -179,11 +187,20 @@ class TFHarness:
                 return gradcache_tf.cached_step(problem.encoders, inputs, problem.loss,
                                                 chunk_size=list(spec.chunk_sizes))
             loss, grads = self._compiled(step)(*problem.inputs)
+        elif mode == "cached_loss":
+            def differentiated(*inputs: Any) -> Any:
+                with tf.GradientTape() as tape:
+                    loss = gradcache_tf.cached_loss(problem.encoders, inputs, problem.loss,
+                                                    chunk_size=list(spec.chunk_sizes))
+                    total = problem.objective(loss)
+                return loss, tape.gradient(total, variables)
+            loss, grads = self._compiled(differentiated)(*problem.inputs)
         elif mode == "full":
             with tf.GradientTape() as tape:
                 loss = problem.loss(*[problem.call(e, x)
                                       for e, x in zip(problem.encoders, problem.inputs, strict=True)])
-            grads = tape.gradient(loss, variables)
+                total = problem.objective(loss)
+            grads = tape.gradient(total, variables)
         elif mode == "chunked":
             def reference(*inputs: Any) -> Any:
                 with tf.GradientTape() as tape:
@@ -200,8 +217,10 @@ class TFHarness:
             raise ValueError(mode)
         return Result(float(loss), problem.named(variables, grads), rng_after=problem.rng_state())
 
-    def run_failing(self, spec: ProblemSpec, fail_at_call: int) -> tuple[dict, dict]:
-        """A cached step whose encoder fails on its ``fail_at_call``-th call, over both passes.
+    def run_failing(self, spec: ProblemSpec, fail_at_call: int,
+                    mode: str = "cached") -> tuple[dict, dict]:
+        """A cached step (or ``cached_loss`` and its ``tape.gradient``) whose encoder fails on its
+        ``fail_at_call``-th call, over both passes.
 
         Gradients are returned, not written, so "untouched" means: the caller's accumulated
         gradients (a half-filled dict, as in gradient accumulation) gain nothing, the variables
@@ -244,10 +263,22 @@ class TFHarness:
             return forward
 
         wrapped = {id(e): failing(e) for e in problem.encoders}
+        encoders = [wrapped[id(e)] for e in problem.encoders]
 
         def step(*inputs: Any) -> Any:
-            return gradcache_tf.cached_step([wrapped[id(e)] for e in problem.encoders], inputs,
-                                            problem.loss, chunk_size=list(spec.chunk_sizes))
+            if mode == "cached":
+                return gradcache_tf.cached_step(encoders, inputs, problem.loss,
+                                                chunk_size=list(spec.chunk_sizes))
+            with tf.GradientTape() as tape:
+                loss = gradcache_tf.cached_loss(encoders, inputs, problem.loss,
+                                                chunk_size=list(spec.chunk_sizes),
+                                                variables=variables)
+                if eager:
+                    # a forward that succeeded has moved the random streams, as any forward does;
+                    # a failing backward must leave them there
+                    before["rng"] = problem.rng_state()
+                total = problem.objective(loss)
+            return loss, tape.gradient(total, variables)
         try:
             _, grads = self._compiled(step, "eager" if eager else "function")(*problem.inputs)
         except (RuntimeError, tf.errors.InvalidArgumentError) as error:

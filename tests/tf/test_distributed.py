@@ -1,4 +1,4 @@
-"""``cached_step(..., distributed=True)`` under ``tf.distribute.MirroredStrategy`` on two logical CPU
+"""``cached_step(..., distributed=True)`` (and ``cached_loss``, and ``GradCacheModel.fit``) under ``tf.distribute.MirroredStrategy`` on two logical CPU
 devices, against one device running the global batch (float64, relative error <= 1e-10).
 
 Logical devices must be configured before TensorFlow starts its runtime, and the rest of the suite
@@ -46,7 +46,8 @@ def _result(checks: dict, name: str) -> dict:
     return result
 
 
-@pytest.mark.parametrize("case", ["eager_uneven", "graph_uneven_loop", "graph_two_encoders"])
+@pytest.mark.parametrize("case", ["eager_uneven", "graph_uneven_loop", "graph_two_encoders",
+                                  "eager_cached_loss", "graph_cached_loss"])
 def test_shares_sum_to_the_one_device_gradient(checks, case) -> None:
     result = _result(checks, case)
     assert result["replicas"] == 2
@@ -102,7 +103,7 @@ def _main() -> None:  # one script: every check shares one TensorFlow start-up
     import numpy as np
 
     from gradcache.testing.contract import relative_error
-    from gradcache_tf import GradCacheModel, cached_step
+    from gradcache_tf import GradCacheModel, cached_loss, cached_step
 
     if keras.backend.backend() != "tensorflow":
         print(json.dumps({"skip": f"Keras runs on {keras.backend.backend()}"}))
@@ -140,7 +141,7 @@ def _main() -> None:  # one script: every check shares one TensorFlow start-up
     def local(value):
         return [np.asarray(v) for v in strategy.experimental_local_results(value)]
 
-    def exactness(counts, chunk, two_encoders, compiled):
+    def exactness(counts, chunk, two_encoders, compiled, through_loss=False):
         with strategy.scope():
             encoders = [tower(1), tower(2)] if two_encoders else tower(1)
             loss_fn = Temperature()
@@ -155,8 +156,13 @@ def _main() -> None:  # one script: every check shares one TensorFlow start-up
         want = tape.gradient(want_loss, variables)
 
         def step(a, b):
-            return cached_step(encoders, (a, b), loss_fn, chunk_size=chunk, variables=variables,
-                               distributed=True)
+            if not through_loss:
+                return cached_step(encoders, (a, b), loss_fn, chunk_size=chunk,
+                                   variables=variables, distributed=True)
+            with tf.GradientTape() as tape:   # cached_loss: the tape's gradient, the same shares
+                loss = cached_loss(encoders, (a, b), loss_fn, chunk_size=chunk,
+                                   variables=variables, distributed=True)
+            return loss, tape.gradient(loss, variables)
 
         def run(a, b):
             return strategy.run(step, args=(a, b))
@@ -300,6 +306,10 @@ def _main() -> None:  # one script: every check shares one TensorFlow start-up
         "eager_uneven": lambda: exactness([5, 3], 2, two_encoders=False, compiled=False),
         "graph_uneven_loop": lambda: exactness([9, 6], 2, two_encoders=False, compiled=True),
         "graph_two_encoders": lambda: exactness([4, 4], 3, two_encoders=True, compiled=True),
+        "eager_cached_loss": lambda: exactness([5, 3], 2, two_encoders=False, compiled=False,
+                                               through_loss=True),
+        "graph_cached_loss": lambda: exactness([9, 6], 2, two_encoders=True, compiled=True,
+                                               through_loss=True),
         "optimizer": optimizer_check,
         "fit": fit_check,
         "per_replica_default": per_replica_default,

@@ -10,7 +10,8 @@ import pytest
 import tests.tf  # noqa: F401
 
 
-@pytest.mark.parametrize("module", ["gradcache_tf._step", "gradcache_tf._rng", "gradcache_tf._keras"])
+@pytest.mark.parametrize("module", ["gradcache_tf._step", "gradcache_tf._loss", "gradcache_tf._rng",
+                                    "gradcache_tf._keras"])
 def test_doctests(module: str) -> None:
     if module.endswith("_keras"):
         from tests.tf.conftest import keras_or_skip
