@@ -245,6 +245,9 @@ def tiled_forward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any
     row_tiles, column_tiles = Tiling.of(x.shape[0], tile), Tiling.of(y.shape[0], tile)
     columns_too = kind == ROWS_AND_COLUMNS
     zero = ops.scalar(0.0, x)
+    # the fill of masked logits (only static tiles mask), a tensor: some frameworks' where takes no
+    # Python float beside a tensor of another dtype
+    neg_inf = None if ops.ragged else ops.scalar(NEG_INF, x)
     row_lse = ops.buffer(row_tiles.n, (), NEG_INF, x) if kind != SIGMOID else zero
     column_lse = ops.buffer(column_tiles.n, (), NEG_INF, x) if columns_too else zero
 
@@ -261,13 +264,14 @@ def tiled_forward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any
                 both = _mask(ops, row_valid, column_valid)
                 positive = _diagonal(ops, logits, _start(offset, row_start), column_start)
                 signed = logits if positive is None else ops.where(positive, -logits, logits)
-                return acc, column_lse, total + ops.sum(_masked(ops, both, ops.softplus(signed), 0.0))
+                terms = _masked(ops, both, ops.softplus(signed), zero)
+                return acc, column_lse, total + ops.sum(terms)
             # Rows an earlier row tile covered keep their full row statistic (recomputed equal);
             # only columns an earlier column tile covered must not count twice in it.
-            by_row = _masked(ops, _mask(ops, None, column_valid), logits, NEG_INF)
+            by_row = _masked(ops, _mask(ops, None, column_valid), logits, neg_inf)
             acc = logaddexp(ops, acc, ops.logsumexp(by_row, 1))
             if columns_too:
-                by_column = _masked(ops, _mask(ops, row_valid, None), by_row, NEG_INF)
+                by_column = _masked(ops, _mask(ops, row_valid, None), by_row, neg_inf)
                 old = ops.read(column_lse, column_start, column_size)
                 column_lse = ops.write(column_lse, column_start,
                                        logaddexp(ops, old, ops.logsumexp(by_column, 0)))
@@ -348,7 +352,7 @@ def tiled_backward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: An
                 if kind == ROWS_AND_COLUMNS:
                     column_stat = ops.row(ops.rows(column_lse, column_start, column_size))
                     weight = weight + ops.expdiff(logits, column_stat)
-            weight = _masked(ops, _mask(ops, row_valid, column_valid), weight, 0.0)
+            weight = _masked(ops, _mask(ops, row_valid, column_valid), weight, zero)
             dx_tile = dx_tile + ops.matmul(weight, y_tile)
             dy = ops.add(dy, column_start, ops.matmul_tn(weight, x_tile))
             if beta is not None:
