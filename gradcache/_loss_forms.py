@@ -1,7 +1,7 @@
 """The contrastive losses assembled once, over the few differentiable ops a backend supplies.
 
-Each loss is a constant times its summed loss ``S`` (:mod:`gradcache._tiled`), which each backend
-computes inside its own custom-gradient function. Around it, only ``O(B·d)`` work is left to the
+Each loss is a constant times its summed loss ``S`` (:mod:`gradcache._tiled`), which
+:meth:`LossOps.tiled_sum` computes inside the backend's own custom-gradient function. Around it, only ``O(B·d)`` work is left to the
 framework's autodiff: the cosine normalisation and turning the temperature into the logits' scale.
 A learnable temperature, logit scale or bias therefore gets its gradient from the framework,
 exactly once, through the scalar it became. The dense references are written here too, over the
@@ -15,9 +15,9 @@ the columns ``y`` (one all-gather of ``B x d``), sweeps this rank's rows ``x`` a
 and sums the per-rank values; :func:`backward_across` sweeps them again, keeps ``dx`` of its own rows
 and sends every column's share of ``dy`` to its owner (one reduce-scatter of ``B x d``). The rest is
 scalars, and for CLIP one ``B``-vector per rank: the per-column log-sum-exp over each rank's rows,
-gathered and combined so that the column term is the global one and is counted once. A backend
-runs the two inside its custom-gradient function (:meth:`LossOps.tiled_sum` given a collective, through
-:func:`summed_forward` and :func:`summed_backward`).
+gathered and combined so that the column term is the global one and is counted once.
+:meth:`LossOps.tiled_sum` given a collective runs the two inside the backend's custom-gradient
+function (through :func:`summed_forward` and :func:`summed_backward`).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ This module computes ``S`` and its gradient one ``tile x tile`` block of logits 
 forward sweep keeps online log-sum-exp statistics per row (and per column) and no graph; the
 backward sweep recomputes each tile once and accumulates ``dS/dx``, ``dS/dy`` and ``dS/dbeta``; the
 positive pairs are ``O(B·d)`` updates of those, and ``dS/dalpha`` follows from ``dS/dx`` with no
-further pass. Working memory is ``O((B + tile)·d + tile²)``. Each backend runs the two sweeps
-inside its own custom-gradient function (:mod:`gradcache._loss_forms` does the rest).
+further pass. Working memory is ``O((B + tile)·d + tile²)``. The two sweeps run inside each
+backend's own custom-gradient function (:meth:`gradcache._loss_forms.LossOps.tiled_sum`).
 
 The sweeps are written against :class:`TileOps`: the array operations, and the *way to loop*. A
 backend derives it from :class:`gradcache._tile_ops.ArrayOps`, which writes most of the operations
