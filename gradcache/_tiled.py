@@ -164,12 +164,21 @@ def _masked(ops: TileOps, mask: Any, values: Any, fill: Any) -> Any:
     return values if mask is None else ops.where(mask, values, fill)
 
 
-def _diagonal(ops: TileOps, tile: Any, row_start: Any, column_start: Any) -> Any:
-    """Where ``tile`` holds positive pairs (global row == global column), or ``None`` if nowhere."""
+def _diagonal(ops: TileOps, tile: Any, row_start: Any, column_start: Any, masks: dict) -> Any:
+    """Where ``tile`` holds positive pairs (global row == global column), or ``None`` if nowhere.
+
+    Known in Python on ragged loops: most tiles are off the diagonal and need no mask, and the mask
+    of one depends only on its shape and ``row_start - column_start``, so a sweep makes each once
+    (in ``masks``) rather than comparing two ranges per tile."""
     rows, columns = tile.shape[0], tile.shape[1]
-    if ops.ragged and (row_start >= column_start + columns or column_start >= row_start + rows):
-        return None  # known in Python: most tiles are off the diagonal and need no mask
-    return ops.diagonal(tile, row_start, column_start)
+    if not ops.ragged:
+        return ops.diagonal(tile, row_start, column_start)
+    if row_start >= column_start + columns or column_start >= row_start + rows:
+        return None
+    key = (rows, columns, row_start - column_start)
+    if key not in masks:
+        masks[key] = ops.diagonal(tile, row_start, column_start)
+    return masks[key]
 
 
 def logaddexp(ops: TileOps, a: Any, b: Any) -> Any:
@@ -248,6 +257,7 @@ def tiled_forward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any
     # the fill of masked logits (only static tiles mask), a tensor: some frameworks' where takes no
     # Python float beside a tensor of another dtype
     neg_inf = None if ops.ragged else ops.scalar(NEG_INF, x)
+    masks: dict = {}  # the positive pairs' masks, by tile shape and diagonal
     row_lse = ops.buffer(row_tiles.n, (), NEG_INF, x) if kind != SIGMOID else zero
     column_lse = ops.buffer(column_tiles.n, (), NEG_INF, x) if columns_too else zero
 
@@ -262,7 +272,7 @@ def tiled_forward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any
             logits = _logits(ops, x_scaled, ops.rows(y, column_start, column_size), beta)
             if kind == SIGMOID:
                 both = _mask(ops, row_valid, column_valid)
-                positive = _diagonal(ops, logits, _start(offset, row_start), column_start)
+                positive = _diagonal(ops, logits, _start(offset, row_start), column_start, masks)
                 signed = logits if positive is None else ops.where(positive, -logits, logits)
                 terms = _masked(ops, both, ops.softplus(signed), zero)
                 return acc, column_lse, total + ops.sum(terms)
@@ -326,6 +336,7 @@ def tiled_backward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: An
     zero = ops.scalar(0.0, x)
     dx = ops.buffer(row_tiles.n, tuple(x.shape[1:]), 0.0, x)
     dy = ops.buffer(column_tiles.n, tuple(y.shape[1:]), 0.0, y)
+    masks: dict = {}  # the positive pairs' masks, by tile shape and diagonal
 
     def row_step(i: Any, carry: tuple) -> tuple:
         dx, dy, dbeta = carry
@@ -341,7 +352,7 @@ def tiled_backward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: An
             logits = _logits(ops, x_scaled, y_tile, beta)
             if kind == SIGMOID:
                 # d softplus(-l z) / dz = -l sigmoid(-l z): sigmoid(z) off the diagonal, -sigmoid(-z) on it
-                positive = _diagonal(ops, logits, _start(offset, row_start), column_start)
+                positive = _diagonal(ops, logits, _start(offset, row_start), column_start, masks)
                 if positive is None:
                     weight = ops.sigmoid(logits)
                 else:
