@@ -1,7 +1,7 @@
 """The contrastive losses assembled once, over the few differentiable ops a backend supplies.
 
-Each loss is a constant times its summed loss ``S`` (:mod:`gradcache._tiled`), which each backend
-computes inside its own custom-gradient function. Around it, only ``O(B·d)`` work is left to the
+Each loss is a constant times its summed loss ``S`` (:mod:`gradcache._tiled`), which
+:meth:`LossOps.tiled_sum` computes inside the backend's own custom-gradient function. Around it, only ``O(B·d)`` work is left to the
 framework's autodiff: the cosine normalisation and turning the temperature into the logits' scale.
 A learnable temperature, logit scale or bias therefore gets its gradient from the framework,
 exactly once, through the scalar it became. The dense references are written here too, over the
@@ -15,19 +15,23 @@ the columns ``y`` (one all-gather of ``B x d``), sweeps this rank's rows ``x`` a
 and sums the per-rank values; :func:`backward_across` sweeps them again, keeps ``dx`` of its own rows
 and sends every column's share of ``dy`` to its owner (one reduce-scatter of ``B x d``). The rest is
 scalars, and for CLIP one ``B``-vector per rank: the per-column log-sum-exp over each rank's rows,
-gathered and combined so that the column term is the global one and is counted once. A backend
-runs the two inside its custom-gradient function (``LossOps.tiled_sum`` given a collective, through
-:func:`summed_forward` and :func:`summed_backward`).
+gathered and combined so that the column term is the global one and is counted once.
+:meth:`LossOps.tiled_sum` given a collective runs the two inside the backend's custom-gradient
+function (through :func:`summed_forward` and :func:`summed_backward`).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
+
+import numpy as np
 
 from gradcache._collective import Collective
 from gradcache._errors import GradCacheError
+from gradcache._tile_ops import ArrayOps
 from gradcache._tiled import (
     ROWS,
     ROWS_AND_COLUMNS,
@@ -50,27 +54,90 @@ DEFAULT_SIGLIP_SCALE = 10.0
 DEFAULT_SIGLIP_BIAS = -10.0
 
 
-class LossOps(Protocol):
-    """The differentiable operations the assembly needs (the backend's autodiff sees them all)."""
+class LossOps(ArrayOps):
+    """Every op of the losses, tile ops included: what a backend's ``losses.py`` subclasses.
+
+    The tile ops are :class:`gradcache._tile_ops.ArrayOps` (a backend adds its way to loop). Around
+    them the assembly needs a few differentiable ops, which the backend's autodiff sees; of those a
+    backend supplies the ones that raise here -- :meth:`custom_gradient`, :meth:`prepare`,
+    :meth:`as_scalar`, :meth:`normalize`, :meth:`on_accelerator`, and for the dense references
+    :meth:`cross_entropy` and :meth:`sigmoid_loss` over the framework's own functions (so that
+    they check the tiled losses independently). The rest are written here once.
+    """
 
     def tiled_sum(self, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int,
                   collective: Collective | None = None, layout: RankLayout | None = None) -> Any:
-        """The summed loss ``S``: the backend's custom-gradient function, whose forward and
-        backward are :func:`summed_forward` and :func:`summed_backward` (across ranks when a
-        ``collective`` is given)."""
-    def shape(self, x: Any) -> tuple: ...
-    def prepare(self, x: Any) -> Any: ...
-    def as_scalar(self, value: Any, like: Any) -> Any: ...
-    def normalize(self, x: Any) -> Any: ...
-    def on_accelerator(self, x: Any) -> bool: ...
-    # only for the dense references, which the framework differentiates as written: its own
-    # cross-entropy and log-sigmoid, so that they check the tiled losses independently
-    def matmul_nt(self, a: Any, b: Any) -> Any: ...
-    def transpose(self, x: Any) -> Any: ...
+        """The summed loss ``S``: :meth:`custom_gradient` over :func:`summed_forward` and
+        :func:`summed_backward` (across ranks when a ``collective`` is given)."""
+
+        def forward(x: Any, y: Any, alpha: Any, beta: Any) -> tuple[Any, tuple]:
+            return summed_forward(self.sweep_ops(collective), kind, x, y, alpha, beta, tile,
+                                  collective, _current(layout, collective))
+
+        def backward(saved: tuple, grad: Any) -> tuple[Any, Any, Any, Any]:
+            return summed_backward(self.sweep_ops(collective), kind, saved, grad, tile, collective,
+                                   _current(layout, collective))
+
+        return self.custom_gradient(forward, backward, (x, y, alpha, beta))
+
+    def custom_gradient(self, forward: Callable, backward: Callable, inputs: tuple) -> Any:
+        """``forward(*inputs)[0]``, differentiated by the framework through ``backward``.
+
+        ``forward`` returns ``(value, saved)``, ``saved`` a tuple of tensors or ``None``s;
+        ``backward(saved, grad)`` returns one gradient per input (``None`` for an input that is
+        ``None``). The framework's custom-gradient function: ``torch.autograd.Function``,
+        ``jax.custom_vjp``, ``tf.custom_gradient``. Each rule is called where the framework runs
+        it (traced, eagerly), and so decides its tile loop there (:meth:`sweep_ops`)."""
+        return self._missing("custom_gradient")
+
+    def sweep_ops(self, collective: Collective | None) -> Any:
+        """The :class:`gradcache._tiled.TileOps` the sweeps run with, where they run (``self``;
+        TensorFlow picks its eager or its graph loop, JAX types a mesh axis's carries)."""
+        return self
+
+    def shape(self, x: Any) -> tuple:
+        try:
+            return tuple(np.shape(x))  # a tensor's own .shape; a nested list as an array's
+        except ValueError:  # a graph tensor of unknown rank: check_pair names it
+            return ()
+
+    def prepare(self, x: Any) -> Any:
+        """``x`` as the framework's tensor, in float32 if it is in half precision (fp16/bf16
+        logits would lose the log-sum-exp; autodiff casts the gradient back)."""
+        return self._missing("prepare")
+
+    def as_scalar(self, value: Any, like: Any) -> Any:
+        """A Python number or a scalar tensor as a 0-d tensor of ``like``'s dtype (and device)."""
+        return self._missing("as_scalar")
+
+    def normalize(self, x: Any) -> Any:
+        """Each row of ``x`` over its L2 norm."""
+        return self._missing("normalize")
+
+    def on_accelerator(self, x: Any) -> bool:
+        """Whether ``x`` lives on an accelerator (which picks the default tile size)."""
+        return self._missing("on_accelerator")
+
+    # only for the dense references, which the framework differentiates as written
+    def transpose(self, x: Any) -> Any:
+        return x.T
+
     def cross_entropy(self, logits: Any, step: int) -> Any:
         """``mean_i -log softmax(logits_i)[i * step]``: row ``i``'s label is column ``i * step``."""
+        return self._missing("cross_entropy")
+
     def sigmoid_loss(self, logits: Any) -> Any:
         """``sum_ij -log sigmoid(l_ij logits_ij)``, ``l = +1`` on the diagonal, ``-1`` elsewhere."""
+        return self._missing("sigmoid_loss")
+
+
+def _current(layout: RankLayout | None, collective: Collective | None) -> RankLayout | None:
+    """``layout`` with its offset taken again from ``collective.rank`` where it is traced (an SPMD
+    rank): a custom-gradient rule may not close over a value traced outside it (``jax.custom_vjp``),
+    so each rule takes it where it runs."""
+    if layout is None or isinstance(layout.offset, int):
+        return layout
+    return RankLayout(layout.counts, layout.group, collective.rank * layout.counts[0])
 
 
 @dataclass(frozen=True)

@@ -124,14 +124,16 @@ class ArrayOps:
     def inner(self, a: Any, b: Any) -> Any:
         return self.sum(a * b)
 
-    def matmul(self, a: Any, b: Any) -> Any:
-        return a @ b
+    def matmul(self, a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False) -> Any:
+        """``a @ b``, either transposed first (a framework whose tensors have no ``.T`` overrides
+        this one method, and may spare the transposed copy: ``tf.matmul``)."""
+        return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
 
     def matmul_nt(self, a: Any, b: Any) -> Any:
-        return a @ b.T
+        return self.matmul(a, b, transpose_b=True)
 
     def matmul_tn(self, a: Any, b: Any) -> Any:
-        return a.T @ b
+        return self.matmul(a, b, transpose_a=True)
 
     def scalar(self, value: float, like: Any) -> Any:
         return self.full((), value, like)

@@ -14,8 +14,8 @@ This module computes ``S`` and its gradient one ``tile x tile`` block of logits 
 forward sweep keeps online log-sum-exp statistics per row (and per column) and no graph; the
 backward sweep recomputes each tile once and accumulates ``dS/dx``, ``dS/dy`` and ``dS/dbeta``; the
 positive pairs are ``O(B·d)`` updates of those, and ``dS/dalpha`` follows from ``dS/dx`` with no
-further pass. Working memory is ``O((B + tile)·d + tile²)``. Each backend runs the two sweeps
-inside its own custom-gradient function (:mod:`gradcache._loss_forms` does the rest).
+further pass. Working memory is ``O((B + tile)·d + tile²)``. The two sweeps run inside each
+backend's own custom-gradient function (:meth:`gradcache._loss_forms.LossOps.tiled_sum`).
 
 The sweeps are written against :class:`TileOps`: the array operations, and the *way to loop*. A
 backend derives it from :class:`gradcache._tile_ops.ArrayOps`, which writes most of the operations
@@ -164,12 +164,21 @@ def _masked(ops: TileOps, mask: Any, values: Any, fill: Any) -> Any:
     return values if mask is None else ops.where(mask, values, fill)
 
 
-def _diagonal(ops: TileOps, tile: Any, row_start: Any, column_start: Any) -> Any:
-    """Where ``tile`` holds positive pairs (global row == global column), or ``None`` if nowhere."""
+def _diagonal(ops: TileOps, tile: Any, row_start: Any, column_start: Any, masks: dict) -> Any:
+    """Where ``tile`` holds positive pairs (global row == global column), or ``None`` if nowhere.
+
+    Known in Python on ragged loops: most tiles are off the diagonal and need no mask, and the mask
+    of one depends only on its shape and ``row_start - column_start``, so a sweep makes each once
+    (in ``masks``) rather than comparing two ranges per tile."""
     rows, columns = tile.shape[0], tile.shape[1]
-    if ops.ragged and (row_start >= column_start + columns or column_start >= row_start + rows):
-        return None  # known in Python: most tiles are off the diagonal and need no mask
-    return ops.diagonal(tile, row_start, column_start)
+    if not ops.ragged:
+        return ops.diagonal(tile, row_start, column_start)
+    if row_start >= column_start + columns or column_start >= row_start + rows:
+        return None
+    key = (rows, columns, row_start - column_start)
+    if key not in masks:
+        masks[key] = ops.diagonal(tile, row_start, column_start)
+    return masks[key]
 
 
 def logaddexp(ops: TileOps, a: Any, b: Any) -> Any:
@@ -245,6 +254,10 @@ def tiled_forward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any
     row_tiles, column_tiles = Tiling.of(x.shape[0], tile), Tiling.of(y.shape[0], tile)
     columns_too = kind == ROWS_AND_COLUMNS
     zero = ops.scalar(0.0, x)
+    # the fill of masked logits (only static tiles mask), a tensor: some frameworks' where takes no
+    # Python float beside a tensor of another dtype
+    neg_inf = None if ops.ragged else ops.scalar(NEG_INF, x)
+    masks: dict = {}  # the positive pairs' masks, by tile shape and diagonal
     row_lse = ops.buffer(row_tiles.n, (), NEG_INF, x) if kind != SIGMOID else zero
     column_lse = ops.buffer(column_tiles.n, (), NEG_INF, x) if columns_too else zero
 
@@ -259,15 +272,16 @@ def tiled_forward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: Any
             logits = _logits(ops, x_scaled, ops.rows(y, column_start, column_size), beta)
             if kind == SIGMOID:
                 both = _mask(ops, row_valid, column_valid)
-                positive = _diagonal(ops, logits, _start(offset, row_start), column_start)
+                positive = _diagonal(ops, logits, _start(offset, row_start), column_start, masks)
                 signed = logits if positive is None else ops.where(positive, -logits, logits)
-                return acc, column_lse, total + ops.sum(_masked(ops, both, ops.softplus(signed), 0.0))
+                terms = _masked(ops, both, ops.softplus(signed), zero)
+                return acc, column_lse, total + ops.sum(terms)
             # Rows an earlier row tile covered keep their full row statistic (recomputed equal);
             # only columns an earlier column tile covered must not count twice in it.
-            by_row = _masked(ops, _mask(ops, None, column_valid), logits, NEG_INF)
+            by_row = _masked(ops, _mask(ops, None, column_valid), logits, neg_inf)
             acc = logaddexp(ops, acc, ops.logsumexp(by_row, 1))
             if columns_too:
-                by_column = _masked(ops, _mask(ops, row_valid, None), by_row, NEG_INF)
+                by_column = _masked(ops, _mask(ops, row_valid, None), by_row, neg_inf)
                 old = ops.read(column_lse, column_start, column_size)
                 column_lse = ops.write(column_lse, column_start,
                                        logaddexp(ops, old, ops.logsumexp(by_column, 0)))
@@ -322,6 +336,7 @@ def tiled_backward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: An
     zero = ops.scalar(0.0, x)
     dx = ops.buffer(row_tiles.n, tuple(x.shape[1:]), 0.0, x)
     dy = ops.buffer(column_tiles.n, tuple(y.shape[1:]), 0.0, y)
+    masks: dict = {}  # the positive pairs' masks, by tile shape and diagonal
 
     def row_step(i: Any, carry: tuple) -> tuple:
         dx, dy, dbeta = carry
@@ -337,7 +352,7 @@ def tiled_backward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: An
             logits = _logits(ops, x_scaled, y_tile, beta)
             if kind == SIGMOID:
                 # d softplus(-l z) / dz = -l sigmoid(-l z): sigmoid(z) off the diagonal, -sigmoid(-z) on it
-                positive = _diagonal(ops, logits, _start(offset, row_start), column_start)
+                positive = _diagonal(ops, logits, _start(offset, row_start), column_start, masks)
                 if positive is None:
                     weight = ops.sigmoid(logits)
                 else:
@@ -348,7 +363,7 @@ def tiled_backward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: An
                 if kind == ROWS_AND_COLUMNS:
                     column_stat = ops.row(ops.rows(column_lse, column_start, column_size))
                     weight = weight + ops.expdiff(logits, column_stat)
-            weight = _masked(ops, _mask(ops, row_valid, column_valid), weight, 0.0)
+            weight = _masked(ops, _mask(ops, row_valid, column_valid), weight, zero)
             dx_tile = dx_tile + ops.matmul(weight, y_tile)
             dy = ops.add(dy, column_start, ops.matmul_tn(weight, x_tile))
             if beta is not None:

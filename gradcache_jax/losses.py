@@ -17,26 +17,24 @@ reference the tiled ones equal. They are jit-able and work as the ``loss_fn`` of
 ``jax.shard_map``, each device computing only its own rows' share: one all-gather and one
 reduce-scatter of ``B x d`` numbers per step (:mod:`gradcache._loss_forms`).
 
-This module holds JAX's part only: its tile ops, its ``custom_vjp`` around the sweeps, the
-differentiable ops of :class:`gradcache._loss_forms.LossOps`, its mesh collective for
-``across_ranks`` and its pieces of the docstrings. The public functions are written once in
+This module holds JAX's part only: its primitives of :class:`gradcache._loss_forms.LossOps` (the
+array primitives and the compiled tile loop, the ``custom_vjp`` around the sweeps, the
+differentiable ops), its mesh collective for ``across_ranks`` and its pieces of the docstrings. The public functions are written once in
 :mod:`gradcache._loss_api` and bound here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gradcache import GradCacheError, _loss_forms
+from gradcache import GradCacheError
 from gradcache._loss_api import AcrossRanks, LossDocs, bind
-from gradcache._loss_forms import RankLayout
-from gradcache._tile_ops import ArrayOps
+from gradcache._loss_forms import LossOps
 from gradcache_jax._distributed import MeshCollective, _varying_axes, to_varying
 
 __all__ = [
@@ -50,9 +48,9 @@ __all__ = [
 ]
 
 
-class _TileOps(ArrayOps):
-    """:class:`gradcache._tiled.TileOps` over ``lax``: static tiles, ``fori_loop``, dynamic slices
-    (the rest is :class:`gradcache._tile_ops.ArrayOps` over the primitives)."""
+class _Ops(LossOps):
+    """:class:`gradcache._loss_forms.LossOps` over ``lax``: static tiles, ``fori_loop``, dynamic
+    slices, a ``custom_vjp`` around the sweeps (the rest is written once over the primitives)."""
 
     ragged = False
 
@@ -60,6 +58,9 @@ class _TileOps(ArrayOps):
         #: across a mesh axis (inside shard_map): the loops' carries start out varying over it, as
         #: the values this device's rows add to them are (a loop's carry keeps one type)
         self.axis_name = axis_name
+
+    def sweep_ops(self, collective: MeshCollective | None) -> _Ops:
+        return self if collective is None else _Ops(collective.axis_name)
 
     def fori(self, count: int, body: Callable, carry: tuple) -> tuple:
         if self.axis_name is not None:
@@ -90,75 +91,20 @@ class _TileOps(ArrayOps):
     def arange(self, size: int, like: Any) -> jax.Array:
         return jnp.arange(size)
 
+    # -- the differentiable ops around the sweeps ---------------------------------------------------
+    def custom_gradient(self, forward: Callable, backward: Callable, inputs: tuple) -> jax.Array:
+        # made per call: the rules close over the loss's static arguments and the collective.
+        # Across a mesh axis, under shard_map's type checks, the value and dalpha/dbeta come out of
+        # psum -- invariant, so autodiff adds no sum over devices to them -- and dx, dy vary.
+        @jax.custom_vjp
+        def summed(*inputs: Any) -> jax.Array:
+            return forward(*inputs)[0]
 
-_TILE_OPS = _TileOps()
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _tiled_sum(kind: str, tile: int, x: jax.Array, y: jax.Array, alpha: jax.Array,
-               beta: jax.Array | None) -> jax.Array:
-    return _tiled_forward(kind, tile, x, y, alpha, beta)[0]
-
-
-def _tiled_forward(kind: str, tile: int, x: jax.Array, y: jax.Array, alpha: jax.Array,
-                   beta: jax.Array | None) -> tuple[jax.Array, tuple]:
-    return _loss_forms.summed_forward(_TILE_OPS, kind, x, y, alpha, beta, tile)
-
-
-def _tiled_backward(kind: str, tile: int, saved: tuple, grad: jax.Array) -> tuple:
-    return _loss_forms.summed_backward(_TILE_OPS, kind, saved, grad, tile)
-
-
-_tiled_sum.defvjp(_tiled_forward, _tiled_backward)
-
-
-def _tiled_sum_across(kind: str, tile: int, collective: MeshCollective, counts: tuple, group: int,
-                      x: jax.Array, y: jax.Array, alpha: jax.Array,
-                      beta: jax.Array | None) -> jax.Array:
-    """The global summed loss S from this device's rows, as a ``jax.custom_vjp`` function made per
-    call: it closes over the collective and the static layout, and takes this device's offset from
-    ``lax.axis_index`` inside each rule (a traced offset may not cross into custom_vjp's static
-    arguments). Under shard_map's type checks the value and ``dalpha``/``dbeta`` come out of
-    ``psum`` -- invariant, the same on every device, so autodiff adds no sum over devices to them --
-    and ``dx``, ``dy`` are varying, this device's rows."""
-
-    ops = _TileOps(collective.axis_name)
-
-    def layout() -> RankLayout:
-        return RankLayout(counts, group, collective.rank * counts[0])  # SPMD: equal rows
-
-    def forward(x: jax.Array, y: jax.Array, alpha: jax.Array,
-                beta: jax.Array | None) -> tuple[jax.Array, tuple]:
-        return _loss_forms.summed_forward(ops, kind, x, y, alpha, beta, tile, collective, layout())
-
-    def backward(saved: tuple, grad: jax.Array) -> tuple:
-        return _loss_forms.summed_backward(ops, kind, saved, grad, tile, collective, layout())
-
-    @jax.custom_vjp
-    def summed(x: jax.Array, y: jax.Array, alpha: jax.Array, beta: jax.Array | None) -> jax.Array:
-        return forward(x, y, alpha, beta)[0]
-
-    summed.defvjp(forward, backward)
-    return summed(x, y, alpha, beta)
-
-
-class _LossOps:
-    """:class:`gradcache._loss_forms.LossOps` over ``jax.numpy``."""
-
-    def tiled_sum(self, kind: str, x: jax.Array, y: jax.Array, alpha: jax.Array,
-                  beta: jax.Array | None, tile: int, collective: MeshCollective | None = None,
-                  layout: RankLayout | None = None) -> jax.Array:
-        if collective is None:
-            return _tiled_sum(kind, tile, x, y, alpha, beta)
-        return _tiled_sum_across(kind, tile, collective, layout.counts, layout.group, x, y, alpha,
-                                 beta)
-
-    def shape(self, x: Any) -> tuple:
-        return tuple(jnp.shape(x))
+        summed.defvjp(forward, backward)
+        return summed(*inputs)
 
     def prepare(self, x: Any) -> jax.Array:
         x = jnp.asarray(x)
-        # fp16/bf16 logits would lose the log-sum-exp; autodiff casts the gradient back
         return x.astype(jnp.float32) if x.dtype in (jnp.float16, jnp.bfloat16) else x
 
     def as_scalar(self, value: Any, like: jax.Array) -> jax.Array:
@@ -170,12 +116,6 @@ class _LossOps:
     def normalize(self, x: jax.Array) -> jax.Array:
         return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
-    def matmul_nt(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        return a @ b.T
-
-    def transpose(self, x: jax.Array) -> jax.Array:
-        return x.T
-
     def cross_entropy(self, logits: jax.Array, step: int) -> jax.Array:
         labels = jnp.arange(logits.shape[0]) * step
         log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -186,7 +126,7 @@ class _LossOps:
         return -jnp.sum(jax.nn.log_sigmoid(labels * logits))
 
 
-_OPS = _LossOps()
+_OPS = _Ops()
 
 
 class _AcrossRanks(AcrossRanks):

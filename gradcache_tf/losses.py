@@ -17,10 +17,10 @@ They work as the ``loss_fn`` of :func:`gradcache_tf.cached_step`; see ``docs/los
 share: one all-gather of ``B x d`` numbers and one sum of its gradient per step
 (:mod:`gradcache._loss_forms`).
 
-This module holds TensorFlow's part only: its tile ops (a Python loop eagerly, a ``tf.while_loop``
-in a graph), its ``custom_gradient`` around the sweeps, the differentiable ops of
-:class:`gradcache._loss_forms.LossOps`, its replicas' collective for ``across_ranks`` and its pieces
-of the docstrings. The public functions are written once in :mod:`gradcache._loss_api` and bound
+This module holds TensorFlow's part only: its primitives of :class:`gradcache._loss_forms.LossOps`
+(the array primitives and its tile loops -- a Python loop eagerly, a ``tf.while_loop`` in a graph --,
+the ``custom_gradient`` around the sweeps, the differentiable ops), its replicas' collective for
+``across_ranks`` and its pieces of the docstrings. The public functions are written once in :mod:`gradcache._loss_api` and bound
 here.
 """
 
@@ -31,11 +31,10 @@ from typing import Any
 
 import tensorflow as tf
 
-from gradcache import GradCacheError, _loss_forms
-from gradcache._collective import Collective
+from gradcache import GradCacheError
 from gradcache._loss_api import AcrossRanks, LossDocs, bind
-from gradcache._loss_forms import RankLayout
-from gradcache._tile_ops import ArrayOps, PerTileLoopOps
+from gradcache._loss_forms import LossOps
+from gradcache._tile_ops import PerTileLoopOps
 from gradcache_tf._distributed import ReplicaCollective, replica_context
 
 __all__ = [
@@ -49,30 +48,23 @@ __all__ = [
 ]
 
 
-def _like(value: Any, other: Any) -> Any:
-    """A Python number as a tensor of ``other``'s dtype (``tf.where`` wants matching dtypes)."""
-    if isinstance(value, (int, float)):
-        return tf.constant(value, dtype=other.dtype)
-    return value
-
-
-class _MathOps(ArrayOps):
-    """The primitives both of TensorFlow's tile loops use (the rest is
-    :class:`gradcache._tile_ops.ArrayOps` over them)."""
+class _Ops(LossOps):
+    """:class:`gradcache._loss_forms.LossOps` over TensorFlow: the primitives both of its tile
+    loops use, its ``custom_gradient`` and the differentiable ops; :meth:`sweep_ops` picks the loop
+    where the sweeps run (the rest is written once over the primitives)."""
 
     exp = staticmethod(tf.exp)
     log = staticmethod(tf.math.log)
     maximum = staticmethod(tf.maximum)
+    where = staticmethod(tf.where)
     # one op where the default takes three: each eager op costs tens of microseconds, once per tile
     isfinite = staticmethod(tf.math.is_finite)
     sigmoid = staticmethod(tf.sigmoid)  # one op, where the default takes three
     logsumexp = staticmethod(tf.reduce_logsumexp)
     # TF's softplus returns x above x = -log(eps) + 2, where log1p(exp(-x)) is below x's rounding
     softplus = staticmethod(tf.math.softplus)
-
-    def where(self, condition: tf.Tensor, a: Any, b: Any) -> tf.Tensor:
-        a, b = _like(a, b), _like(b, a)
-        return tf.where(condition, a, b)
+    # TF tensors have no .T; the flags also spare a transposed copy of the tile
+    matmul = staticmethod(tf.matmul)
 
     def full(self, shape: tuple, fill: float, like: tf.Tensor) -> tf.Tensor:
         return tf.fill(shape, tf.constant(fill, like.dtype))
@@ -83,13 +75,6 @@ class _MathOps(ArrayOps):
     def sum(self, x: tf.Tensor, axis: int | None = None) -> tf.Tensor:
         return tf.reduce_sum(x, axis=axis)  # TF tensors have no .sum
 
-    # TF tensors have no .T; the flags also spare a transposed copy of the tile
-    def matmul_nt(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(a, b, transpose_b=True)
-
-    def matmul_tn(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(a, b, transpose_a=True)
-
     def subtract_every(self, private: tf.Tensor, step: int, value: tf.Tensor,
                        weight: float) -> tf.Tensor:
         if step == 1:
@@ -99,8 +84,58 @@ class _MathOps(ArrayOps):
         first = groups[:, :1] - weight * value[:, None]
         return tf.reshape(tf.concat([first, groups[:, 1:]], axis=1), tf.shape(private))
 
+    def sweep_ops(self, collective: Any) -> _Ops:
+        # each custom-gradient rule asks where it runs: eagerly, or traced in a graph
+        return _EAGER if tf.executing_eagerly() else _GRAPH
 
-class _EagerOps(_MathOps, PerTileLoopOps):
+    # -- the differentiable ops around the sweeps ---------------------------------------------------
+    def custom_gradient(self, forward: Callable, backward: Callable, inputs: tuple) -> tf.Tensor:
+        # plain tensors in (a learnable temperature reaches it as alpha, a tensor the tape saw made
+        # outside), None (no beta) left out
+        given = [index for index, value in enumerate(inputs) if value is not None]
+
+        @tf.custom_gradient
+        def run(*tensors: tf.Tensor) -> tuple:
+            full = list(inputs)
+            for index, tensor in zip(given, tensors):
+                full[index] = tensor
+            value, saved = forward(*full)
+
+            def grad(upstream: tf.Tensor) -> tuple:
+                grads = backward(saved, upstream)
+                return tuple(grads[index] for index in given)
+
+            return value, grad
+
+        return run(*(inputs[index] for index in given))
+
+    def prepare(self, x: Any) -> tf.Tensor:
+        x = tf.convert_to_tensor(x)
+        return tf.cast(x, tf.float32) if x.dtype in (tf.float16, tf.bfloat16) else x
+
+    def as_scalar(self, value: Any, like: tf.Tensor) -> tf.Tensor:
+        if isinstance(value, (int, float)):
+            return tf.constant(value, like.dtype)
+        return tf.reshape(tf.cast(value, like.dtype), [])
+
+    def on_accelerator(self, x: Any) -> bool:
+        return "GPU" in getattr(x, "device", "") or "TPU" in getattr(x, "device", "")
+
+    def normalize(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.math.l2_normalize(x, axis=-1)
+
+    transpose = staticmethod(tf.transpose)
+
+    def cross_entropy(self, logits: tf.Tensor, step: int) -> tf.Tensor:
+        labels = tf.range(logits.shape[0]) * step
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+
+    def sigmoid_loss(self, logits: tf.Tensor) -> tf.Tensor:
+        labels = 2 * tf.eye(logits.shape[0], dtype=logits.dtype) - 1
+        return -tf.reduce_sum(tf.math.log_sigmoid(labels * logits))
+
+
+class _EagerOps(_Ops, PerTileLoopOps):
     """Eager tiles: a Python loop, a smaller last tile, accumulators kept per tile
     (:class:`gradcache._tile_ops.PerTileLoopOps`)."""
 
@@ -108,7 +143,7 @@ class _EagerOps(_MathOps, PerTileLoopOps):
         return tf.concat(pieces, axis=0)
 
 
-class _GraphOps(_MathOps):
+class _GraphOps(_Ops):
     """Graph tiles: one ``tf.while_loop`` per sweep level over tiles of one static shape."""
 
     ragged = False
@@ -138,119 +173,28 @@ class _GraphOps(_MathOps):
         return tf.tensor_scatter_nd_add(buffer, self._indices(start, value.shape[0]), value)
 
 
-_EAGER, _GRAPH = _EagerOps(), _GraphOps()
+_OPS, _EAGER, _GRAPH = _Ops(), _EagerOps(), _GraphOps()
 
 
-def _tile_ops() -> _MathOps:
-    return _EAGER if tf.executing_eagerly() else _GRAPH
-
-
-class _ReplicaColumns(Collective):
+class _ReplicaColumns(ReplicaCollective):
     """The replicas' collective as :func:`gradcache._loss_forms.forward_across` and
     ``backward_across`` use it: the reduce-scatter of ``dy`` takes ``ReplicaCollective``'s
     ``counts`` -- ``(this replica's columns, every replica's)`` -- and, traced, the gathered rows
     keep the static number the tiles are planned for (checked when the graph runs)."""
 
-    agrees = False
-
-    def __init__(self, replicas: ReplicaCollective, columns: tuple[int, Any], traced: bool):
-        self.replicas, self.columns, self.traced = replicas, columns, traced
-        self.world_size, self.rank = replicas.world_size, replicas.rank
+    def __init__(self, columns: int | None):
+        super().__init__(replica_context())
+        self.columns = columns
+        self.traced = not tf.executing_eagerly() or self.world_size == 1
 
     def all_gather_rows(self, leaf: Any, counts: Any) -> Any:
-        gathered = self.replicas.all_gather_rows(leaf, counts)  # TF gathers unequal rows as given
+        gathered = super().all_gather_rows(leaf, counts)  # TF gathers unequal rows as given
         if self.traced:
             gathered = tf.ensure_shape(gathered, [sum(counts), *leaf.shape[1:]])
         return gathered
 
     def reduce_scatter_rows(self, leaf: Any, counts: Any) -> Any:
-        return self.replicas.reduce_scatter_rows(leaf, self.columns)
-
-    def all_reduce_sum(self, value: Any) -> Any:
-        return self.replicas.all_reduce_sum(value)
-
-
-def _replica_columns(replicas: ReplicaCollective, layout: RankLayout, y: tf.Tensor) -> Collective:
-    """The collective the sweeps use: ``dy``'s reduce-scatter in ``ReplicaCollective``'s counts,
-    and, traced, the static column count the tiles are planned for."""
-    columns = int(y.shape[0])
-    every = [count * layout.group for count in layout.counts]
-    traced = not tf.executing_eagerly() or replicas.world_size == 1
-    return _ReplicaColumns(replicas, (columns, every), traced=traced)
-
-
-def _tiled_sum(kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, beta: tf.Tensor | None,
-               tile: int, replicas: ReplicaCollective | None = None,
-               layout: RankLayout | None = None) -> tf.Tensor:
-    """The summed loss S as a ``tf.custom_gradient`` function (its inputs are plain tensors, so
-    the tape sees variables -- a learnable temperature -- outside of it, through ``alpha``).
-
-    Given the ``replicas``, S of every replica's rows, and its gradient communicates too.
-    ``dalpha``/``dbeta`` are then the global ones on every replica: inside ``cached_step(...,
-    distributed=True)`` replica 0 alone carries a loss-owned variable's gradient
-    (``loss_grad_weight``), so the sum over replicas counts it once."""
-    collective = None if replicas is None else _replica_columns(replicas, layout, y)
-
-    @tf.custom_gradient
-    def run(x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, *maybe_beta: tf.Tensor) -> tuple:
-        bias = maybe_beta[0] if maybe_beta else None
-        value, saved = _loss_forms.summed_forward(_tile_ops(), kind, x, y, alpha, bias, tile,
-                                                  collective, layout)
-
-        def grad(upstream: tf.Tensor) -> tuple:
-            dx, dy, dalpha, dbeta = _loss_forms.summed_backward(
-                _tile_ops(), kind, saved, upstream, tile, collective, layout)
-            return (dx, dy, dalpha) + ((dbeta,) if bias is not None else ())
-
-        return value, grad
-
-    return run(x, y, alpha, *(() if beta is None else (beta,)))
-
-
-class _LossOps:
-    """:class:`gradcache._loss_forms.LossOps` over TensorFlow."""
-
-    def tiled_sum(self, kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor,
-                  beta: tf.Tensor | None, tile: int, collective: ReplicaCollective | None = None,
-                  layout: RankLayout | None = None) -> tf.Tensor:
-        return _tiled_sum(kind, x, y, alpha, beta, tile, collective, layout)
-
-    def shape(self, x: Any) -> tuple:
-        shape = tf.convert_to_tensor(x).shape
-        return tuple(shape.as_list()) if shape.rank is not None else ()
-
-    def prepare(self, x: Any) -> tf.Tensor:
-        x = tf.convert_to_tensor(x)
-        # fp16/bf16 logits would lose the log-sum-exp; the tape casts the gradient back
-        return tf.cast(x, tf.float32) if x.dtype in (tf.float16, tf.bfloat16) else x
-
-    def as_scalar(self, value: Any, like: tf.Tensor) -> tf.Tensor:
-        if isinstance(value, (int, float)):
-            return tf.constant(value, like.dtype)
-        return tf.reshape(tf.cast(value, like.dtype), [])
-
-    def on_accelerator(self, x: Any) -> bool:
-        return "GPU" in getattr(x, "device", "") or "TPU" in getattr(x, "device", "")
-
-    def normalize(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.math.l2_normalize(x, axis=-1)
-
-    def matmul_nt(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(a, b, transpose_b=True)
-
-    def transpose(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.transpose(x)
-
-    def cross_entropy(self, logits: tf.Tensor, step: int) -> tf.Tensor:
-        labels = tf.range(logits.shape[0]) * step
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-
-    def sigmoid_loss(self, logits: tf.Tensor) -> tf.Tensor:
-        labels = 2 * tf.eye(logits.shape[0], dtype=logits.dtype) - 1
-        return -tf.reduce_sum(tf.math.log_sigmoid(labels * logits))
-
-
-_OPS = _LossOps()
+        return super().reduce_scatter_rows(leaf, (self.columns, list(counts)))
 
 
 class _AcrossRanks(AcrossRanks):
@@ -272,7 +216,8 @@ class _AcrossRanks(AcrossRanks):
             raise GradCacheError(f"{self!r} was called in a cross-replica context (inside "
                                  f"strategy.scope() but outside strategy.run); call it inside the "
                                  f"function that strategy.run runs on every replica")
-        return ReplicaCollective(replica_context())
+        rows = _OPS.shape(y)[:1]
+        return _ReplicaColumns(rows[0] if rows else None)
 
     # the loss runs its own Python loops and collectives: autograph must not rewrite them
     __call__ = tf.autograph.experimental.do_not_convert(AcrossRanks.__call__)

@@ -15,9 +15,9 @@ equal. Use them directly or as the ``loss_fn`` of :func:`gradcache_torch.cached_
 rank computing only its own rows' share: one all-gather and one reduce-scatter of ``B x d`` numbers
 per step (:mod:`gradcache._loss_forms`).
 
-This module holds torch's part only: its tile ops, its ``autograd.Function`` around the sweeps, the
-differentiable ops of :class:`gradcache._loss_forms.LossOps`, its collective for ``across_ranks``
-and its pieces of the docstrings. The public functions are written once in
+This module holds torch's part only: its primitives of :class:`gradcache._loss_forms.LossOps` (the
+array primitives, the ``autograd.Function`` around the sweeps, the differentiable ops), its
+collective for ``across_ranks`` and its pieces of the docstrings. The public functions are written once in
 :mod:`gradcache._loss_api` and bound here.
 """
 
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradcache import _loss_forms
 from gradcache._loss_api import AcrossRanks, LossDocs, bind
+from gradcache._loss_forms import LossOps
 from gradcache._tile_ops import InPlaceLoopOps
 from gradcache_torch._distributed import TorchCollective
 
@@ -45,16 +45,36 @@ __all__ = [
 ]
 
 
-class _TileOps(InPlaceLoopOps):
-    """:class:`gradcache._tiled.TileOps` over torch: Python loops, accumulators updated in place
-    (:class:`gradcache._tile_ops.InPlaceLoopOps`); the primitives, and torch's fast ``exp``."""
+class _Summed(torch.autograd.Function):
+    """:meth:`gradcache._loss_forms.LossOps.custom_gradient` over autograd: the summed loss S.
+    Given a collective, its backward communicates too, so every rank of the group must run it (as
+    every rank runs the forward). Under autocast the tiles' products would run in half precision:
+    the sweeps keep the inputs' dtype (float32 at least, see ``prepare``)."""
+
+    @staticmethod
+    def forward(ctx: Any, forward: Any, backward: Any, *inputs: Any) -> torch.Tensor:
+        with torch.autocast(inputs[0].device.type, enabled=False):
+            value, saved = forward(*inputs)
+        ctx.backward = backward
+        ctx.save_for_backward(*saved)
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        with torch.autocast(grad.device.type, enabled=False):
+            grads = ctx.backward(ctx.saved_tensors, grad)
+        return (None, None, *grads)
+
+
+class _Ops(LossOps, InPlaceLoopOps):
+    """:class:`gradcache._loss_forms.LossOps` over torch: Python tile loops, accumulators updated
+    in place (:class:`gradcache._tile_ops.InPlaceLoopOps`); the primitives, and torch's fast
+    ``exp``."""
 
     exp = staticmethod(torch.exp)
     log = staticmethod(torch.log)
     maximum = staticmethod(torch.maximum)
     where = staticmethod(torch.where)
-    # one op where the default takes three: each torch op costs microseconds, once per tile
-    isfinite = staticmethod(torch.isfinite)
 
     def full(self, shape: tuple, fill: float, like: torch.Tensor) -> torch.Tensor:
         return torch.full(shape, fill, dtype=like.dtype, device=like.device)
@@ -82,62 +102,16 @@ class _TileOps(InPlaceLoopOps):
         bound = -self._floor(x)
         return torch.sigmoid(x.clamp(-bound, bound))
 
-    def diagonal(self, tile: torch.Tensor, row_start: int, column_start: int) -> torch.Tensor:
-        # a few times faster than the default's comparison of two ranges
-        rows, columns = tile.shape
-        mask = torch.zeros(rows, columns, dtype=torch.bool, device=tile.device)
-        # cell (a, b) pairs global row row_start + a with column column_start + b: equal where
-        # b - a = row_start - column_start (on one process only row_start == column_start occurs)
-        mask.diagonal(row_start - column_start).fill_(True)
-        return mask
-
     def logsumexp(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         top = x.amax(dim=axis, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         return self.expdiff(x, top).sum(dim=axis).log_().add_(top.squeeze(axis))
 
-
-_TILE_OPS = _TileOps()
-
-
-class _TiledSum(torch.autograd.Function):
-    """A loss's summed form S; saves the inputs and the per-row / per-column statistics. Given a
-    collective, S of every rank's rows: its backward then communicates too, so every rank of the
-    group must run it (as every rank runs the forward)."""
-
-    @staticmethod
-    def forward(ctx: Any, kind: str, tile: int, collective: Any, layout: Any, x: torch.Tensor,
-                y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
-        # under autocast the tiles' products would run in half precision: the sweeps keep the
-        # inputs' dtype (float32 at least, see _LossOps.prepare)
-        with torch.autocast(x.device.type, enabled=False):
-            value, saved = _loss_forms.summed_forward(_TILE_OPS, kind, x, y, alpha, beta, tile,
-                                                      collective, layout)
-        ctx.kind, ctx.tile, ctx.collective, ctx.layout = kind, tile, collective, layout
-        ctx.save_for_backward(*saved)
-        return value
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        with torch.autocast(grad.device.type, enabled=False):
-            grads = _loss_forms.summed_backward(_TILE_OPS, ctx.kind, ctx.saved_tensors, grad,
-                                                ctx.tile, ctx.collective, ctx.layout)
-        return (None, None, None, None, *grads)
-
-
-class _LossOps:
-    """:class:`gradcache._loss_forms.LossOps` over torch autograd."""
-
-    def tiled_sum(self, kind: str, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor,
-                  beta: torch.Tensor | None, tile: int, collective: Any = None,
-                  layout: Any = None) -> torch.Tensor:
-        return _TiledSum.apply(kind, tile, collective, layout, x, y, alpha, beta)
-
-    def shape(self, x: torch.Tensor) -> tuple:
-        return tuple(x.shape)
+    # -- the differentiable ops around the sweeps ---------------------------------------------------
+    def custom_gradient(self, forward: Any, backward: Any, inputs: tuple) -> torch.Tensor:
+        return _Summed.apply(forward, backward, *inputs)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        # fp16/bf16 logits would lose the log-sum-exp; autograd casts the gradient back
         return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
     def as_scalar(self, value: Any, like: torch.Tensor) -> torch.Tensor:
@@ -151,12 +125,6 @@ class _LossOps:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1)
 
-    def matmul_nt(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a @ b.T
-
-    def transpose(self, x: torch.Tensor) -> torch.Tensor:
-        return x.T
-
     def cross_entropy(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         labels = torch.arange(logits.shape[0], device=logits.device) * step
         return F.cross_entropy(logits, labels)
@@ -166,7 +134,7 @@ class _LossOps:
         return -F.logsigmoid(labels * logits).sum()
 
 
-_OPS = _LossOps()
+_OPS = _TILE_OPS = _Ops()
 
 
 class _AcrossRanks(AcrossRanks):
