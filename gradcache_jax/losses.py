@@ -79,10 +79,14 @@ class _TileOps(ArrayOps):
     exp = staticmethod(jnp.exp)
     log = staticmethod(jnp.log)
     maximum = staticmethod(jnp.maximum)
-    where = staticmethod(jnp.where)
     logsumexp = staticmethod(jax.nn.logsumexp)
     sigmoid = staticmethod(jax.nn.sigmoid)  # one op, where the default takes three
     softplus = staticmethod(jax.nn.softplus)  # logaddexp(x, 0): exact everywhere
+
+    def where(self, condition: jax.Array, a: Any, b: Any, /) -> jax.Array:
+        # a method, not staticmethod(jnp.where): that would type as jnp.where's first overload,
+        # the one-argument nonzero form
+        return jnp.where(condition, a, b)
 
     def full(self, shape: tuple, fill: float, like: jax.Array) -> jax.Array:
         return jnp.full(shape, fill, like.dtype)

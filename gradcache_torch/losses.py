@@ -52,9 +52,13 @@ class _TileOps(InPlaceLoopOps):
     exp = staticmethod(torch.exp)
     log = staticmethod(torch.log)
     maximum = staticmethod(torch.maximum)
-    where = staticmethod(torch.where)
     # one op where the default takes three: each torch op costs microseconds, once per tile
     isfinite = staticmethod(torch.isfinite)
+
+    def where(self, condition: torch.Tensor, a: Any, b: Any, /) -> torch.Tensor:
+        # a method, not staticmethod(torch.where): that would type as torch.where's first
+        # overload, the one-argument nonzero form
+        return torch.where(condition, a, b)
 
     def full(self, shape: tuple, fill: float, like: torch.Tensor) -> torch.Tensor:
         return torch.full(shape, fill, dtype=like.dtype, device=like.device)
