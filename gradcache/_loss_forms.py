@@ -54,10 +54,11 @@ class LossOps(Protocol):
     """The differentiable operations the assembly needs (the backend's autodiff sees them all)."""
 
     def tiled_sum(self, kind: str, x: Any, y: Any, alpha: Any, beta: Any, tile: int,
-                  collective: Collective | None = None, layout: RankLayout | None = None) -> Any:
+                  collective: Any = None, layout: RankLayout | None = None) -> Any:
         """The summed loss ``S``: the backend's custom-gradient function, whose forward and
         backward are :func:`summed_forward` and :func:`summed_backward` (across ranks when a
-        ``collective`` is given)."""
+        ``collective`` is given: the backend's own, from its ``AcrossRanks.collective_for``, so
+        a backend may type it as its own :class:`~gradcache.Collective` class)."""
     def shape(self, x: Any) -> tuple: ...
     def prepare(self, x: Any) -> Any: ...
     def as_scalar(self, value: Any, like: Any) -> Any: ...
@@ -98,12 +99,18 @@ class RankLayout:
         return tuple(count * self.group for count in self.counts)
 
 
+class _HasShape(Protocol):
+    """All :func:`check_pair` needs of a :class:`LossOps`."""
+
+    def shape(self, x: Any) -> Any: ...
+
+
 class _Shapes:
     def shape(self, x: Any) -> Any:
         return x
 
 
-def check_pair(ops: LossOps, x: Any, y: Any, loss: str, *, square: bool) -> tuple[int, int]:
+def check_pair(ops: _HasShape, x: Any, y: Any, loss: str, *, square: bool) -> tuple[int, int]:
     """``(rows of x, rows of y)``, or a GradCacheError naming the shapes.
 
     >>> class Shapes:
@@ -161,13 +168,14 @@ def layout_across(ops: LossOps, collective: Collective, x: Any, y: Any, loss: st
             f"{loss}: every rank's passages must hold the same number of rows per query (k + 1), "
             f"got {groups} on ranks 0..{len(groups) - 1} (shapes {[list(pair) for pair in shapes]})")
     counts = tuple(x_shape[0] for x_shape, _ in shapes)
-    rank = getattr(collective, "rank", None)
-    if rank is None:
+    this_rank = getattr(collective, "rank", None)
+    if this_rank is None:
         raise GradCacheError(f"{loss} across ranks needs a collective with a `rank` attribute")
-    if isinstance(rank, int):
-        offset = sum(counts[:rank])
+    offset: Any  # an int, or a traced integer
+    if isinstance(this_rank, int):
+        offset = sum(counts[:this_rank])
     else:  # a traced rank (SPMD): every rank holds the same number of rows
-        offset = rank * counts[0]
+        offset = this_rank * counts[0]
     return RankLayout(counts, groups[0], offset)
 
 
@@ -228,6 +236,7 @@ def summed_forward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: An
     if collective is None:
         value, row_lse, column_lse = tiled_forward(ops, kind, x, y, alpha, beta, tile)
         return value, (x, y, alpha, beta, row_lse, column_lse)
+    assert layout is not None, "a collective comes with its layout"
     value, columns, row_lse, column_lse = forward_across(ops, collective, layout, kind, x, y,
                                                          alpha, beta, tile)
     return value, (x, columns, alpha, beta, row_lse, column_lse)
@@ -241,6 +250,7 @@ def summed_backward(ops: TileOps, kind: str, saved: tuple, grad: Any, tile: int,
     x, columns, alpha, beta, row_lse, column_lse = saved
     if collective is None:
         return tiled_backward(ops, kind, x, columns, alpha, beta, row_lse, column_lse, grad, tile)
+    assert layout is not None, "a collective comes with its layout"
     return backward_across(ops, collective, layout, kind, x, columns, alpha, beta, row_lse,
                            column_lse, grad, tile)
 

@@ -154,6 +154,7 @@ class _LossOps:
                   layout: RankLayout | None = None) -> jax.Array:
         if collective is None:
             return _tiled_sum(kind, tile, x, y, alpha, beta)
+        assert layout is not None, "a collective comes with its layout"
         return _tiled_sum_across(kind, tile, collective, layout.counts, layout.group, x, y, alpha,
                                  beta)
 
@@ -198,6 +199,7 @@ class _AcrossRanks(AcrossRanks):
     rows."""
 
     place = "axis_name"
+    axis_name: Any  # set by AcrossRanks.__init__ (place)
 
     def collective_for(self, x: Any, y: Any) -> MeshCollective:
         try:

@@ -189,7 +189,10 @@ def _tiled_sum(kind: str, x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, beta: tf
     ``dalpha``/``dbeta`` are then the global ones on every replica: inside ``cached_step(...,
     distributed=True)`` replica 0 alone carries a loss-owned variable's gradient
     (``loss_grad_weight``), so the sum over replicas counts it once."""
-    collective = None if replicas is None else _replica_columns(replicas, layout, y)
+    collective = None
+    if replicas is not None:
+        assert layout is not None, "a collective comes with its layout"
+        collective = _replica_columns(replicas, layout, y)
 
     @tf.custom_gradient
     def run(x: tf.Tensor, y: tf.Tensor, alpha: tf.Tensor, *maybe_beta: tf.Tensor) -> tuple:

@@ -177,6 +177,7 @@ class _AcrossRanks(AcrossRanks):
     """What :func:`across_ranks` returns: call it with this rank's rows."""
 
     place, place_default = "group", None
+    group: Any  # set by AcrossRanks.__init__ (place)
 
     def __init__(self, *args: Any):
         super().__init__(*args)
