@@ -165,6 +165,10 @@ def _compiled(backend: Backend, body: PassBody, carry: Any, rows: Any, plan: Chu
     carry_leaves, carry_spec = _tree.flatten(carry, backend.is_leaf)
     row_leaves, row_spec = _tree.flatten(rows, backend.is_leaf)
     seen: dict[str, Any] = {"next": 0}
+    stacked_spec = None   # the structure of each chunk's item, given items to repeat
+    if items is not None:
+        assert items.spec is not None, "looped items come from a compiled run, with their spec"
+        stacked_spec = items.spec
 
     def flat_body(carry_leaves: list, index: Any, chunk_leaves: list,
                   item_leaves: list) -> tuple[list, list, list]:
@@ -173,7 +177,7 @@ def _compiled(backend: Backend, body: PassBody, carry: Any, rows: Any, plan: Chu
             seen["next"] = label + 1
         else:                # the loop body, traced once for the chunks not yet run
             label = seen["next"]
-        item = None if items is None else _tree.unflatten(items.spec, item_leaves)
+        item = None if stacked_spec is None else _tree.unflatten(stacked_spec, item_leaves)
         new_carry, (rows_out, item_out) = body(
             _tree.unflatten(carry_spec, carry_leaves), Chunk(index, label),
             _tree.unflatten(row_spec, chunk_leaves), item)

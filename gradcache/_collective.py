@@ -55,9 +55,10 @@ class Collective:
         """Every rank's small picklable ``payload``, in rank order (a host-side all-gather)."""
         raise NotImplementedError
 
-    def row_counts(self, rows: int) -> Any:
+    def row_counts(self, rows: int | None) -> Any:
         """Every rank's row count of a group of which this rank holds ``rows``, for an engine that
-        does not :attr:`agree` (agreeing engines learn them from :meth:`exchange`).
+        does not :attr:`agree` (agreeing engines learn them from :meth:`exchange`). ``rows`` is the
+        representation's static row count, ``None`` where its shape leaves it unknown.
 
         The result is opaque to the core: it only hands it back as the ``counts`` of the row
         operations of that group. The default, ``[rows] * world_size``, suits SPMD engines whose

@@ -52,6 +52,7 @@ def add_location_note(error: BaseException, text: str) -> None:
         add_note(text)
         return
     try:
-        error.__notes__ = [*(notes or []), text]
+        # typeshed declares __notes__ from Python 3.11 on; this is the 3.10 path
+        error.__notes__ = [*(notes or []), text]  # type: ignore[attr-defined]
     except (AttributeError, TypeError):  # an exception type that refuses new attributes
         pass

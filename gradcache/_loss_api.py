@@ -183,7 +183,9 @@ def _publish(function: Callable, docs: LossDocs, across_type: type[AcrossRanks])
                                                 annotation=Any))
         parameters.append(inspect.Parameter("loss_kwargs", inspect.Parameter.VAR_KEYWORD,
                                             annotation=Any))
-        function.__signature__ = inspect.Signature(parameters, return_annotation=across_type)
+        # inspect honours __signature__ on any callable; typeshed declares it on none
+        function.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            parameters, return_annotation=across_type)
         return
     scalar = float | docs.array_type
     kinds = {"q": Any, "p": Any, "x": Any, "y": Any, "temperature": scalar,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -135,7 +135,7 @@ def _current(layout: RankLayout | None, collective: Collective | None) -> RankLa
     """``layout`` with its offset taken again from ``collective.rank`` where it is traced (an SPMD
     rank): a custom-gradient rule may not close over a value traced outside it (``jax.custom_vjp``),
     so each rule takes it where it runs."""
-    if layout is None or isinstance(layout.offset, int):
+    if layout is None or isinstance(layout.offset, int) or collective is None:
         return layout
     return RankLayout(layout.counts, layout.group, collective.rank * layout.counts[0])
 
@@ -165,12 +165,18 @@ class RankLayout:
         return tuple(count * self.group for count in self.counts)
 
 
+class _HasShape(Protocol):
+    """All :func:`check_pair` needs of a :class:`LossOps`."""
+
+    def shape(self, x: Any) -> Any: ...
+
+
 class _Shapes:
     def shape(self, x: Any) -> Any:
         return x
 
 
-def check_pair(ops: LossOps, x: Any, y: Any, loss: str, *, square: bool) -> tuple[int, int]:
+def check_pair(ops: _HasShape, x: Any, y: Any, loss: str, *, square: bool) -> tuple[int, int]:
     """``(rows of x, rows of y)``, or a GradCacheError naming the shapes.
 
     >>> class Shapes:
@@ -228,13 +234,14 @@ def layout_across(ops: LossOps, collective: Collective, x: Any, y: Any, loss: st
             f"{loss}: every rank's passages must hold the same number of rows per query (k + 1), "
             f"got {groups} on ranks 0..{len(groups) - 1} (shapes {[list(pair) for pair in shapes]})")
     counts = tuple(x_shape[0] for x_shape, _ in shapes)
-    rank = getattr(collective, "rank", None)
-    if rank is None:
+    this_rank = getattr(collective, "rank", None)
+    if this_rank is None:
         raise GradCacheError(f"{loss} across ranks needs a collective with a `rank` attribute")
-    if isinstance(rank, int):
-        offset = sum(counts[:rank])
+    offset: Any  # an int, or a traced integer
+    if isinstance(this_rank, int):
+        offset = sum(counts[:this_rank])
     else:  # a traced rank (SPMD): every rank holds the same number of rows
-        offset = rank * counts[0]
+        offset = this_rank * counts[0]
     return RankLayout(counts, groups[0], offset)
 
 
@@ -295,6 +302,7 @@ def summed_forward(ops: TileOps, kind: str, x: Any, y: Any, alpha: Any, beta: An
     if collective is None:
         value, row_lse, column_lse = tiled_forward(ops, kind, x, y, alpha, beta, tile)
         return value, (x, y, alpha, beta, row_lse, column_lse)
+    assert layout is not None, "a collective comes with its layout"
     value, columns, row_lse, column_lse = forward_across(ops, collective, layout, kind, x, y,
                                                          alpha, beta, tile)
     return value, (x, columns, alpha, beta, row_lse, column_lse)
@@ -308,6 +316,7 @@ def summed_backward(ops: TileOps, kind: str, saved: tuple, grad: Any, tile: int,
     x, columns, alpha, beta, row_lse, column_lse = saved
     if collective is None:
         return tiled_backward(ops, kind, x, columns, alpha, beta, row_lse, column_lse, grad, tile)
+    assert layout is not None, "a collective comes with its layout"
     return backward_across(ops, collective, layout, kind, x, columns, alpha, beta, row_lse,
                            column_lse, grad, tile)
 

@@ -48,6 +48,20 @@ class GroupPlan:
             return self.get_rep
         return lambda output: self.get_rep(output, chunk_inputs)
 
+    @property
+    def planned(self) -> ChunkPlan:
+        """:attr:`plan` where it is known: from the start, or after pass 1 for a split_fn."""
+        assert self.plan is not None, "a split_fn's chunks are planned in pass 1"
+        return self.plan
+
+    @property
+    def num_chunks(self) -> int:
+        """The chunks this group encodes, before or after pass 1."""
+        if self.plan:
+            return self.plan.num_chunks
+        assert self.pre_split is not None, "no plan yet: a split_fn made the chunks"
+        return len(self.pre_split)
+
 
 def _identity(value: Any) -> Any:
     return value
@@ -109,12 +123,14 @@ def group_batch_size(backend: Backend, tree: Any, group: int) -> int:
             f"input {where(group)} holds no {backend.name} tensor (got {type(tree).__name__}); pass "
             f"tensors, or nested dicts/lists/tuples of tensors, or give a split_fn")
     paths = _tree.leaf_paths(spec)
-    sizes = [backend.batch_size(leaf) for leaf in leaves]
-    for path, leaf, size in zip(paths, leaves, sizes):
+    sizes: list[int] = []
+    for path, leaf in zip(paths, leaves):
+        size = backend.batch_size(leaf)
         if size is None:
             raise GradCacheError(
                 f"input {where(group)}: leaf '{path}' of shape {tuple(backend.shape(leaf))} has no "
                 f"batch dimension; every tensor leaf is batched along dimension 0")
+        sizes.append(size)
     if len(set(sizes)) != 1:
         raise GradCacheError(
             f"input {where(group)}: tensor leaves disagree on the batch size (dimension 0): "
@@ -327,7 +343,7 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
     # the ranks meet after pass 1 (to gather) and after pass 2 (so that none applies gradients
     # while another raises); with encoders that communicate in every call, also before pass 1
     rendezvous.planned = 2
-    if rendezvous.active and collective.same_chunk_counts:
+    if rendezvous.active and collective is not None and collective.same_chunk_counts:
         rendezvous.planned += 1
         _agree_chunk_counts(rendezvous, groups)
     checked_loss = CheckedLoss(backend, loss_fn, loss_kwargs)
@@ -337,8 +353,7 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
             "loss, so it needs a distributed step: pass distributed=... (without it, averaging "
             "wrappers would leave the gradients a factor world-size too small)")
     track = backend.progress_enabled() and progress
-    total = sum((1 if g.frozen or not differentiate else 2)
-                * (g.plan.num_chunks if g.plan else len(g.pre_split)) for g in groups)
+    total = sum((1 if g.frozen or not differentiate else 2) * g.num_chunks for g in groups)
     bar = _Progress(track, total)
     try:
         reps, records = [], []
@@ -347,6 +362,7 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
             reps.append(rep)
             records.append(record)
         # after pass 1: lazily built layers (Keras) have made their variables by now
+        rep_grads: list
         if not differentiate:
             loss, rep_grads, grads = _loss_only(backend, collective, rendezvous, checked_loss,
                                                 reps), [], None
@@ -442,7 +458,7 @@ def _check_scalar_upstream(backend: Backend, upstream: Any) -> None:
 
 def _agree_chunk_counts(rendezvous: Rendezvous, groups: list[GroupPlan]) -> None:
     """Raises on every rank, before anything runs, if the ranks would encode unequal numbers of chunks."""
-    counts = [g.plan.num_chunks if g.plan else len(g.pre_split) for g in groups]
+    counts = [g.num_chunks for g in groups]
     reports = rendezvous.agree("before pass 1", counts)
     if any(report != counts for report in reports):
         listing = ", ".join(f"rank {rank}: {report}" for rank, report in enumerate(reports))
@@ -452,7 +468,7 @@ def _agree_chunk_counts(rendezvous: Rendezvous, groups: list[GroupPlan]) -> None
             f"chunk sizes that cut every rank's rows into as many chunks")
 
 
-def _rep_signature(backend: Backend, rep: Any) -> tuple[int, Any, tuple]:
+def _rep_signature(backend: Backend, rep: Any) -> tuple[int | None, Any, tuple]:
     """``(rows, leaf paths, per-leaf (trailing shape, dtype))`` of one group's representation
     (paths, not the structure's repr: non-tensor leaves may differ between ranks harmlessly)."""
     leaves, spec = _tree.flatten(rep, backend.is_leaf)
@@ -511,7 +527,8 @@ class CheckedLoss:
 
     def __init__(self, backend: Backend, loss_fn: Callable, loss_kwargs: Mapping | None):
         self.backend = backend
-        self.loss_fn = loss_fn
+        # Any: a loss may carry attributes (value_and_grad, gathers_itself) no Callable declares
+        self.loss_fn: Any = loss_fn
         self.loss_kwargs = dict(loss_kwargs or {})
 
     @property
@@ -597,8 +614,8 @@ def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress) -> tuple[Any, 
             raise
         group.plan = ChunkPlan(tuple(rows for _, rows in items.single))
         return rep, ChunkItems.one_by_one([record for record, _ in items.single])
-    loop = loop_length(backend, group.plan, group.last_for_encoder)
-    _, rep, records = run_chunks(backend, body, None, group.inputs, group.plan,
+    loop = loop_length(backend, group.planned, group.last_for_encoder)
+    _, rep, records = run_chunks(backend, body, None, group.inputs, group.planned,
                                  group=group.index, loop=loop)
     return rep, records
 
@@ -634,10 +651,10 @@ def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, recor
 
     if group.pre_split is not None:
         items = ChunkItems.one_by_one(list(zip(group.pre_split, records.single)))
-        grads, _, _ = run_chunks(backend, body, grads, (None, rep_grad, rep), group.plan,
+        grads, _, _ = run_chunks(backend, body, grads, (None, rep_grad, rep), group.planned,
                                  group=group.index, items=items)
         return grads
-    grads, _, _ = run_chunks(backend, body, grads, (group.inputs, rep_grad, rep), group.plan,
+    grads, _, _ = run_chunks(backend, body, grads, (group.inputs, rep_grad, rep), group.planned,
                              group=group.index, items=records)
     return grads
 

@@ -57,20 +57,20 @@ class ArrayOps:
         raise NotImplementedError(f"{type(self).__name__} must supply the tile op {name!r} "
                                   f"(see gradcache._tile_ops)")
 
-    def exp(self, x: Any) -> Any:
+    def exp(self, x: Any, /) -> Any:
         return self._missing("exp")
 
-    def log(self, x: Any) -> Any:
+    def log(self, x: Any, /) -> Any:
         return self._missing("log")
 
-    def maximum(self, a: Any, b: Any) -> Any:
+    def maximum(self, a: Any, b: Any, /) -> Any:
         return self._missing("maximum")
 
-    def where(self, condition: Any, a: Any, b: Any) -> Any:
+    def where(self, condition: Any, a: Any, b: Any, /) -> Any:
         """``a`` where ``condition`` else ``b``; either may be a Python float."""
         return self._missing("where")
 
-    def logsumexp(self, x: Any, axis: int) -> Any:
+    def logsumexp(self, x: Any, axis: int, /) -> Any:
         """Exact for lines of ``-inf`` (the masked ones): ``-inf``, not ``nan``."""
         return self._missing("logsumexp")
 
@@ -82,7 +82,7 @@ class ArrayOps:
         """``0 .. size - 1`` as integers on ``like``'s device (``like`` may be ``None``)."""
         return self._missing("arange")
 
-    def log1p(self, x: Any) -> Any:
+    def log1p(self, x: Any, /) -> Any:
         """Only for the default :meth:`softplus`; a backend with its own needs none."""
         return self._missing("log1p")
 
@@ -105,14 +105,14 @@ class ArrayOps:
     def abs(self, x: Any) -> Any:
         return self.maximum(x, -x)
 
-    def isfinite(self, x: Any) -> Any:
+    def isfinite(self, x: Any, /) -> Any:
         return self.abs(x) < INF  # false for nan as well
 
-    def softplus(self, x: Any) -> Any:
+    def softplus(self, x: Any, /) -> Any:
         """``log(1 + exp(x))`` without overflow and without the thresholds some frameworks take."""
         return self.maximum(x, x * 0) + self.log1p(self.exp(-self.abs(x)))
 
-    def sigmoid(self, x: Any) -> Any:
+    def sigmoid(self, x: Any, /) -> Any:
         return self.exp(-self.softplus(-x))
 
     def expdiff(self, a: Any, b: Any) -> Any:

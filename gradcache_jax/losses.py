@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gradcache import GradCacheError
+from gradcache import Collective, GradCacheError
 from gradcache._loss_api import AcrossRanks, LossDocs, bind
 from gradcache._loss_forms import LossOps
 from gradcache_jax._distributed import MeshCollective, _varying_axes, to_varying
@@ -59,8 +59,11 @@ class _Ops(LossOps):
         #: the values this device's rows add to them are (a loop's carry keeps one type)
         self.axis_name = axis_name
 
-    def sweep_ops(self, collective: MeshCollective | None) -> _Ops:
-        return self if collective is None else _Ops(collective.axis_name)
+    def sweep_ops(self, collective: Collective | None) -> _Ops:
+        if collective is None:
+            return self
+        assert isinstance(collective, MeshCollective), "JAX's losses run across a mesh axis"
+        return _Ops(collective.axis_name)
 
     def fori(self, count: int, body: Callable, carry: tuple) -> tuple:
         if self.axis_name is not None:
@@ -80,10 +83,14 @@ class _Ops(LossOps):
     exp = staticmethod(jnp.exp)
     log = staticmethod(jnp.log)
     maximum = staticmethod(jnp.maximum)
-    where = staticmethod(jnp.where)
     logsumexp = staticmethod(jax.nn.logsumexp)
     sigmoid = staticmethod(jax.nn.sigmoid)  # one op, where the default takes three
     softplus = staticmethod(jax.nn.softplus)  # logaddexp(x, 0): exact everywhere
+
+    def where(self, condition: jax.Array, a: Any, b: Any, /) -> jax.Array:
+        # a method, not staticmethod(jnp.where): that would type as jnp.where's first overload,
+        # the one-argument nonzero form
+        return jnp.where(condition, a, b)
 
     def full(self, shape: tuple, fill: float, like: jax.Array) -> jax.Array:
         return jnp.full(shape, fill, like.dtype)
@@ -134,6 +141,7 @@ class _AcrossRanks(AcrossRanks):
     rows."""
 
     place = "axis_name"
+    axis_name: Any  # set by AcrossRanks.__init__ (place)
 
     def collective_for(self, x: Any, y: Any) -> MeshCollective:
         try:

@@ -255,14 +255,15 @@ class TFBackend(Backend):
             leaves, cotangents = outputs(self._call(encoder, chunk))
         pairs = [(r, tf.cast(g, r.dtype)) for r, g in zip(leaves, cotangents) if g is not None]
         if self.check_variables is not None:
-            self._check_watched(tape)
+            self._check_watched(tape, self.check_variables)
         gradients = tape.gradient([r for r, _ in pairs], self.tf_variables,
                                   output_gradients=[g for _, g in pairs])
         return leaves, self._accumulate(grads, gradients)
 
-    def _check_watched(self, tape: tf.GradientTape) -> None:
+    def _check_watched(self, tape: tf.GradientTape,
+                       check_variables: Callable[[], set[int]]) -> None:
         if self._known is None:
-            self._known = self.check_variables() | {id(v) for v in self.tf_variables}
+            self._known = check_variables() | {id(v) for v in self.tf_variables}
         missed = [v for v in tape.watched_variables() if id(v) not in self._known and v.trainable]
         if missed:
             names = ", ".join(sorted({v.name for v in missed}))
@@ -280,7 +281,7 @@ class TFBackend(Backend):
         try:
             yield
         except BaseException:
-            if eager:
+            if before is not None:   # eager: capture() returns a tuple
                 self.random.restore(before)
             raise
 

@@ -97,7 +97,7 @@ class ReplicaCollective(Collective):
         every = tf.get_static_value(self.context.all_gather(tf.constant([flat], tf.int64), axis=0))
         return [tf.nest.pack_sequence_as(shape, [int(v) for v in row]) for row in every]
 
-    def row_counts(self, rows: int) -> tuple[int, Any]:
+    def row_counts(self, rows: int | None) -> tuple[int | None, Any]:
         """``(this replica's static rows, every replica's rows)``: the ``counts`` of one group."""
         if self.world_size == 1:
             return rows, [rows]

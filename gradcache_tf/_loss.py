@@ -84,7 +84,8 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         return _cached_loss(encoders, inputs, loss_fn, chunk_size, variables, training, optimizer,
                             random_state, check_random, graph_loop, step)
     except GradCacheError as error:
-        error.ag_pass_through = True  # type: ignore[attr-defined]  (see cached_step)
+        # see cached_step
+        error.ag_pass_through = True  # type: ignore[attr-defined]
         raise
 
 

@@ -58,7 +58,7 @@ def _seed_generator_class() -> type | None:
     return getattr(getattr(keras, "random", None), "SeedGenerator", None) if keras else None
 
 
-def _layer_class() -> type | None:
+def _layer_class() -> type[Any] | None:
     keras = keras_module()
     return getattr(getattr(keras, "layers", None), "Layer", None) if keras else None
 

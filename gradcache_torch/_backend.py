@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -25,14 +25,16 @@ from gradcache_torch import _rng
 from gradcache_torch._distributed import fsdp_units
 
 
-def _is_tensor(value: Any) -> bool:
+def _is_tensor(value: Any) -> TypeGuard[torch.Tensor]:
     return isinstance(value, torch.Tensor)
 
 
 def _graph_leaves(roots: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
     """Leaf tensors whose ``.grad`` a backward from ``roots`` will write (AccumulateGrad nodes)."""
     seen: set[int] = set()
-    stack = [root.grad_fn for root in roots if root.grad_fn is not None]
+    # next_functions holds None for an input that needs no gradient
+    stack: list[torch.autograd.graph.Node | None] = [
+        root.grad_fn for root in roots if root.grad_fn is not None]
     for root in roots:
         if root.grad_fn is None and root.requires_grad:
             yield root

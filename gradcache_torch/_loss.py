@@ -128,6 +128,7 @@ class _Pending:
             forward.close()
             raise
         backend = forward.backend
+        assert isinstance(backend, TorchBackend)
         sync = self.setup.gradient_sync()
         try:
             with backend.transaction(), _autocast(self.autocast):
@@ -180,7 +181,9 @@ def _watched(forward: CachedForward, loss_fn: Any) -> tuple[list, list]:
             modules.setdefault(id(sub), sub)
         for parameter in module.parameters():
             parameters.setdefault(id(parameter), parameter)
-    for tensor in forward.backend.owned_parameters():
+    backend = forward.backend
+    assert isinstance(backend, TorchBackend)
+    for tensor in backend.owned_parameters():
         parameters.setdefault(id(tensor), tensor)
     if isinstance(loss_fn, torch.nn.Module):
         for parameter in loss_fn.parameters():

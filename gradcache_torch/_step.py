@@ -6,7 +6,7 @@ accumulate into ``.grad`` exactly as a full-batch ``loss.backward()`` would put 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -120,7 +120,8 @@ class _Setup:
     ``distributed=`` the collective (DDP's buffers broadcast now) and the averaging of the DDP and
     unwrapped modules' gradients, made by :meth:`gradient_sync` when the gradients are written."""
 
-    def __init__(self, encoders: Any, inputs: Any, loss_fn: Any, options: dict, *, entry: str,
+    def __init__(self, encoders: Any, inputs: Any, loss_fn: Any, options: Mapping[str, Any], *,
+                 entry: str,
                  own: Sequence[str] = ()):
         step = StepOptions.from_keywords(options, adapter="gradcache_torch", own=own, entry=entry)
         self.keywords = step.step_keywords()

@@ -74,7 +74,11 @@ class _Ops(LossOps, InPlaceLoopOps):
     exp = staticmethod(torch.exp)
     log = staticmethod(torch.log)
     maximum = staticmethod(torch.maximum)
-    where = staticmethod(torch.where)
+
+    def where(self, condition: torch.Tensor, a: Any, b: Any, /) -> torch.Tensor:
+        # a method, not staticmethod(torch.where): that would type as torch.where's first
+        # overload, the one-argument nonzero form
+        return torch.where(condition, a, b)
 
     def full(self, shape: tuple, fill: float, like: torch.Tensor) -> torch.Tensor:
         return torch.full(shape, fill, dtype=like.dtype, device=like.device)
@@ -141,6 +145,7 @@ class _AcrossRanks(AcrossRanks):
     """What :func:`across_ranks` returns: call it with this rank's rows."""
 
     place, place_default = "group", None
+    group: Any  # set by AcrossRanks.__init__ (place)
 
     def __init__(self, *args: Any):
         super().__init__(*args)

@@ -40,6 +40,7 @@ class LinearEncoder:
     def _dropped(self, x: np.ndarray) -> np.ndarray:
         if not self.dropout:
             return x
+        assert self.rng is not None  # __init__ requires one with dropout
         keep = self.rng.random(x.shape) >= self.dropout
         return x * keep / (1.0 - self.dropout)
 

@@ -63,8 +63,11 @@ def token_batch(model: Mapping[str, int], rows: int, seed: int = 1) -> tuple[Any
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    return tuple(rng.integers(0, model["vocab"], size=(rows, model["seq"]), dtype=np.int32)
-                 for _ in range(2))
+
+    def draw() -> Any:
+        return rng.integers(0, model["vocab"], size=(rows, model["seq"]), dtype=np.int32)
+
+    return draw(), draw()
 
 
 def sweep(measure: Callable[[str, int], dict], *, chunk: int, max_batch: int,

@@ -71,6 +71,7 @@ def machine(load_before: float | None, load_after: float | None, *, seconds: flo
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
+    usable: int | None  # cpu_count() may not know
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

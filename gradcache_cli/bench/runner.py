@@ -38,7 +38,7 @@ BACKENDS = {"torch": ("torch", "gradcache_torch", "PyTorch"),
 # Defaults, full run and --quick. The full run's budget stops every backend's full-batch step at
 # batch 512 or 1024 of the default model, so that the whole run takes about five minutes on two
 # cores; the cached step goes two doublings further.
-SETTINGS = {
+SETTINGS: dict[str, dict[str, Any]] = {
     "full": {"model": DEFAULT, "chunk": 64, "budget_mib": 384, "max_batch": 1 << 16,
              "extra_doublings": 2, "time_chunks": (8,), "repeats": 5},
     "quick": {"model": QUICK, "chunk": 16, "budget_mib": 64, "max_batch": 64,

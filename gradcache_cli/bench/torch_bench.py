@@ -55,7 +55,8 @@ def _steps(model: dict, chunk: int) -> tuple[Encoder, dict]:
 
 
 def _batch(model: dict, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(torch.from_numpy(ids) for ids in token_batch(model, rows))
+    queries, passages = token_batch(model, rows)
+    return torch.from_numpy(queries), torch.from_numpy(passages)
 
 
 def _threads(payload: dict) -> None:

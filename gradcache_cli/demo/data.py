@@ -92,7 +92,7 @@ class _Collector(ast.NodeVisitor):
     def visit_ClassDef(self, node: ast.ClassDef) -> None:  # noqa: N802 - ast's naming
         self._visit_scope(node, node.name)
 
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:  # noqa: N802
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:  # noqa: N802
         self.found.append((".".join([*self.stack, node.name]), node))
         self._visit_scope(node, node.name)
 
@@ -109,6 +109,7 @@ def _pair_from(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -
         return None
     doc_node = node.body[0]
     first, last = doc_node.lineno, doc_node.end_lineno
+    assert last is not None  # ast.parse gives every node its end position
     # Remove the docstring's lines only when it occupies them alone (the usual layout); a docstring
     # sharing a line with other code is rare and not worth a character-level cut.
     # ast's column offsets count UTF-8 bytes, hence the encoding.

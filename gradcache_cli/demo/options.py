@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 from collections.abc import Sequence
+from typing import Any
 
 # backend -> (demo module, framework module whose presence is required, pip extra)
 BACKENDS = {
@@ -118,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Defaults that depend on the model: a pretrained transformer costs ~1000x the bag model's compute
 # per pair, so its defaults (a slice of the data, a smaller batch) keep a CPU run in minutes.
-_MODEL_DEFAULTS = {
+_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "bag": {"batch_size": 4096, "chunk_size": 128, "epochs": 16, "lr": 1e-3, "threads": 1,
             "max_train": 0, "max_test": 0},
     "minilm": {"batch_size": 128, "chunk_size": 16, "epochs": 1, "lr": 1e-5, "threads": None,

@@ -69,7 +69,7 @@ def batches(n: int, batch: int, epochs: int, seed: int) -> list[np.ndarray]:
     [[2, 4], [3, 0, 1]]
     """
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[np.ndarray] = []
     for _ in range(epochs):
         order = rng.permutation(n)
         # A last batch of one row has no negative, and its loss would be zero: fold it in.

@@ -17,6 +17,7 @@ that measures one step's memory.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -289,7 +290,7 @@ def computed_breakdown(args: argparse.Namespace) -> memory.Breakdown:
     for tower, ids in zip(model.encoders(), (queries, code), strict=True):
         part = tf.constant(np.resize(ids.numpy(), (PROBE_ROWS, ids.shape[1])))
         _record(tower, part)  # the first eager call builds kernels and caches: not the tape's
-        (tape, rep), held = tf_memory.held_bytes(lambda tower=tower, part=part: _record(tower, part))
+        (tape, rep), held = tf_memory.held_bytes(functools.partial(_record, tower, part))
         del tape
         rep_size = int(np.prod(rep.shape)) * rep.dtype.size
         graph_per_row += max(held - rep_size, 0) / PROBE_ROWS
