@@ -77,10 +77,10 @@ def make_trainer(**kwargs: object) -> L.Trainer:
 
 
 def fit(cached: bool, accumulate: int = 1, precision: str = "32-true") -> Contrastive:
-    """2 optimizer steps; returns the trained module."""
+    """2 optimizer steps (after Lightning's sanity check of validation); returns the module."""
     module = Contrastive(cached=cached)
     make_trainer(max_steps=2, accumulate_grad_batches=accumulate,
-                 precision=precision).fit(module, make_loader())
+                 precision=precision).fit(module, make_loader(), make_loader())
     return module
 
 
