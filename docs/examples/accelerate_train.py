@@ -1,8 +1,11 @@
 """A gradient-cached contrastive training loop with Hugging Face Accelerate: bf16, accumulation, DDP.
 
-    python docs/examples/accelerate_train.py --check                     # one process
-    accelerate launch --cpu --num_processes 2 docs/examples/accelerate_train.py --check
-    torchrun --nproc_per_node 2 docs/examples/accelerate_train.py --check   # the same, by torchrun
+    python docs/examples/accelerate_train.py --check                             # one process
+    python -m torch.distributed.run --nproc_per_node 2 docs/examples/accelerate_train.py --check
+    accelerate launch --num_processes 2 docs/examples/accelerate_train.py --check      # on GPUs
+
+(On a CPU-only machine ``accelerate launch --cpu --num_processes 2`` starts one process: its CPU
+launcher expects mpirun. ``torchrun`` / ``torch.distributed.run`` starts two gloo ranks.)
 
 The loop is Accelerate's own (``accelerator.accumulate``, ``accelerator.backward``); the one change
 from an uncached loop is that the loss comes from ``cached_loss(...)``, which encodes the batch in

@@ -13,6 +13,8 @@ from tests.integrations import load_example
 
 example = load_example("lightning_train")
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)   # GPU/TPU availability lines
+# a torch 2.13 deprecation raised inside lightning/pytorch/utilities/_pytree.py, not ours
+pytestmark = pytest.mark.filterwarnings(r"ignore:.*treespec, LeafSpec.*")
 
 # bf16-mixed autocasts the whole training_step, the loss's logits included (8 significant bits,
 # steps of 2**-8 = 3.9e-3 relative, amplified by the temperature 0.1); the cached run encodes
