@@ -106,8 +106,9 @@ class StepOptions:
 
     @classmethod
     def from_keywords(cls, keywords: Mapping[str, Any], *, adapter: str = "",
-                      own: Sequence[str] = ()) -> StepOptions:
-        """Options from the keywords a ``cached_step`` received beyond its own (``own``).
+                      own: Sequence[str] = (), entry: str = "cached_step") -> StepOptions:
+        """Options from the keywords a ``cached_step`` (or ``entry``, e.g. ``cached_loss``)
+        received beyond its own (``own``).
 
         Unknown names raise a :class:`GradCacheError` naming the closest valid option.
         """
@@ -117,7 +118,7 @@ class StepOptions:
                 choices = ["chunk_size", *valid, *own]
                 close = difflib.get_close_matches(name, choices, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                where = f"{adapter}.cached_step" if adapter else "cached_step"
+                where = f"{adapter}.{entry}" if adapter else entry
                 raise GradCacheError(
                     f"unknown option {name!r}{hint}; {where} takes {', '.join(sorted(choices))}")
         return cls(**keywords)

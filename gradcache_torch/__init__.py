@@ -1,4 +1,5 @@
-"""gradcache for PyTorch: ``cached_step`` puts full-batch-exact gradients into ``.grad``.
+"""gradcache for PyTorch: ``cached_step`` puts full-batch-exact gradients into ``.grad``;
+``cached_loss`` returns the loss, and its ``backward()`` does.
 
 Also here: the migration API of the original GradCache package (``GradCache``, ``cached``,
 ``cat_input_tensor``) without its defects, the backend for anyone composing their own step, and
@@ -15,6 +16,7 @@ from gradcache_torch._backend import TorchBackend, trim_padding
 from gradcache_torch._compat import GradCache, cached, cat_input_tensor
 from gradcache_torch._distributed import TorchCollective, all_gather_rows
 from gradcache_torch._rng import RngState
+from gradcache_torch._loss import cached_loss
 from gradcache_torch._step import cached_step
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "TorchCollective",
     "all_gather_rows",
     "cached",
+    "cached_loss",
     "cached_step",
     "cat_input_tensor",
     "trim_padding",

@@ -55,6 +55,33 @@ def _unwrap_distributed(encoder: Any) -> Any:
     return encoder
 
 
+def owning_module(encoder: Any) -> torch.nn.Module | None:
+    """The module an encoder is (DDP unwrapped) or whose bound method it is, else ``None``."""
+    encoder = _unwrap_distributed(encoder)
+    if isinstance(encoder, torch.nn.Module):
+        return encoder
+    owner = getattr(encoder, "__self__", None)
+    return _unwrap_distributed(owner) if isinstance(owner, torch.nn.Module) else None
+
+
+def is_sentence_transformer(encoder: Any) -> bool:
+    """A ``sentence_transformers.SentenceTransformer`` (DDP-wrapped or not), told by its class's
+    ancestry so that sentence-transformers is never imported here."""
+    module = _unwrap_distributed(encoder)
+    return any(cls.__name__ == "SentenceTransformer"
+               and cls.__module__.split(".")[0] == "sentence_transformers"
+               for cls in type(module).__mro__)
+
+
+def call_encoder(encoder: Any, chunk: Any) -> Any:
+    """One chunk through an encoder: :func:`gradcache.call_with_convention`, except that a
+    SentenceTransformer takes its features as ONE dict (``model(features)``), a fresh copy since
+    it adds its outputs to that dict."""
+    if isinstance(chunk, Mapping) and is_sentence_transformer(encoder):
+        return encoder(dict(chunk))
+    return call_with_convention(encoder, chunk, _is_tensor)
+
+
 def trim_padding(chunk: Any, mask_key: str = "attention_mask") -> Any:
     """Drops the trailing sequence columns that no row of ``chunk`` attends to.
 
@@ -79,13 +106,23 @@ class TorchBackend(Backend):
     Args:
         scaler: a ``torch.amp.GradScaler``; gradients are then scaled exactly as
             ``scaler.scale(loss).backward()`` scales them.
+        protect: tensors whose ``.grad`` a failing step restores even if the step never reached them.
+        bypass_ddp: call DDP-wrapped encoders' inner module in every chunk (a distributed step
+            averages their gradients itself).
+        defer_loss_grads: keep the gradients of the loss's own parameters in the accumulator (a
+            dict ``{id(tensor): grad}``) instead of writing ``.grad`` at the loss, so that
+            :func:`gradcache.cached_backward` scales them by its upstream gradient;
+            :meth:`add_deferred` writes them (``cached_loss``).
     """
 
     name = "torch"
 
     def __init__(self, *, scaler: Any = None, protect: Sequence[torch.Tensor] = (),
-                 bypass_ddp: bool = False):
+                 bypass_ddp: bool = False, defer_loss_grads: bool = False):
         self.scaler = scaler
+        # cached_loss: loss-owned gradients go to the accumulator ({id: grad}), not to .grad
+        self.defer_loss_grads = defer_loss_grads
+        self._owned: dict[int, torch.Tensor] = {}
         self._saved: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._initial = list(protect)
         self._unsynced: dict[int, Any] = {}   # FSDP2 modules whose gradient sync this step turned off
@@ -112,7 +149,17 @@ class TorchBackend(Backend):
     # -- autodiff -----------------------------------------------------------------------------------
     def encode(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable) -> Any:
         with torch.no_grad():
-            return get_rep(call_with_convention(_unwrap_distributed(encoder), chunk, _is_tensor))
+            return get_rep(call_encoder(_unwrap_distributed(encoder), chunk))
+
+    def trains(self, encoder: Any) -> bool:
+        # a module whose parameters all have requires_grad=False is a frozen tower (LiT's image
+        # tower): encoded once, skipped in pass 2. A module without parameters, or any other
+        # callable, may use trainable tensors it does not own: assume it trains.
+        module = owning_module(encoder)
+        if module is None:
+            return True
+        flags = [p.requires_grad for p in module.parameters()]
+        return not flags or any(flags)
 
     def differentiable(self, leaf: torch.Tensor) -> bool:
         return leaf.is_floating_point() or leaf.is_complex()
@@ -131,11 +178,39 @@ class TorchBackend(Backend):
         leaves = [value.detach().requires_grad_() for value in values]
         with torch.enable_grad():
             target, value = fn(leaves)
-            if target.requires_grad:
+            if not target.requires_grad:
+                return value, [None] * len(leaves), grads
+            if not self.defer_loss_grads:
                 # the loss's own parameters get their .grad here: remember them for a rollback
                 self._remember(_graph_leaves([target]))
                 torch.autograd.backward(target)
-        return value, [leaf.grad for leaf in leaves], grads
+                return value, [leaf.grad for leaf in leaves], grads
+            # cached_loss: the loss-owned gradients wait in the accumulator for the backward,
+            # which scales them by the incoming gradient; no .grad is written now
+            mine = {id(leaf) for leaf in leaves}
+            owned = [t for t in _graph_leaves([target]) if id(t) not in mine]
+            found = torch.autograd.grad(target, leaves + owned, allow_unused=True)
+        grads = dict(grads or {})
+        for tensor, grad in zip(owned, found[len(leaves):]):
+            if grad is not None:
+                self._owned[id(tensor)] = tensor
+                grads[id(tensor)] = grad + grads[id(tensor)] if id(tensor) in grads else grad
+        return value, list(found[:len(leaves)]), grads
+
+    def add_deferred(self, grads: Any) -> None:
+        """Adds the (upstream-scaled) loss-owned gradients that :func:`gradcache.cached_backward`
+        returned into ``.grad``, as ``backward`` accumulates them; call it inside the transaction."""
+        for key, grad in (grads or {}).items():
+            tensor = self._owned[key]
+            self._remember([tensor])
+            if tensor.grad is None:
+                tensor.grad = grad.detach()
+            else:
+                tensor.grad.add_(grad.to(tensor.grad.dtype))
+
+    def owned_parameters(self) -> list[torch.Tensor]:
+        """The tensors outside the encoders whose gradient the loss produced (a temperature)."""
+        return list(self._owned.values())
 
     def vjp(self, encoder: Any, chunk: Any, record: Any, outputs: Callable, grads: Any, *,
             final_use: bool) -> tuple[list, Any]:
@@ -148,7 +223,7 @@ class TorchBackend(Backend):
             unit.set_requires_gradient_sync(final_use, recurse=False)
             self._unsynced[id(unit)] = unit
         with torch.enable_grad():
-            leaves, cotangents = outputs(call_with_convention(module, chunk, _is_tensor))
+            leaves, cotangents = outputs(call_encoder(module, chunk))
             pairs = [(r, g) for r, g in zip(leaves, cotangents) if g is not None and r.requires_grad]
             if not pairs:
                 raise GradCacheError(

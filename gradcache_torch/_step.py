@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradcache import Collective, GradCacheError, StepOptions, run_cached_step
-from gradcache_torch._backend import TorchBackend
+from gradcache_torch._backend import TorchBackend, is_sentence_transformer
 from gradcache_torch._distributed import (
     GradientSync,
     TorchCollective,
@@ -97,16 +97,14 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     >>> encoder.weight.grad.shape
     torch.Size([4, 8])
     """
-    step = StepOptions.from_keywords(options, adapter="gradcache_torch", own=("scaler",))
     if scaler is not None and not callable(getattr(scaler, "scale", None)):
         raise GradCacheError(f"scaler must be a torch.amp.GradScaler (with scale()), got {scaler!r}")
-    collective, sync = None, None
-    if step.distributed is not False and step.distributed is not None:
-        collective, sync = _distribute(encoders, loss_fn, step.distributed)
-    backend = TorchBackend(scaler=scaler, bypass_ddp=collective is not None)
+    setup = _Setup(encoders, inputs, loss_fn, options, entry="cached_step", own=("scaler",))
+    backend = TorchBackend(scaler=scaler, bypass_ddp=setup.collective is not None)
+    sync = setup.gradient_sync()
     try:
         loss, _ = run_cached_step(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
-                                  collective=collective, **step.step_keywords())
+                                  collective=setup.collective, **setup.keywords)
     except BaseException:
         if sync is not None:
             sync.restore()
@@ -116,16 +114,58 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     return loss
 
 
-def _distribute(encoders: Any, loss_fn: Any,
-                distributed: Any) -> tuple[Collective, GradientSync | None]:
-    """The collective of a distributed step and the averaging of its DDP and unwrapped modules.
+class _Setup:
+    """What ``cached_step`` and ``cached_loss`` make of their options, in one place: the shared
+    options parsed and checked, a SentenceTransformer's default ``get_rep``, and for
+    ``distributed=`` the collective (DDP's buffers broadcast now) and the averaging of the DDP and
+    unwrapped modules' gradients, made by :meth:`gradient_sync` when the gradients are written."""
+
+    def __init__(self, encoders: Any, inputs: Any, loss_fn: Any, options: dict, *, entry: str,
+                 own: Sequence[str] = ()):
+        step = StepOptions.from_keywords(options, adapter="gradcache_torch", own=own, entry=entry)
+        self.keywords = step.step_keywords()
+        self.keywords["get_rep"] = _default_get_rep(encoders, inputs, step.get_rep)
+        self.collective: Collective | None = None
+        self._averaged: list = []
+        if step.distributed is not False and step.distributed is not None:
+            self.collective, self._averaged = _distribute(encoders, loss_fn, step.distributed)
+
+    def gradient_sync(self) -> GradientSync | None:
+        """Sets the averaged modules' gradients aside now; ``finish`` or ``restore`` later."""
+        return GradientSync(self._averaged) if self._averaged else None
+
+
+def _sentence_embedding(output: Any) -> Any:
+    return output["sentence_embedding"]
+
+
+def _default_get_rep(encoders: Any, inputs: Any, get_rep: Any) -> Any:
+    """``get_rep`` with ``output["sentence_embedding"]`` for the groups a SentenceTransformer
+    encodes when the caller gave none; anything malformed is left for the core to report."""
+    if get_rep is not None or not isinstance(inputs, (list, tuple)):
+        return get_rep
+    if isinstance(encoders, (list, tuple)):
+        if len(encoders) != len(inputs):
+            return get_rep
+        listed = list(encoders)
+    else:
+        listed = [encoders] * len(inputs)
+    if not any(is_sentence_transformer(encoder) for encoder in listed):
+        return get_rep
+    return [_sentence_embedding if is_sentence_transformer(encoder) else None
+            for encoder in listed]
+
+
+def _distribute(encoders: Any, loss_fn: Any, distributed: Any) -> tuple[Collective, list]:
+    """The collective of a distributed step and the ``(module, group)`` pairs whose gradients the
+    adapter averages (DDP and unwrapped modules: :class:`GradientSync`).
 
     A :class:`gradcache.Collective` that is not a :class:`TorchCollective` (your own transport, or
     ``gradcache.testing.ThreadCollective``) is used as it is: each rank's ``.grad`` then receives
     its own rows' share (times the collective's ``grad_scale``), and reducing it is the caller's.
     """
     if isinstance(distributed, Collective) and not isinstance(distributed, TorchCollective):
-        return distributed, None
+        return distributed, []
     given = distributed if isinstance(distributed, TorchCollective) else None
     group = given.group if given is not None else resolve_group(distributed)
     loss_group = getattr(loss_fn, "group", None)
@@ -152,4 +192,4 @@ def _distribute(encoders: Any, loss_fn: Any,
     # FSDP2 all-gathers its parameters in every forward and backward: equal chunk counts needed
     collective = given if given is not None else TorchCollective(group)
     collective.same_chunk_counts = sharded
-    return collective, GradientSync(averaged) if averaged else None
+    return collective, averaged

@@ -77,7 +77,7 @@ def cat_reps(parts: list) -> Any:
 class TorchHarness:
     name = "torch"
     features = frozenset({"nested_input", "nested_output", "dropout", "float32", "learnable_scale",
-                          "separate_encoders", "rng_state"})
+                          "separate_encoders", "rng_state", "cached_loss"})
 
     def build(self, spec: ProblemSpec) -> tuple[list, list, ContractLoss]:
         arrays = spec.arrays()
@@ -97,30 +97,45 @@ class TorchHarness:
             grads["scale"] = loss.scale.grad
         return {k: None if v is None else v.detach().numpy().copy() for k, v in grads.items()}
 
+    @staticmethod
+    def differentiate(loss: torch.Tensor, encoders: list, spec: ProblemSpec) -> None:
+        """Backward of what the contract differentiates: ``upstream * loss`` plus the extra term."""
+        total = spec.upstream * loss
+        if spec.extra_term:
+            total = total + 0.5 * (encoders[0].b ** 2).sum()
+        total.backward()
+
     def run(self, spec: ProblemSpec, mode: str) -> Result:
         encoders, inputs, loss_fn = self.build(spec)
         torch.manual_seed(spec.seed)
         if mode == "cached":
             loss = gradcache_torch.cached_step(encoders, inputs, loss_fn, chunk_size=list(spec.chunk_sizes))
+        elif mode == "cached_loss":
+            loss = gradcache_torch.cached_loss(encoders, inputs, loss_fn,
+                                               chunk_size=list(spec.chunk_sizes))
+            self.differentiate(loss, encoders, spec)
         elif mode == "full":
             loss = loss_fn(*[call(e, x) for e, x in zip(encoders, inputs)])
-            loss.backward()
+            self.differentiate(loss, encoders, spec)
         elif mode == "chunked":
             reps = []
             for encoder, x, size, chunk in zip(encoders, inputs, spec.batch_sizes, spec.chunk_sizes):
                 parts = [call(encoder, take(x, s, min(s + chunk, size))) for s in range(0, size, chunk)]
                 reps.append(cat_reps(parts))
             loss = loss_fn(*reps)
-            loss.backward()
+            self.differentiate(loss, encoders, spec)
         else:
             raise ValueError(mode)
         return Result(float(loss.detach()), self.grads(encoders, loss_fn, spec),
                       rng_after=torch.get_rng_state().numpy().copy())
 
-    def run_failing(self, spec: ProblemSpec, fail_at_call: int) -> tuple[dict, dict]:
+    def run_failing(self, spec: ProblemSpec, fail_at_call: int,
+                    mode: str = "cached") -> tuple[dict, dict]:
         encoders, inputs, loss_fn = self.build(spec)
         # a half-accumulated state: the first encoder already holds gradients, the others none
         encoders[0].W.grad = torch.ones_like(encoders[0].W)
+        if spec.learnable_scale:
+            loss_fn.scale.grad = torch.full_like(loss_fn.scale, 3.0)   # deferred, then restored
         before = self.grads(encoders, loss_fn, spec)
         calls = {"n": 0}
 
@@ -134,8 +149,13 @@ class TorchHarness:
 
         wrapped = {id(e): failing(e) for e in encoders}
         try:
-            gradcache_torch.cached_step([wrapped[id(e)] for e in encoders], inputs, loss_fn,
-                                        chunk_size=list(spec.chunk_sizes))
+            if mode == "cached_loss":
+                loss = gradcache_torch.cached_loss([wrapped[id(e)] for e in encoders], inputs,
+                                                   loss_fn, chunk_size=list(spec.chunk_sizes))
+                (0.5 * loss).backward()
+            else:
+                gradcache_torch.cached_step([wrapped[id(e)] for e in encoders], inputs, loss_fn,
+                                            chunk_size=list(spec.chunk_sizes))
         except RuntimeError as error:
             assert "injected failure" in str(error)
         else:
