@@ -35,6 +35,9 @@ from gradcache import GradCacheError
 __all__ = ["GradCacheLoss"]
 
 _MISSING = object()
+# what a SentenceTransformer's modules write into the feature dict they are given
+_OUTPUT_KEYS = frozenset({"token_embeddings", "sentence_embedding", "all_layer_embeddings",
+                          "token_weights_sum"})
 
 
 def _sentence_embedding(output: Any) -> torch.Tensor:
@@ -125,9 +128,10 @@ class GradCacheLoss(torch.nn.Module):
                 "the model's forward is already swapped (by a loss decorator such as MatryoshkaLoss "
                 "around GradCacheLoss?); make GradCacheLoss the outermost loss: "
                 "GradCacheLoss(MatryoshkaLoss(model, inner_loss, dims))")
-        # the encoder gets its own shallow copies: a SentenceTransformer writes its outputs into
-        # the dict it is given, and the wrapped loss must see the caller's columns as they came
-        columns = [dict(column) for column in features]
+        # the encoder gets its own shallow copies without the outputs of an earlier forward (a
+        # SentenceTransformer writes them into the dict it is given): inputs only, cut per chunk
+        columns = [{key: value for key, value in column.items() if key not in _OUTPUT_KEYS}
+                   for column in features]
 
         def loss_fn(*embeddings: torch.Tensor) -> torch.Tensor:
             with self._serving(model, features, embeddings):

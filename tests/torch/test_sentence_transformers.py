@@ -201,6 +201,18 @@ def test_the_wrapped_loss_sees_the_columns_as_they_came(make_model):
     assert "forward" not in vars(model)
 
 
+def test_outputs_of_an_earlier_forward_are_not_encoded(make_model):
+    """Features that went through the model once (it writes its outputs into them) are encoded
+    from their inputs only."""
+    model = make_model(0)
+    loss = losses.MultipleNegativesRankingLoss(model)
+    batch = features(model)
+    expected = loss(batch, None)
+    assert "token_embeddings" in batch[0]
+    actual = GradCacheLoss(loss, chunk_size=5)(batch, None)
+    torch.testing.assert_close(actual.detach(), expected.detach(), atol=1e-6, rtol=1e-5)
+
+
 class TwiceLoss(OwnLoss):
     def forward(self, sentence_features, labels):
         first = list(sentence_features)[0]
@@ -282,7 +294,8 @@ def test_trainer_steps_equal_the_plain_loss(make_model, tmp_path):
 def test_the_docs_example_runs(tmp_path):
     script = ROOT / "docs" / "examples" / "sentence_transformers_trainer.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--batch-size", "8", "--chunk-size", "4", "--steps", "2",
+        [sys.executable, str(script), "--batch-size", "4", "--chunk-size", "2", "--steps", "2",
+         "--max-length", "32",
          "--output-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
