@@ -15,8 +15,8 @@ from gradcache import GradCacheError
 from gradcache_torch._backend import TorchBackend, trim_padding
 from gradcache_torch._compat import GradCache, cached, cat_input_tensor
 from gradcache_torch._distributed import TorchCollective, all_gather_rows
-from gradcache_torch._rng import RngState
 from gradcache_torch._loss import cached_loss
+from gradcache_torch._rng import RngState
 from gradcache_torch._step import cached_step
 
 __all__ = [

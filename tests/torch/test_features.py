@@ -172,10 +172,12 @@ def test_check_determinism_catches_python_random() -> None:
         cached_step(Noisy(), pair(), info_nce, chunk_size=3, check_determinism=True)
 
 
-def test_frozen_encoder_is_an_error() -> None:
-    model = Tower().requires_grad_(False)
+def test_an_encoder_that_detaches_is_an_error() -> None:
+    # a module with no trainable parameter is a frozen tower (test_cached_loss); a callable whose
+    # output does not depend on anything trainable is a mistake worth naming
+    model = Tower()
     with pytest.raises(GradCacheError, match=r"group 0, chunk 0 \(pass 2\).*does not depend"):
-        cached_step(model, pair(), info_nce, chunk_size=3)
+        cached_step(lambda x: model(x).detach(), pair(), info_nce, chunk_size=3)
 
 
 class BatchEncoding(UserDict):
