@@ -115,14 +115,16 @@ class GradCacheLoss(torch.nn.Module):
     @property
     def model(self) -> torch.nn.Module:
         """The wrapped loss's model (the trainer swaps in its wrapped model there)."""
-        return self.loss.model
+        model = self.loss.model
+        assert isinstance(model, torch.nn.Module)
+        return model
 
     def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]],
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         from gradcache_torch import cached_loss
 
         features = list(sentence_features)
-        model = self.loss.model
+        model = self.model
         if _swapped(model):
             raise GradCacheError(
                 "the model's forward is already swapped (by a loss decorator such as MatryoshkaLoss "
