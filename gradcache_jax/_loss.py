@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
+from jax.custom_derivatives import SymbolicZero
 
 from gradcache import (
     CachedForward,
@@ -192,7 +192,10 @@ class _Config:
             user_loss = loss_fn
 
             def with_params(*reps: Any, **kwargs: Any) -> Any:
-                return user_loss(backend.loss_params(), *reps, **kwargs)
+                # differentiated, the loss reads the params being differentiated; for the loss
+                # alone (no gradient), the params as they are
+                params = backend.loss_params() if differentiate else backend.params
+                return user_loss(params, *reps, **kwargs)
 
             with_params.gathers_itself = getattr(user_loss, "gathers_itself", False)  # type: ignore[attr-defined]
             loss_fn = with_params
@@ -226,14 +229,19 @@ def _loss(config: _Config, params: Any, rng: Any, inputs: Any, loss_kwargs: Any,
         return config.forward(backend, inputs_back(i), kwargs_back(k), axis_name,
                               differentiate=False).loss
 
+    # Symbolic zeros tell the forward rule which arguments are differentiated (an input must not
+    # be); JAX does not support them under shard_map, where that check is not made.
+    symbolic = axis_name is None
+
     def fwd(p: list, r: list, i: list, k: list) -> tuple[Any, Any]:
-        for what, primals in (("an input", i), ("a loss_kwargs array", k)):
-            if any(primal.perturbed for primal in primals):
-                raise GradCacheError(
-                    f"cached_loss differentiates the parameters only, and a gradient was asked of "
-                    f"{what}: differentiate f(params) with respect to params (pass the batch as "
-                    f"data), or compute that gradient without gradient caching")
-        p, r, i, k = ([primal.value for primal in primals] for primals in (p, r, i, k))
+        if symbolic:
+            for what, primals in (("an input", i), ("a loss_kwargs array", k)):
+                if any(primal.perturbed for primal in primals):
+                    raise GradCacheError(
+                        f"cached_loss differentiates the parameters only, and a gradient was asked "
+                        f"of {what}: differentiate f(params) with respect to params (pass the "
+                        f"batch as data), or compute that gradient without gradient caching")
+            p, r, i, k = ([primal.value for primal in primals] for primals in (p, r, i, k))
         backend = build(p, r)
         forward = config.forward(backend, inputs_back(i), kwargs_back(k), axis_name,
                                  differentiate=True)
@@ -262,7 +270,7 @@ def _loss(config: _Config, params: Any, rng: Any, inputs: Any, loss_kwargs: Any,
                       for w, leaf in zip(param_where, p, strict=True)]
         return (cotangents, None, None, None)
 
-    loss_of.defvjp(fwd, bwd, symbolic_zeros=True)
+    loss_of.defvjp(fwd, bwd, symbolic_zeros=symbolic)
     return loss_of(param_arrays, rng_arrays, input_arrays, kwarg_arrays)
 
 
