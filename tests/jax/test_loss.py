@@ -306,3 +306,17 @@ def test_equinox_filter_value_and_grad_and_optax():
     updates, _ = tx.update(grads, tx.init(eqx.filter(model, eqx.is_array)))
     trained = eqx.apply_updates(model, updates)
     assert not jnp.allclose(trained.layers[0].weight, model.layers[0].weight)
+
+
+def test_the_docstring_example_runs():
+    import doctest
+
+    import gradcache_jax._loss as module
+
+    with jax.enable_x64(False):   # as a user runs it
+        finder = doctest.DocTestFinder()
+        runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+        for test in finder.find(module.cached_loss, "cached_loss", globs={}):
+            runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert results.attempted > 0 and results.failed == 0
