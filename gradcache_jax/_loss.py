@@ -41,6 +41,7 @@ from gradcache import (
 from gradcache._chunks import ChunkItems
 from gradcache_jax._backend import JaxBackend, is_tensor
 from gradcache_jax._distributed import MeshCollective, ShardedJaxBackend, on_mesh, resolve_axis
+from gradcache_jax._step import _distribution, _tracing
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -132,8 +133,6 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     >>> params["w"].shape
     (8, 4)
     """
-    from gradcache_jax._step import _distribution, _tracing
-
     step = StepOptions.from_keywords(options, adapter="gradcache_jax",
                                      own=("rng", "loss_takes_params", "axis_name"))
     if isinstance(step.distributed, Collective) and not isinstance(step.distributed, MeshCollective):
