@@ -8,6 +8,7 @@ the compiled step, ``jax.jit(step).lower(...).compile().memory_analysis()``, not
     python benchmarks/bench_jax.py memory     # temporary memory at batch = 8 x chunk and 64 x chunk
     python benchmarks/bench_jax.py compile    # compile time at 4 and 64 chunks
     python benchmarks/bench_jax.py time       # cached / full-batch step time under jit (CPU)
+    python benchmarks/bench_jax.py loss       # value_and_grad(cached_loss) / cached_step, under jit
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 try:
-    from gradcache_jax import cached_step
+    from gradcache_jax import cached_loss, cached_step
 except ImportError:  # run from a checkout whose editable install predates gradcache_jax
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from gradcache_jax import cached_step
+    from gradcache_jax import cached_loss, cached_step
 
 
 def mlp_params(dim_in: int, hidden: int, dim_out: int, layers: int, seed: int = 0) -> dict:
@@ -153,9 +154,50 @@ def time_table(model: dict, configs: list[tuple[int, int]], repeats: int) -> Non
     print()
 
 
+def loss_table(model: dict, configs: list[tuple[int, int]], repeats: int) -> None:
+    """``jax.value_and_grad(cached_loss(...))`` against ``cached_step`` on the same batch: the
+    custom VJP must cost nothing over the step (same passes, same program up to the residuals)."""
+    params = mlp_params(**model)
+
+    def via_loss(params, q, d):
+        return jax.value_and_grad(cached_loss(encoder, (q, d), info_nce, chunk_size=chunk))(params)
+
+    def via_step(params, q, d):
+        return cached_step(encoder, (q, d), info_nce, chunk_size=chunk, params=params)
+
+    print(f"## value_and_grad(cached_loss) / cached_step under jit on "
+          f"{jax.devices()[0].platform.upper()} (median of {repeats}, interleaved)\n")
+    print("| batch | chunk | cached_step (ms) | cached_loss (ms) | loss / step | temp MiB step / loss |")
+    print("|---|---|---|---|---|---|")
+    ratios = []
+    for rows, chunk in configs:
+        q, d = data(rows, model["dim_in"])
+        steps = {"step": jax.jit(via_step), "loss": jax.jit(via_loss)}
+        temps = {name: step.lower(params, q, d).compile().memory_analysis().temp_size_in_bytes
+                 for name, step in steps.items()}
+        (step_loss, step_grads), (loss_loss, loss_grads) = (
+            jax.block_until_ready(step(params, q, d)) for step in steps.values())
+        error = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                    zip(jax.tree_util.tree_leaves(step_grads), jax.tree_util.tree_leaves(loss_grads)))
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(repeats):
+            for name, step in steps.items():  # interleaved, so drift hits both alike
+                start = time.perf_counter()
+                jax.block_until_ready(step(params, q, d))
+                times[name].append(time.perf_counter() - start)
+        step_t, loss_t = (statistics.median(times[name]) for name in ("step", "loss"))
+        best = min(times["loss"]) / min(times["step"])   # least disturbed by a busy machine
+        ratios.append(loss_t / step_t)
+        print(f"| {rows} | {chunk} | {1e3 * step_t:.1f} | {1e3 * loss_t:.1f} | {loss_t / step_t:.3f} "
+              f"(best {best:.3f}) | {temps['step'] / 2**20:.2f} / {temps['loss'] / 2**20:.2f} |")
+        assert abs(float(step_loss) - float(loss_loss)) <= 1e-5 * abs(float(step_loss)), "loss differs"
+        assert error <= 1e-4, f"gradients differ by {error}"
+    print(f"\nworst ratio {max(ratios):.3f} (target <= 1.03)\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="?", default="all", choices=["all", "memory", "compile", "time"])
+    parser.add_argument("what", nargs="?", default="all", choices=["all", "memory", "compile", "time", "loss"])
     parser.add_argument("--chunk", type=int, default=32, help="chunk size for memory and compile")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=2)
@@ -169,6 +211,8 @@ def main() -> None:
         compile_table(model, options.chunk, repeats=5)
     if options.what in ("all", "time"):
         time_table(model, [(512, 64), (1024, 128), (2048, 256)], options.repeats)
+    if options.what in ("all", "loss"):
+        loss_table(model, [(512, 64), (1024, 128), (2048, 256)], max(options.repeats, 11))
 
 
 if __name__ == "__main__":

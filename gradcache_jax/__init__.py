@@ -18,6 +18,7 @@ from gradcache_jax._backend import JaxBackend, chunk_key
 # the pieces of a distributed step, for composing one with gradcache.run_cached_step (the plain way
 # is cached_step(mesh=...) or cached_step(axis_name=...)), as torch and TF export their collectives
 from gradcache_jax._distributed import MeshCollective, ShardedJaxBackend
+from gradcache_jax._loss import cached_loss
 from gradcache_jax._step import cached_step
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "JaxBackend",
     "MeshCollective",
     "ShardedJaxBackend",
+    "cached_loss",
     "cached_step",
     "chunk_key",
 ]

@@ -107,12 +107,42 @@ class Problem:
             chunk_size=list(spec.chunk_sizes), params=params,
             rng=key if spec.dropout else None, loss_takes_params=spec.learnable_scale)
 
+    def loss_function(self, inputs: list, key: Any, encoders: Any = None) -> Any:
+        """``f(params)`` of :func:`gradcache_jax.cached_loss` for this problem."""
+        spec = self.spec
+        return gradcache_jax.cached_loss(
+            self.encoders if encoders is None else encoders, inputs, self.loss,
+            chunk_size=list(spec.chunk_sizes), rng=key if spec.dropout else None,
+            loss_takes_params=spec.learnable_scale)
+
+    def objective(self, loss: Any) -> Any:
+        """What the contract differentiates: ``upstream * loss(params)`` plus the extra term.
+
+        ``loss(params)`` is returned as the auxiliary value."""
+        spec = self.spec
+
+        def objective(params: dict) -> tuple[Any, Any]:
+            value = loss(params)
+            total = spec.upstream * value
+            if spec.extra_term:
+                total = total + 0.5 * jnp.sum(params["enc0.b"] ** 2)
+            return total, value
+
+        return objective
+
+    def cached_loss_grads(self, params: dict, inputs: list, key: Any,
+                          encoders: Any = None) -> tuple:
+        """``(loss, grads)`` through ``jax.grad`` of the cached loss, scaled, plus the extra term."""
+        objective = self.objective(self.loss_function(inputs, key, encoders))
+        grads, loss = jax.grad(objective, has_aux=True)(params)
+        return loss, grads
+
 
 class JaxHarness:
     """Runs the contract problem with ``gradcache_jax``; ``jit`` picks jitted or eager steps."""
 
     features = frozenset({"nested_input", "nested_output", "dropout", "float32", "learnable_scale",
-                          "separate_encoders"})
+                          "separate_encoders", "cached_loss"})
 
     def __init__(self, *, jit: bool = True):
         self.jit = jit
@@ -125,6 +155,9 @@ class JaxHarness:
         problem = Problem(spec)
         if mode == "cached":
             loss, grads = self._maybe_jit(problem.cached)(problem.params, problem.inputs, problem.key)
+        elif mode == "cached_loss":
+            loss, grads = self._maybe_jit(problem.cached_loss_grads)(problem.params, problem.inputs,
+                                                                     problem.key)
         elif mode == "full":
             if spec.dropout:
                 raise ValueError("the full-batch reference has no dropout; use 'chunked'")
@@ -134,7 +167,8 @@ class JaxHarness:
                         for enc, x in zip(problem.per_group, problem.inputs, strict=True)]
                 return problem.full_loss(params, reps)
 
-            loss, grads = _jit(jax.value_and_grad(full))(problem.params)
+            # upstream * loss (+ the extra term), as the contract differentiates it
+            grads, loss = _jit(jax.grad(problem.objective(full), has_aux=True))(problem.params)
         elif mode == "chunked":
             bounds = [[(start, min(start + chunk, size)) for start in range(0, size, chunk)]
                       for size, chunk in zip(spec.batch_sizes, spec.chunk_sizes, strict=True)]
@@ -160,7 +194,8 @@ class JaxHarness:
             raise ValueError(mode)
         return Result(float(loss), to_numpy(grads))
 
-    def run_failing(self, spec: ProblemSpec, fail_at_call: int) -> tuple[dict, dict]:
+    def run_failing(self, spec: ProblemSpec, fail_at_call: int,
+                    mode: str = "cached") -> tuple[dict, dict]:
         problem = Problem(spec)
         # the caller's half-filled accumulator: one entry holds gradients, the others none yet
         accumulated: dict = {name: None for name in problem.params}
@@ -186,7 +221,10 @@ class JaxHarness:
                     else [wrapped[id(e)] for e in problem.per_group])
 
         def accumulate(acc: dict, params: dict, inputs: list, key: Any) -> dict:
-            _, grads = problem.cached(params, inputs, key, encoders=encoders)
+            if mode == "cached_loss":   # the failure strikes inside the custom VJP's backward too
+                _, grads = problem.cached_loss_grads(params, inputs, key, encoders=encoders)
+            else:
+                _, grads = problem.cached(params, inputs, key, encoders=encoders)
             return {k: grads[k] if acc[k] is None else acc[k] + grads[k] for k in acc}
 
         try:
