@@ -134,7 +134,8 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     (8, 4)
     """
     step = StepOptions.from_keywords(options, adapter="gradcache_jax",
-                                     own=("rng", "loss_takes_params", "axis_name"))
+                                     own=("rng", "loss_takes_params", "axis_name"),
+                                     entry="cached_loss")
     if isinstance(step.distributed, Collective) and not isinstance(step.distributed, MeshCollective):
         raise GradCacheError(
             "cached_loss runs distributed over a JAX mesh: distributed=True, a jax.sharding.Mesh, "

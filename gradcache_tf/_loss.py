@@ -80,7 +80,8 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     >>> _ = tf.keras.optimizers.SGD(0.1).apply_gradients(zip(grads, encoder.trainable_variables))
     """
     try:
-        step = StepOptions.from_keywords(options, adapter="gradcache_tf", own=_OWN)
+        step = StepOptions.from_keywords(options, adapter="gradcache_tf", own=_OWN,
+                                         entry="cached_loss")
         return _cached_loss(encoders, inputs, loss_fn, chunk_size, variables, training, optimizer,
                             random_state, check_random, graph_loop, step)
     except GradCacheError as error:

@@ -11,6 +11,7 @@ gradient is returned; a progress bar follows an eager step.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -253,3 +254,11 @@ def test_split_fn_with_pad_trim_is_refused() -> None:
         StepOptions(split_fn=lambda group, size: [group], pad_trim=True)
 
 
+
+
+@pytest.mark.parametrize("adapter", ["gradcache_torch", "gradcache_jax", "gradcache_tf"])
+def test_an_unknown_option_of_cached_loss_names_cached_loss(adapter) -> None:
+    module = importlib.import_module(adapter)
+    with pytest.raises(GradCacheError, match=rf"chek_finite.*check_finite.*{adapter}\.cached_loss takes"):
+        module.cached_loss(lambda x: x, (np.ones((2, 2)),), lambda r: r.sum(), chunk_size=1,
+                           chek_finite=True)
