@@ -253,11 +253,11 @@ def _loss(config: _Config, params: Any, rng: Any, inputs: Any, loss_kwargs: Any,
             return (None, None, None, None)
         backend = build(p, r)
         forward = _restore(backend, state_leaves, skeleton.value)
-        if getattr(backend, "_loss_param_grads", None) is not None:
+        if isinstance(backend, ShardedJaxBackend) and backend._loss_param_grads is not None:
             # a sharded step keeps the loss-owned gradient apart from the accumulator (it is the
             # global one on every device, added once after the sum): scale it here as the core
             # scales the accumulator
-            backend._loss_param_grads = tuple(  # type: ignore[attr-defined]
+            backend._loss_param_grads = tuple(
                 backend.multiply(grad, upstream) for grad in backend._loss_param_grads)
         grads = cached_backward(forward, upstream=upstream)
         if isinstance(backend, ShardedJaxBackend):   # one sum of the encoders' gradients over devices
