@@ -143,8 +143,20 @@ def assert_results_close(actual: Result, expected: Result, dtype: str) -> None:
     tolerance = TOLERANCE[dtype]
     assert set(actual.grads) == set(expected.grads), (sorted(actual.grads), sorted(expected.grads))
     assert relative_error(actual.loss, expected.loss) <= tolerance, (actual.loss, expected.loss)
+    # In float32 a gradient that cancels to nearly zero (a bias whose rows' contributions sum to
+    # ~0) keeps the rounding of its terms, which are of the size of the step's other gradients:
+    # measured against its own tiny maximum it fails by chance. There each gradient is measured
+    # against the step's largest gradient; float64 keeps the strict per-gradient check.
+    floor = 0.0
+    if dtype != "float64":
+        floor = max((float(np.max(np.abs(np.asarray(g, np.float64)), initial=0.0))
+                     for g in expected.grads.values() if g is not None), default=0.0)
     for name in expected.grads:
-        error = relative_error(actual.grads[name], expected.grads[name])
+        got, want = np.asarray(actual.grads[name], np.float64), np.asarray(expected.grads[name],
+                                                                              np.float64)
+        scale = max(float(np.max(np.abs(want), initial=0.0)), floor)
+        diff = float(np.max(np.abs(got - want), initial=0.0))
+        error = diff / scale if scale > 0 else diff
         assert error <= tolerance, f"{name}: relative error {error:.3g} > {tolerance:g}"
 
 
