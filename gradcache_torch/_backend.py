@@ -181,7 +181,11 @@ class TorchBackend(Backend):
         with torch.enable_grad():
             target, value = fn(leaves)
             if not target.requires_grad:
-                return value, [None] * len(leaves), grads
+                # as loss.backward() would: a loss without a graph gives no gradient, and zeros
+                # written in its place would look like a trained step
+                raise GradCacheError(
+                    "the loss does not depend on the representations (it returned a tensor "
+                    "without a graph: does it detach them, or run under torch.no_grad()?)")
             if not self.defer_loss_grads:
                 # the loss's own parameters get their .grad here: remember them for a rollback
                 self._remember(_graph_leaves([target]))

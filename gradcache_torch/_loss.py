@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradcache import CachedForward, GradCacheError, cached_backward, cached_forward
+from gradcache import CachedForward, GradCacheError, _tree, cached_backward, cached_forward
 from gradcache_torch._backend import TorchBackend, owning_module
 from gradcache_torch._step import _Setup
 
@@ -80,6 +80,12 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             "returns, and the scale reaches every gradient through backward")
     setup = _Setup(encoders, inputs, loss_fn, options, entry="cached_loss")
     differentiate = torch.is_grad_enabled()   # False under no_grad and inference_mode
+    input_leaves = [leaf for leaf in _tree.flatten(inputs, _is_tensor)[0]]
+    if differentiate and any(leaf.requires_grad for leaf in input_leaves):
+        # pass 2 pulls back into parameters only: an input's gradient would silently be missing
+        raise GradCacheError(
+            "an input tensor requires grad, but cached_loss differentiates the parameters only "
+            "(its gradient would be missing); detach the inputs, or use cached_step")
     backend = TorchBackend(bypass_ddp=setup.collective is not None, defer_loss_grads=True)
     autocast = _autocast_state()
     forward = cached_forward(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
@@ -87,7 +93,7 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                              **setup.keywords)
     if not differentiate:
         return forward.loss
-    pending = _Pending(forward, setup, autocast, _watched(forward, loss_fn))
+    pending = _Pending(forward, setup, autocast, _watched(forward, loss_fn), input_leaves)
     anchor = torch.zeros((), device=forward.loss.device, requires_grad=True)
     return _CachedLoss.apply(anchor, pending)
 
@@ -97,15 +103,32 @@ class _Pending:
     autocast state, and the modules and parameters that must not change in between."""
 
     def __init__(self, forward: CachedForward, setup: _Setup, autocast: list,
-                 watched: tuple[list, list]):
+                 watched: tuple[list, list], inputs: list):
         self.forward = forward
         self.setup = setup
         self.autocast = autocast
         self.parameters, self.modules = watched
         self.versions = [p._version for p in self.parameters]
         self.modes = [m.training for m in self.modules]
+        # which tensor each module holds under each name: a parameter replaced by another object
+        # (load_state_dict(assign=True), re-initialisation) leaves the old one's version as it was
+        self.held = [_held(m) for m in self.modules]
+        self.inputs = inputs
+        self.input_versions = [leaf._version for leaf in inputs]
 
     def check_unchanged(self) -> None:
+        for leaf, version in zip(self.inputs, self.input_versions):
+            if leaf._version != version:
+                raise GradCacheError(
+                    f"an input tensor of shape {tuple(leaf.shape)} was modified in place between "
+                    f"cached_loss and its backward; pass 2 would re-encode other inputs than "
+                    f"pass 1: call backward first, or pass a copy")
+        for module, held in zip(self.modules, self.held):
+            if _held(module) != held:
+                raise GradCacheError(
+                    f"a parameter of {type(module).__name__} was replaced between "
+                    f"cached_loss and its backward; pass 2 would re-encode another model than "
+                    f"pass 1: call backward first")
         for parameter, version in zip(self.parameters, self.versions):
             if parameter._version != version:
                 raise GradCacheError(
@@ -167,6 +190,15 @@ class _CachedLoss(torch.autograd.Function):
                 "writes first-order gradients into .grad")
         pending.backward(upstream.detach())
         return None, None
+
+
+def _held(module: torch.nn.Module) -> list[tuple[str, int]]:
+    """``(name, id)`` of the module's own parameters (buffers may be reassigned by a forward)."""
+    return [(name, id(tensor)) for name, tensor in module.named_parameters(recurse=False)]
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
 
 
 def _watched(forward: CachedForward, loss_fn: Any) -> tuple[list, list]:
