@@ -3,8 +3,8 @@
 The library is ``gradcache`` (the framework-neutral core) and its adapters ``gradcache_torch``,
 ``gradcache_jax`` and ``gradcache_tf``; none of them imports this package. This package uses them:
 
-* :mod:`gradcache_cli._main` -- the ``gradcache`` console script (also ``python -m gradcache_cli``
-  and ``python -m gradcache``): ``gradcache demo`` and ``gradcache bench``.
+* :mod:`gradcache_cli._main` -- the ``gradcache`` console script (also ``python -m gradcache_cli``):
+  ``gradcache demo`` and ``gradcache bench``.
 * :mod:`gradcache_cli.demo` -- the demo, code search on the standard library, one module per
   framework.
 * :mod:`gradcache_cli.bench` -- the bench, memory and speed curves of the cached step against the

@@ -1,8 +1,7 @@
 """The ``gradcache`` command line: ``gradcache demo`` and ``gradcache bench``.
 
-The console script ``gradcache`` runs :func:`main`, as do ``python -m gradcache_cli`` and
-``python -m gradcache``. Subcommands are wired lazily: no framework is imported until a subcommand
-runs a backend, so ``gradcache --help`` and bad arguments cost no framework import. Every user
+The console script ``gradcache`` runs :func:`main`, as does ``python -m gradcache_cli``.
+Subcommands are wired lazily: no framework is imported until a subcommand runs a backend, so ``gradcache --help`` and bad arguments cost no framework import. Every user
 error -- an unknown or missing backend, a chunk larger than the batch, a non-positive size -- ends
 in one line on stderr and exit status 2, never a traceback. ``demo`` runs
 :mod:`gradcache_cli.demo.runner`; ``bench`` runs :mod:`gradcache_cli.bench.runner`

@@ -39,7 +39,7 @@ def _run_main(argv, capsys):
 def test_quick_run_writes_plots_and_a_table_with_cached_and_full_rows(tmp_path):
     out = tmp_path / "bench-out"
     done = subprocess.run(
-        [sys.executable, "-m", "gradcache", "bench", "--quick", "--max-batch", "32",
+        [sys.executable, "-m", "gradcache_cli", "bench", "--quick", "--max-batch", "32",
          "--backends", ",".join(INSTALLED), "--out", str(out)],
         capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
