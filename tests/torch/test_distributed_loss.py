@@ -4,7 +4,7 @@ With ``distributed=True`` (DDP, FSDP2, the loss on the global batch) every rank'
 ``(loss / 2).backward()`` is half the gradient of one process running the global batch; with a
 DDP model and no ``distributed=``, the DDP module's gradients are averaged inside the backward
 once, as DDP averages them; a rank failing inside pass 2 stops every rank with every ``.grad`` as
-it was (more failures in ``test_distributed_failures.py``).
+it was (more failures in ``test_ddp.py``).
 """
 
 from __future__ import annotations
