@@ -9,10 +9,14 @@ a :class:`Collective` over its framework's own engine (``torch.distributed``, a 
 
 Multi-process engines can hang when one rank raises and the others wait in a collective. The
 :class:`Rendezvous` gives every step a fixed sequence of small *agreements* (after pass 1, after
-pass 2, and before pass 1 where encoders communicate in every call): a rank that fails takes part
-in the next agreement with its error instead, so every rank raises at the same point and no
-gradient is applied anywhere -- the adapter synchronises gradients only after the last agreement.
-SPMD engines (one program over all devices) fail as a whole and need none.
+pass 2, and before pass 1 where encoders communicate in every call): a rank that fails -- any
+exception, ``KeyboardInterrupt`` included -- takes part in the next agreement with its error
+instead, so every rank raises at the same point and no gradient is applied anywhere -- the adapter
+synchronises gradients only after the last agreement. Every agreement carries the step's number
+(counted per collective, per process group on torch) and its stage, so that ranks which fell out
+of step (one abandoned a step without reaching its agreements) raise instead of taking another
+step's payload for this one's. SPMD engines (one program over all devices) fail as a whole and
+need none.
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from gradcache._errors import GradCacheError, add_location_note
+
+
+class StepCounter:
+    """The number of agreeing steps begun so far (see :meth:`Collective.step_counter`)."""
+
+    def __init__(self) -> None:
+        self.value = 0
 
 
 class Collective:
@@ -50,10 +61,22 @@ class Collective:
     grad_scale: float = 1.0
     agrees: bool = False
     same_chunk_counts: bool = False
+    _step_counter: StepCounter | None = None
 
     def exchange(self, payload: Any) -> list[Any]:
         """Every rank's small picklable ``payload``, in rank order (a host-side all-gather)."""
         raise NotImplementedError
+
+    def step_counter(self) -> StepCounter:
+        """The counter of the agreeing steps this rank has begun over this collective's ranks,
+        which :class:`Rendezvous` numbers its steps with. The default lives on the instance (one
+        collective object kept for the whole run); an adapter that makes a collective per call
+        keeps it per communicator instead (torch: per process group)."""
+        counter = getattr(self, "_step_counter", None)
+        if counter is None:
+            counter = StepCounter()
+            self._step_counter = counter
+        return counter
 
     def row_counts(self, rows: int | None) -> Any:
         """Every rank's row count of a group of which this rank holds ``rows``, for an engine that
@@ -98,12 +121,23 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _where(step: Any, stage: Any) -> str:
+    return f"step {step} ({stage})" if stage is not None else f"step {step}"
+
+
 class Rendezvous:
     """The agreements of one distributed step; a no-op without a collective or for SPMD engines.
 
     Every rank calls :meth:`agree` at the same points of the schedule. A rank that raised calls
     :meth:`fail` instead, once, which takes part in the next agreement with its error: the others
     raise a :class:`GradCacheError` naming it, and the failing rank re-raises its own error.
+
+    Each report carries ``(step, stage, error, payload)``: the step's number, from the collective's
+    :meth:`~Collective.step_counter` (advanced when the rendezvous is made, on every rank at the
+    same point of a step), and the agreement's stage. A report from another step or stage means
+    that the ranks fell out of step -- one left a step without reaching its agreements -- and every
+    rank raises a :class:`GradCacheError` naming each rank's step instead of using the payload;
+    the counters are then set to the furthest step, so that the ranks' next steps meet again.
     """
 
     def __init__(self, collective: Collective | None, planned: int = 0):
@@ -112,25 +146,42 @@ class Rendezvous:
         self.failed = False
         self.planned = planned   # agreements every rank will reach in a step that succeeds
         self.done = 0
+        self.step = 0
+        if self.active and collective is not None:
+            counter = collective.step_counter()
+            counter.value += 1
+            self.step = counter.value
 
     def agree(self, stage: str, payload: Any = None) -> list[Any]:
-        """Exchanges ``payload`` at ``stage``; raises if another rank reports a failure."""
+        """Exchanges ``payload`` at ``stage``; raises if another rank reports a failure or is at
+        another step or stage."""
         collective = self.collective
         if not self.active or collective is None:
             return [payload] * (collective.world_size if collective else 1)
-        reports = collective.exchange((None, payload))
+        reports = collective.exchange((self.step, stage, None, payload))
         self.done += 1
-        failures = [(rank, error) for rank, (error, _) in enumerate(reports) if error is not None]
+        strays = self._strays(reports, stage)
+        if strays:
+            self.failed = True
+            raise GradCacheError(
+                f"the ranks are out of step: {strays}; this rank ({collective.rank}) is at "
+                f"{_where(self.step, stage)}. A rank left an earlier step without reaching its "
+                f"agreements (an exception caught between steps, a call on some ranks only); "
+                f"every rank stopped and no gradient was applied (the ranks' next steps meet "
+                f"again)")
+        failures = [(rank, report[2]) for rank, report in enumerate(reports)
+                    if report[2] is not None]
         if failures:
             self.failed = True
             rank, error = failures[0]
             raise GradCacheError(
                 f"rank {rank} failed ({error}); every rank stopped ({stage}) and no gradient was "
                 f"applied")
-        return [payload for _, payload in reports]
+        return [report[3] for report in reports]
 
     def fail(self, error: BaseException) -> None:
-        """Reports ``error`` to the other ranks at the next agreement (once per step).
+        """Reports ``error`` (any exception, ``KeyboardInterrupt`` included) to the other ranks at
+        the next agreement (once per step).
 
         After the last agreement there is nobody left to tell: the others have passed it, and a
         wrapper's own collective (or the engine's timeout) is what they meet next.
@@ -140,7 +191,39 @@ class Rendezvous:
             return
         self.failed = True
         try:
-            collective.exchange((_describe(error), None))
+            reports = collective.exchange((self.step, None, _describe(error), None))
         except Exception as transport:  # the transport itself broke: the original error matters more
             add_location_note(error, f"gradcache: could not tell the other ranks "
                                      f"({_describe(transport)})")
+            return
+        strays = self._strays(reports, None)
+        if strays:
+            add_location_note(error, f"gradcache: the ranks were out of step when this rank "
+                                     f"reported this error at step {self.step}: {strays}")
+
+    def _strays(self, reports: list[Any], stage: str | None) -> str:
+        """The ranks whose report belongs to another step or stage, worded; empty when none.
+        Moves the step counter to the furthest step seen, so that the next steps meet again."""
+        strays, furthest = [], self.step
+        for rank, report in enumerate(reports):
+            if not (isinstance(report, tuple) and len(report) == 4
+                    and isinstance(report[0], int)):
+                strays.append(f"rank {rank} sent {type(report).__name__} {_short(report)}, not a "
+                              f"gradcache agreement (is it in another collective?)")
+                continue
+            step, their_stage, error = report[0], report[1], report[2]
+            furthest = max(furthest, step)
+            if step != self.step:
+                strays.append(f"rank {rank} is at {_where(step, their_stage)}"
+                              + (f", failing with {error}" if error is not None else ""))
+            elif stage is not None and their_stage is not None and their_stage != stage:
+                strays.append(f"rank {rank} is at {_where(step, their_stage)}")
+        if strays and self.collective is not None:
+            counter = self.collective.step_counter()
+            counter.value = max(counter.value, furthest)
+        return "; ".join(strays)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -337,7 +337,7 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
                 inputs, loss_fn = _padding.sort_groups(backend, inputs, loss_fn)
         groups = plan_groups(backend, encoders, inputs, chunk_size, get_rep=get_rep,
                              split_fn=split_fn, pad_trim=pad_trim)
-    except Exception as error:   # one rank's bad input must not leave the others waiting
+    except BaseException as error:   # one rank's bad input must not leave the others waiting
         rendezvous.fail(error)
         raise
     # the ranks meet after pass 1 (to gather) and after pass 2 (so that none applies gradients
@@ -374,7 +374,7 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
                                                        checked_loss, reps, backend.zero_grads())
         if check_finite:
             backend.run_check(_require_finite(backend), loss)
-    except Exception as error:
+    except BaseException as error:   # KeyboardInterrupt too: the others must not wait
         bar.close()
         rendezvous.fail(error)
         raise
@@ -434,7 +434,7 @@ def cached_backward(forward: CachedForward, upstream: Any = None) -> Any:
             grads = _pass_two(backend, group, rep, rep_grad, record, grads,
                               forward.determinism_tolerance, forward.bar)
         forward.rendezvous.agree("after pass 2")
-    except Exception as error:
+    except BaseException as error:
         forward.rendezvous.fail(error)
         raise
     finally:

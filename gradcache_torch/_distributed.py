@@ -7,11 +7,14 @@ rank so that ranks may hold different numbers of rows, and the small agreements 
 ranks once per step: FSDP2 reduce-scatters in the last chunk's backward (its sync is off for the
 others); DDP's hooks are bypassed for the whole step and :class:`GradientSync` averages what the
 step added to DDP and unwrapped modules, after the ranks' last agreement, with bucketed
-all-reduces as DDP would. Both average, so representation gradients are scaled by the world size.
+all-reduces as DDP would, inside the step's rollback. Both average, so representation gradients
+are scaled by the world size. Steps are numbered per process group (:meth:`TorchCollective.step_counter`),
+whichever call made the collective.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from gradcache import Collective, GradCacheError
+from gradcache._collective import StepCounter
 
 
 def fsdp_module_type() -> type | None:
@@ -82,6 +86,14 @@ class TorchCollective(Collective):
         dist.all_gather_object(reports, payload, group=self.group)
         return reports
 
+    def step_counter(self) -> StepCounter:
+        # a step makes its own collective: the count lives with the process group
+        group = self.group if self.group is not None else dist.group.WORLD
+        try:
+            return _STEP_COUNTERS.setdefault(group, StepCounter())
+        except TypeError:   # a group object that takes no weak reference: count per collective
+            return super().step_counter()
+
     def all_gather_rows(self, leaf: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         counts = list(counts)
         most = max(counts)
@@ -117,6 +129,10 @@ class TorchCollective(Collective):
         dist.all_reduce(total, group=self.group)
         self.bytes_communicated += total.numel() * total.element_size()
         return total
+
+
+#: the agreeing steps begun per process group (see :meth:`TorchCollective.step_counter`)
+_STEP_COUNTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _all_gather_single(out: torch.Tensor, mine: torch.Tensor, group: Any) -> None:
@@ -167,12 +183,15 @@ class GradientSync:
 
     Before the step the caller's gradients are set aside (kept, not copied) and ``.grad`` starts
     empty; after the step's last agreement, :meth:`finish` averages this step's gradients over the
-    ranks with bucketed all-reduces -- DDP's own reduction, done once -- and adds them to what was
-    set aside; a parameter no rank touched keeps its gradient (``None`` stays ``None``). If the step
-    fails, :meth:`restore` puts the caller's gradients back. Bypassing DDP entirely, rather than
-    letting it synchronise in the last chunk, keeps the step exact when a parameter is not used by
-    that chunk (a second tower, a loss-owned temperature inside the module), which DDP would
-    otherwise leave unreduced without a word.
+    ranks with bucketed all-reduces -- DDP's own reduction, done once -- and adds them *into* the
+    gradient objects set aside (in place, as ``backward`` accumulates: views of one flat buffer,
+    such as DDP's ``gradient_as_bucket_view``, stay views of it); a parameter no rank touched keeps
+    its gradient (``None`` stays ``None``). Every all-reduce runs before the first gradient is
+    written, so a rank that dies after the agreement makes the others raise from :meth:`finish`
+    with nothing written; :meth:`restore` then puts the caller's very objects back, untouched.
+    Bypassing DDP entirely, rather than letting it synchronise in the last chunk, keeps the step
+    exact when a parameter is not used by that chunk (a second tower, a loss-owned temperature
+    inside the module), which DDP would otherwise leave unreduced without a word.
     """
 
     #: the all-reduce bucket, as DDP's default
@@ -192,15 +211,28 @@ class GradientSync:
                 parameter.grad = None
 
     def restore(self) -> None:
+        """The caller's gradient objects back in ``.grad``, as they were (never written to)."""
         for (_, params), aside in zip(self.groups, self.set_aside):
             for parameter, grad in zip(params, aside):
                 parameter.grad = grad
 
     def finish(self) -> None:
-        for (group, params), aside in zip(self.groups, self.set_aside):
-            self._average(group, params, aside)
+        """Averages the step's gradients and accumulates them into the caller's; raises with
+        nothing written if any all-reduce fails (then call :meth:`restore`)."""
+        means = [self._average(group, params) for group, params in self.groups]
+        # every collective has succeeded: only local writes from here on
+        for (_, params), aside, averaged in zip(self.groups, self.set_aside, means):
+            for parameter, before, mean in zip(params, aside, averaged):
+                if mean is None:
+                    parameter.grad = before
+                elif before is None:
+                    parameter.grad = mean
+                else:
+                    before.add_(mean)
+                    parameter.grad = before
 
-    def _average(self, group: Any, params: list, aside: list) -> None:
+    def _average(self, group: Any, params: list) -> list[torch.Tensor | None]:
+        """The mean over ranks of each parameter's step gradient (``None`` where no rank has one)."""
         world = dist.get_world_size(group)
         buckets: dict[tuple, list[list[int]]] = {}
         for index, parameter in enumerate(params):
@@ -209,6 +241,7 @@ class GradientSync:
             if runs[-1] and size + parameter.numel() * parameter.element_size() > self.BUCKET_BYTES:
                 runs.append([])
             runs[-1].append(index)
+        means: list[torch.Tensor | None] = [None] * len(params)
         for runs in buckets.values():
             for run in runs:
                 # one all-reduce per bucket; its tail counts the ranks that touched each parameter,
@@ -218,15 +251,18 @@ class GradientSync:
                 touched = torch.tensor([float(params[i].grad is not None) for i in run],
                                        dtype=grads[0].dtype, device=grads[0].device)
                 flat = torch.cat([grad.reshape(-1) for grad in grads] + [touched])
+                del grads
                 dist.all_reduce(flat, group=group)
+                flat[:-len(run)].div_(world)
                 sizes = [params[i].numel() for i in run]
                 parts = torch.split(flat, sizes + [len(run)])
                 for i, part, count in zip(run, parts, parts[-1].tolist()):
-                    if not count:
-                        params[i].grad = aside[i]
-                        continue
-                    mean = part.view_as(params[i]) / world
-                    params[i].grad = mean if aside[i] is None else aside[i] + mean
+                    # the bucket holds the step's share now: free it (a failure restores what
+                    # was set aside, never the step's gradients)
+                    params[i].grad = None
+                    if count:
+                        means[i] = part.view_as(params[i])
+        return means
 
 
 def broadcast_buffers(module: Any, group: Any) -> None:

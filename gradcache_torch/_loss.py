@@ -78,19 +78,24 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         raise GradCacheError(
             "cached_loss takes no scaler: call scaler.scale(loss).backward() on the loss it "
             "returns, and the scale reaches every gradient through backward")
-    setup = _Setup(encoders, inputs, loss_fn, options, entry="cached_loss")
     differentiate = torch.is_grad_enabled()   # False under no_grad and inference_mode
-    input_leaves = [leaf for leaf in _tree.flatten(inputs, _is_tensor)[0]]
-    if differentiate and any(leaf.requires_grad for leaf in input_leaves):
-        # pass 2 pulls back into parameters only: an input's gradient would silently be missing
-        raise GradCacheError(
-            "an input tensor requires grad, but cached_loss differentiates the parameters only "
-            "(its gradient would be missing); detach the inputs, or use cached_step")
-    backend = TorchBackend(bypass_ddp=setup.collective is not None, defer_loss_grads=True)
-    autocast = _autocast_state()
-    forward = cached_forward(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
-                             collective=setup.collective, differentiate=differentiate,
-                             **setup.keywords)
+    setup = _Setup(encoders, inputs, loss_fn, options, entry="cached_loss",
+                   differentiate=differentiate)
+    try:
+        input_leaves = [leaf for leaf in _tree.flatten(inputs, _is_tensor)[0]]
+        if differentiate and any(leaf.requires_grad for leaf in input_leaves):
+            # pass 2 pulls back into parameters only: an input's gradient would silently be missing
+            raise GradCacheError(
+                "an input tensor requires grad, but cached_loss differentiates the parameters "
+                "only (its gradient would be missing); detach the inputs, or use cached_step")
+        backend = TorchBackend(bypass_ddp=setup.bypass_ddp, defer_loss_grads=True)
+        autocast = _autocast_state()
+        forward = cached_forward(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
+                                 collective=setup.collective, differentiate=differentiate,
+                                 **setup.keywords)
+    except BaseException as error:   # under DDP without distributed=: the others meet in backward
+        setup.abort(error)
+        raise
     if not differentiate:
         return forward.loss
     pending = _Pending(forward, setup, autocast, _watched(forward, loss_fn), input_leaves)
@@ -142,27 +147,32 @@ class _Pending:
                     f"() between cached_loss and its backward; pass 2 must re-encode in the mode "
                     f"pass 1 ran in: call backward first")
 
+    def refuse(self, error: BaseException) -> None:
+        """A backward that cannot run: the other ranks stop instead of waiting, and what the
+        forward holds is released."""
+        self.forward.rendezvous.fail(error)
+        self.setup.abort(error)
+        self.forward.close()
+
     def backward(self, upstream: torch.Tensor) -> None:
         forward = self.forward
         try:
             self.check_unchanged()
         except GradCacheError as error:
-            forward.rendezvous.fail(error)   # the other ranks stop instead of waiting
-            forward.close()
+            self.refuse(error)
             raise
         backend = forward.backend
         assert isinstance(backend, TorchBackend)
         sync = self.setup.gradient_sync()
         try:
-            with backend.transaction(), _autocast(self.autocast):
-                grads = cached_backward(forward, upstream)
-                backend.add_deferred(grads)
-        except BaseException:
-            if sync is not None:
-                sync.restore()
+            with backend.transaction():
+                with _autocast(self.autocast):
+                    grads = cached_backward(forward, upstream)
+                    backend.add_deferred(grads)
+                self.setup.commit(sync)   # the gradient average runs inside the rollback too
+        except BaseException as error:
+            self.setup.abort(error, sync)
             raise
-        if sync is not None:
-            sync.finish()
 
 
 class _CachedLoss(torch.autograd.Function):
@@ -184,10 +194,11 @@ class _CachedLoss(torch.autograd.Function):
                 "cached_loss call (its state is consumed, or a first backward failed); call "
                 "cached_loss again for another backward")
         if torch.is_grad_enabled():
-            pending.forward.close()
-            raise GradCacheError(
+            error = GradCacheError(
                 "backward(create_graph=True) through a cached_loss is not supported: pass 2 "
                 "writes first-order gradients into .grad")
+            pending.refuse(error)
+            raise error
         pending.backward(upstream.detach())
         return None, None
 

@@ -10,8 +10,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
-from gradcache import Collective, GradCacheError, StepOptions, run_cached_step
+from gradcache import (
+    Collective,
+    GradCacheError,
+    Rendezvous,
+    StepOptions,
+    cached_backward,
+    cached_forward,
+)
 from gradcache_torch._backend import TorchBackend, is_sentence_transformer
 from gradcache_torch._distributed import (
     GradientSync,
@@ -77,8 +85,15 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             the step adds to DDP and unwrapped modules is averaged by bucketed all-reduces after
             the ranks' last agreement (DDP's averaging, done once; unused parameters are fine).
             Local batches may differ in size and in number of chunks (FSDP2 aside); a rank that
-            fails makes every rank raise, with every ``.grad`` as it was.
+            fails (any exception, ``KeyboardInterrupt`` included) makes every rank raise, with
+            every ``.grad`` as it was, also if a rank dies during the final average.
             Per-row ``loss_kwargs`` must be global (see :func:`gradcache_torch.all_gather_rows`).
+            Not given (or ``None``): each rank's loss sees its own rows; DDP-wrapped encoders on
+            an initialised process group bypass DDP's hooks, the ranks meet once after pass 2 (so
+            that a rank failing mid-step stops every rank at once rather than at the process
+            group's timeout) and DDP's average is taken afterwards -- except under
+            ``no_sync()``, with a comm hook registered, or with ``distributed=False``, which keep
+            DDP's own reduction in the last chunk.
 
     Returns:
         The loss, detached.
@@ -100,40 +115,67 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     if scaler is not None and not callable(getattr(scaler, "scale", None)):
         raise GradCacheError(f"scaler must be a torch.amp.GradScaler (with scale()), got {scaler!r}")
     setup = _Setup(encoders, inputs, loss_fn, options, entry="cached_step", own=("scaler",))
-    backend = TorchBackend(scaler=scaler, bypass_ddp=setup.collective is not None)
+    backend = TorchBackend(scaler=scaler, bypass_ddp=setup.bypass_ddp)
     sync = setup.gradient_sync()
     try:
-        loss, _ = run_cached_step(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
-                                  collective=setup.collective, **setup.keywords)
-    except BaseException:
-        if sync is not None:
-            sync.restore()
+        with backend.transaction():
+            forward = cached_forward(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
+                                     collective=setup.collective, **setup.keywords)
+            cached_backward(forward)
+            setup.commit(sync)   # the gradient average runs inside the rollback too
+    except BaseException as error:
+        setup.abort(error, sync)
         raise
-    if sync is not None:
-        sync.finish()   # every rank passed the step's last agreement: none of them raised
-    return loss
+    return forward.loss
 
 
 class _Setup:
     """What ``cached_step`` and ``cached_loss`` make of their options, in one place: the shared
     options parsed and checked, a SentenceTransformer's default ``get_rep``, and for
     ``distributed=`` the collective (DDP's buffers broadcast now) and the averaging of the DDP and
-    unwrapped modules' gradients, made by :meth:`gradient_sync` when the gradients are written."""
+    unwrapped modules' gradients, made by :meth:`gradient_sync` when the gradients are written.
+
+    Without ``distributed=`` (not given, or ``None``), DDP-wrapped encoders on an initialised
+    process group get the same protection against a failing rank (:func:`_ddp_agreement`): each
+    rank's loss still sees its own rows, DDP's hooks are bypassed, the ranks meet once after pass 2
+    and the DDP modules' gradients are averaged afterwards, as DDP would have averaged them."""
 
     def __init__(self, encoders: Any, inputs: Any, loss_fn: Any, options: Mapping[str, Any], *,
-                 entry: str,
-                 own: Sequence[str] = ()):
+                 entry: str, own: Sequence[str] = (), differentiate: bool = True):
         step = StepOptions.from_keywords(options, adapter="gradcache_torch", own=own, entry=entry)
         self.keywords = step.step_keywords()
         self.keywords["get_rep"] = _default_get_rep(encoders, inputs, step.get_rep)
         self.collective: Collective | None = None
         self._averaged: list = []
+        #: the one agreement of a local-loss step under DDP (see :func:`_ddp_agreement`)
+        self.agreement: Rendezvous | None = None
         if step.distributed is not False and step.distributed is not None:
             self.collective, self._averaged = _distribute(encoders, loss_fn, step.distributed)
+        elif options.get("distributed") is None and differentiate:
+            self.agreement, self._averaged = _ddp_agreement(encoders)
+        #: the step averages DDP's gradients itself: its hooks are bypassed in every chunk
+        self.bypass_ddp = self.collective is not None or self.agreement is not None
 
     def gradient_sync(self) -> GradientSync | None:
         """Sets the averaged modules' gradients aside now; ``finish`` or ``restore`` later."""
         return GradientSync(self._averaged) if self._averaged else None
+
+    def commit(self, sync: GradientSync | None) -> None:
+        """The end of a step that succeeded on this rank, inside its transaction: the agreement of
+        a local step under DDP, then the gradient average (which raises with nothing written if a
+        rank dies in it)."""
+        if self.agreement is not None:
+            self.agreement.agree("after pass 2")
+        if sync is not None:
+            sync.finish()
+
+    def abort(self, error: BaseException, sync: GradientSync | None = None) -> None:
+        """A step that failed on this rank: the other ranks are told (a local step under DDP;
+        the core tells them in a distributed step) and the set-aside gradients are put back."""
+        if self.agreement is not None:
+            self.agreement.fail(error)
+        if sync is not None:
+            sync.restore()
 
 
 def _sentence_embedding(output: Any) -> Any:
@@ -155,6 +197,39 @@ def _default_get_rep(encoders: Any, inputs: Any, get_rep: Any) -> Any:
         return get_rep
     return [_sentence_embedding if is_sentence_transformer(encoder) else None
             for encoder in listed]
+
+
+def _ddp_agreement(encoders: Any) -> tuple[Rendezvous | None, list]:
+    """The agreement and the averaged ``(module, group)`` pairs of a step without
+    ``distributed=`` whose encoders include DDP-wrapped modules; ``(None, [])`` where DDP's own
+    reduction stays.
+
+    DDP all-reduces in the backward of the last chunk: a rank that raised earlier would leave the
+    others waiting there until the process group's timeout (30 minutes by default). Instead the
+    step bypasses DDP's hooks, every rank meets once after pass 2 (a rank that failed reports its
+    error there, so that every rank raises with every ``.grad`` as it was), and
+    :class:`GradientSync` then averages what the step added to the DDP modules -- what DDP would
+    have done, exact also when the last chunk leaves a parameter unused. DDP's own reduction is
+    kept where bypassing it would change what the caller asked for: inside ``no_sync()`` (nothing
+    is reduced), with a comm hook registered (its compression or state is the caller's choice),
+    with DDP modules on different process groups, or with FSDP2 units among the encoders (which
+    communicate in every chunk, so no agreement could spare them a failing rank).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, []
+    listed = list(encoders) if isinstance(encoders, (list, tuple)) else [encoders]
+    wrapped = list({id(encoder): encoder for encoder in listed if is_ddp(encoder)}.values())
+    if (not wrapped or any(fsdp_units(encoder) for encoder in listed)
+            or len({id(ddp.process_group) for ddp in wrapped}) > 1
+            or any(getattr(ddp, "_comm_hooks", True) for ddp in wrapped)
+            or not all(ddp.require_backward_grad_sync for ddp in wrapped)):
+        return None, []
+    group = wrapped[0].process_group
+    for ddp in wrapped:   # as DDP's forward would (every chunk now bypasses it)
+        if ddp.broadcast_buffers and any(True for _ in ddp.module.buffers()):
+            broadcast_buffers(ddp.module, group)
+    return (Rendezvous(TorchCollective(group), planned=1),
+            [(ddp.module, group) for ddp in wrapped])
 
 
 def _distribute(encoders: Any, loss_fn: Any, distributed: Any) -> tuple[Collective, list]:

@@ -2,8 +2,9 @@
 
 With ``distributed=True`` (DDP, FSDP2, the loss on the global batch) every rank's ``.grad`` after
 ``(loss / 2).backward()`` is half the gradient of one process running the global batch; with a
-DDP model and no ``distributed=``, DDP's own all-reduce runs inside the backward once; a rank
-failing inside pass 2 stops every rank with every ``.grad`` as it was.
+DDP model and no ``distributed=``, the DDP module's gradients are averaged inside the backward
+once, as DDP averages them; a rank failing inside pass 2 stops every rank with every ``.grad`` as
+it was (more failures in ``test_ddp.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def scenarios(rank: int, world: int) -> dict:
     out["ddp"] = (loss.detach(), [t.grad * 2 for t in model.parameters()], temperature.grad * 2,
                   len(calls))
 
-    # DDP without distributed=: each rank's loss on its own rows, DDP averages in pass 2's last chunk
+    # DDP without distributed=: each rank's loss on its own rows, averaged over ranks as DDP would
     torch.manual_seed(0)
     local = DistributedDataParallel(Tower().double())
     cached_loss(local, (q, p), info_nce, chunk_size=3).backward()
