@@ -89,6 +89,12 @@ class StepOptions:
             raise GradCacheError(
                 f"loss_kwargs must be a mapping of keyword arguments for the loss, got "
                 f"{type(self.loss_kwargs).__name__}")
+        if self.loss_kwargs is not None:
+            names = [key for key in self.loss_kwargs if not isinstance(key, str)]
+            if names:
+                raise GradCacheError(
+                    f"loss_kwargs are keyword arguments for the loss, so their keys must be "
+                    f"strings; got {names[0]!r}")
         if isinstance(self.distributed, (int, float)) and not isinstance(self.distributed, bool):
             raise GradCacheError(
                 f"distributed= takes False, True, a gradcache.Collective or the framework's own "
