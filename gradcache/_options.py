@@ -23,7 +23,7 @@ OPTION_DOCS = {
     "get_rep": "picks the representation from an encoder's output (one callable or one per group)",
     "loss_kwargs": "extra keyword arguments for the loss (labels, masks)",
     "split_fn": "split_fn(group_input, chunk_size) -> list of chunks, for inputs the core cannot "
-                "slice",
+                "slice; every row in exactly one chunk, in order",
     "pad_trim": "for mapping inputs with an attention_mask, cut each chunk to its longest row",
     "sort_by_length": "form chunks from length-sorted rows (mapping inputs with an attention_mask) "
                       "so that pad_trim removes most padding; the loss still sees the caller's order",
