@@ -181,3 +181,26 @@ def test_jax_loss_taking_params_must_be_callable(entry: str) -> None:
         else:
             gradcache_jax.cached_loss(encoder, batch, None, chunk_size=2,
                                       loss_takes_params=True)(params)
+
+
+def test_an_error_in_a_distributed_loss_says_it_ran_on_the_global_batch() -> None:
+    # the core's own numpy backend on two thread ranks: the loss sees every rank's rows
+    from gradcache import run_cached_step
+    from gradcache.testing import LinearEncoder, NumpyBackend, run_ranks
+
+    class Raising:
+        def value_and_grad(self, *reps):
+            raise ArithmeticError("overflow in the loss")
+
+    rng = np.random.default_rng(0)
+    encoder = LinearEncoder(rng.normal(size=(3, 2)))
+    batches = [(rng.normal(size=(4 + rank, 3)), rng.normal(size=(4 + rank, 3))) for rank in (0, 1)]
+
+    def rank_step(rank, collective):
+        return run_cached_step(NumpyBackend(), encoder, batches[rank], Raising(), chunk_size=2,
+                               collective=collective)
+
+    for _, error in run_ranks(2, rank_step, timeout=20):
+        assert isinstance(error, ArithmeticError), error
+        assert "raised in loss_fn on the global batch (every rank's rows), with representations " \
+               "of group 0 (9, 2), group 1 (9, 2)" in "\n".join(error.__notes__)
