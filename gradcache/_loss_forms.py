@@ -23,6 +23,8 @@ function (through :func:`summed_forward` and :func:`summed_backward`).
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -196,6 +198,9 @@ def check_pair(ops: _HasShape, x: Any, y: Any, loss: str, *, square: bool) -> tu
     n, m = x_shape[0], y_shape[0]
     if n == 0:
         raise GradCacheError(f"{loss}: the batch is empty ({x_shape})")
+    if m == 0:
+        raise GradCacheError(f"{loss}: there are no passages to score the queries against "
+                             f"({y_shape}, for queries {x_shape}); pass at least the positives")
     if square and m != n:
         raise GradCacheError(f"{loss} pairs row i of x with row i of y, so both need the same number "
                              f"of rows; got {x_shape} and {y_shape}")
@@ -204,6 +209,34 @@ def check_pair(ops: _HasShape, x: Any, y: Any, loss: str, *, square: bool) -> tu
             f"{loss}: passages {y_shape} must hold the same number of rows for every query "
             f"{x_shape} (positive first, then its hard negatives), so a multiple of {n}")
     return n, m
+
+
+#: the scalar arguments of the losses and whether each must be positive: a temperature or a scale
+#: of 0 makes every logit infinite or 0, a negative one turns the objective around (positives
+#: pushed apart); a bias may be any number
+SCALARS = {"temperature": True, "logit_scale": True, "logit_bias": False}
+
+
+def check_scalar(value: Any, name: str, loss: str) -> None:
+    """Refuses a temperature, scale or bias given as a number (Python or numpy) that would make
+    the loss NaN or meaningless -- non-finite, or for a temperature or scale not positive -- with
+    a GradCacheError naming it, before anything is computed. A tensor's values are not read (it
+    may be traced, or learnt): ``check_finite=True`` catches a loss they make non-finite.
+
+    >>> check_scalar(0.05, "temperature", "info_nce")
+    >>> check_scalar(0.0, "temperature", "info_nce")
+    Traceback (most recent call last):
+    ...
+    gradcache._errors.GradCacheError: info_nce: temperature must be a finite number > 0, got 0.0
+    """
+    if isinstance(value, bool):
+        raise GradCacheError(f"{loss}: {name} must be a number or a scalar tensor, got {value!r}")
+    if not isinstance(value, numbers.Real):
+        return
+    positive = SCALARS[name]
+    if not math.isfinite(value) or (positive and value <= 0):
+        wanted = "a finite number > 0" if positive else "a finite number"
+        raise GradCacheError(f"{loss}: {name} must be {wanted}, got {value!r}")
 
 
 def layout_across(ops: LossOps, collective: Collective, x: Any, y: Any, loss: str, *,
@@ -356,6 +389,7 @@ def info_nce(ops: LossOps, q: Any, p: Any, temperature: Any, similarity: str,
     query is scored against every row of ``p``. With a ``collective``, ``q`` and ``p`` are this
     rank's rows and the result is the loss of every rank's rows together (see the module).
     """
+    check_scalar(temperature, "temperature", "info_nce")
     tile = check_tile_size(tile_size, accelerator=ops.on_accelerator(q))
     n, layout = _mean_rows(ops, q, p, "info_nce", False, collective)
     q, p = prepare(ops, q, p, similarity, "info_nce")
@@ -366,6 +400,7 @@ def info_nce(ops: LossOps, q: Any, p: Any, temperature: Any, similarity: str,
 def clip_loss(ops: LossOps, x: Any, y: Any, logit_scale: Any, similarity: str,
               tile_size: Any, collective: Collective | None = None) -> Any:
     """Symmetric CLIP loss: the mean of InfoNCE over rows and over columns of ``scale * x y^T``."""
+    check_scalar(logit_scale, "logit_scale", "clip_loss")
     tile = check_tile_size(tile_size, accelerator=ops.on_accelerator(x))
     n, layout = _mean_rows(ops, x, y, "clip_loss", True, collective)
     x, y = prepare(ops, x, y, similarity, "clip_loss")
@@ -379,6 +414,8 @@ def siglip_loss(ops: LossOps, x: Any, y: Any, logit_scale: Any, logit_bias: Any,
 
     ``-log sigmoid(u) = softplus(-u)``: ``n`` times the loss is the ``SIGMOID`` summed loss.
     """
+    check_scalar(logit_scale, "logit_scale", "siglip_loss")
+    check_scalar(logit_bias, "logit_bias", "siglip_loss")
     tile = check_tile_size(tile_size, accelerator=ops.on_accelerator(x))
     n, layout = _mean_rows(ops, x, y, "siglip_loss", True, collective)
     x, y = prepare(ops, x, y, similarity, "siglip_loss")
@@ -396,6 +433,7 @@ def _checked(ops: LossOps, x: Any, y: Any, similarity: str, loss: str,
 
 def info_nce_dense(ops: LossOps, q: Any, p: Any, temperature: Any, similarity: str) -> Any:
     """:func:`info_nce` with the whole ``B x B(k+1)`` matrix of logits: the reference."""
+    check_scalar(temperature, "temperature", "info_nce_dense")
     q, p, n, m = _checked(ops, q, p, similarity, "info_nce_dense", False)
     logits = ops.matmul_nt(q, p) / ops.as_scalar(temperature, q)
     return ops.cross_entropy(logits, m // n)
@@ -403,6 +441,7 @@ def info_nce_dense(ops: LossOps, q: Any, p: Any, temperature: Any, similarity: s
 
 def clip_loss_dense(ops: LossOps, x: Any, y: Any, logit_scale: Any, similarity: str) -> Any:
     """:func:`clip_loss` with the whole ``B x B`` matrix of logits: the reference."""
+    check_scalar(logit_scale, "logit_scale", "clip_loss_dense")
     x, y, _, _ = _checked(ops, x, y, similarity, "clip_loss_dense", True)
     logits = ops.as_scalar(logit_scale, x) * ops.matmul_nt(x, y)
     return (ops.cross_entropy(logits, 1) + ops.cross_entropy(ops.transpose(logits), 1)) / 2
@@ -411,6 +450,8 @@ def clip_loss_dense(ops: LossOps, x: Any, y: Any, logit_scale: Any, similarity: 
 def siglip_loss_dense(ops: LossOps, x: Any, y: Any, logit_scale: Any, logit_bias: Any,
                       similarity: str) -> Any:
     """:func:`siglip_loss` with the whole ``B x B`` matrix of logits: the reference."""
+    check_scalar(logit_scale, "logit_scale", "siglip_loss_dense")
+    check_scalar(logit_bias, "logit_bias", "siglip_loss_dense")
     x, y, n, _ = _checked(ops, x, y, similarity, "siglip_loss_dense", True)
     logits = ops.as_scalar(logit_scale, x) * ops.matmul_nt(x, y) + ops.as_scalar(logit_bias, x)
     return ops.sigmoid_loss(logits) / n
@@ -427,6 +468,9 @@ def check_across(loss: Any, front_ends: tuple, module: str, loss_kwargs: dict) -
         inspect.signature(loss).bind(None, None, **loss_kwargs)
     except TypeError as error:
         raise GradCacheError(f"across_ranks({loss.__name__}, ...): {error}") from None
+    for name, value in loss_kwargs.items():
+        if name in SCALARS:
+            check_scalar(value, name, f"across_ranks({loss.__name__}, ...)")
 
 
 def across(ops: LossOps, loss: str, collective: Collective, x: Any, y: Any, *,

@@ -23,7 +23,7 @@ OPTION_DOCS = {
     "get_rep": "picks the representation from an encoder's output (one callable or one per group)",
     "loss_kwargs": "extra keyword arguments for the loss (labels, masks)",
     "split_fn": "split_fn(group_input, chunk_size) -> list of chunks, for inputs the core cannot "
-                "slice",
+                "slice; every row in exactly one chunk, in order",
     "pad_trim": "for mapping inputs with an attention_mask, cut each chunk to its longest row",
     "sort_by_length": "form chunks from length-sorted rows (mapping inputs with an attention_mask) "
                       "so that pad_trim removes most padding; the loss still sees the caller's order",
@@ -89,6 +89,12 @@ class StepOptions:
             raise GradCacheError(
                 f"loss_kwargs must be a mapping of keyword arguments for the loss, got "
                 f"{type(self.loss_kwargs).__name__}")
+        if self.loss_kwargs is not None:
+            names = [key for key in self.loss_kwargs if not isinstance(key, str)]
+            if names:
+                raise GradCacheError(
+                    f"loss_kwargs are keyword arguments for the loss, so their keys must be "
+                    f"strings; got {names[0]!r}")
         if isinstance(self.distributed, (int, float)) and not isinstance(self.distributed, bool):
             raise GradCacheError(
                 f"distributed= takes False, True, a gradcache.Collective or the framework's own "

@@ -26,6 +26,7 @@ from gradcache._backend import Backend, ChunkPlan
 from gradcache._chunks import Chunk, ChunkItems, loop_length, run_chunks
 from gradcache._collective import Collective, Rendezvous
 from gradcache._errors import GradCacheError, add_location_note, where
+from gradcache._options import StepOptions
 
 
 @dataclass
@@ -41,6 +42,7 @@ class GroupPlan:
     last_for_encoder: bool = False  # the last group pulled back through this encoder
     rep_takes_inputs: bool = False  # get_rep(output, chunk_inputs) rather than get_rep(output)
     frozen: bool = False            # nothing to train: encoded once, skipped in pass 2
+    rows: int | None = None         # a split_fn's group: its rows, where the core can count them
 
     def picker(self, chunk_inputs: Any) -> Callable:
         """``get_rep`` for one chunk: given the chunk's inputs too when it takes them."""
@@ -140,6 +142,39 @@ def group_batch_size(backend: Backend, tree: Any, group: int) -> int:
     return sizes[0]
 
 
+def countable_rows(backend: Backend, tree: Any) -> int | None:
+    """The rows of an input the core can count without slicing it, or ``None``.
+
+    Tensor leaves that agree on their first dimension have that many rows; a list or tuple of
+    strings (raw texts for a ``split_fn`` to tokenise) has one row per string. Anything else (a
+    custom batch object, leaves of different lengths) is the ``split_fn``'s own business.
+    """
+    leaves, _ = _tree.flatten(tree, backend.is_leaf)
+    if leaves:
+        sizes = {backend.batch_size(leaf) for leaf in leaves}
+        return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+    if isinstance(tree, (list, tuple)) and tree and all(isinstance(item, (str, bytes))
+                                                        for item in tree):
+        return len(tree)
+    return None
+
+
+def check_split_rows(group: int, rows: int, chunk_rows: Sequence[int | None], what: str) -> None:
+    """A ``split_fn`` must put every row of a group into one chunk: the chunks' rows (``what``:
+    their inputs' rows, or the rows their encoder returned) must add up to the group's. Checked
+    where every chunk's rows are known; a chunk of uncountable rows leaves it to after pass 1.
+    (A row dropped and another duplicated, or rows reordered, keep the sum: that is not seen.)"""
+    if any(count is None for count in chunk_rows):
+        return
+    total = sum(count for count in chunk_rows if count is not None)
+    if total != rows:
+        listing = " + ".join(str(count) for count in chunk_rows)
+        raise GradCacheError(
+            f"split_fn cut {where(group)} of {rows} rows into chunks of {listing} = {total} "
+            f"{what}; it must put every row of the group into exactly one chunk, in order (the "
+            f"loss would see {total} rows of {rows})")
+
+
 def plan_groups(backend: Backend, encoders: Any, inputs: Any, chunk_size: Any, *,
                 get_rep: Any = None, split_fn: Callable | None = None,
                 pad_trim: bool = False) -> list[GroupPlan]:
@@ -176,8 +211,12 @@ def plan_groups(backend: Backend, encoders: Any, inputs: Any, chunk_size: Any, *
             chunks = list(split_fn(group_inputs, size))
             if not chunks:
                 raise GradCacheError(f"split_fn returned no chunks for {where(index)}")
+            rows = countable_rows(backend, group_inputs)
+            if rows is not None:
+                check_split_rows(index, rows, [countable_rows(backend, chunk) for chunk in chunks],
+                                 "rows")
             groups.append(GroupPlan(index, encoder, group_inputs, None, pick, pre_split=chunks,
-                                    rep_takes_inputs=takes_inputs))
+                                    rep_takes_inputs=takes_inputs, rows=rows))
             continue
         batch = group_batch_size(backend, group_inputs, index)
         plan = ChunkPlan.uniform(batch, size)
@@ -325,6 +364,13 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
     """
     rendezvous = Rendezvous(collective, planned=1)
     try:
+        # the adapters parse their keywords with StepOptions already; a backend of one's own
+        # calling the core directly gets the same checks
+        StepOptions(get_rep=get_rep, loss_kwargs=loss_kwargs, split_fn=split_fn,
+                    pad_trim=pad_trim, sort_by_length=sort_by_length, check_finite=check_finite,
+                    check_determinism=check_determinism,
+                    determinism_tolerance=determinism_tolerance, progress=progress)
+        check_loss_fn(loss_fn)
         if sort_by_length:
             if collective is not None:
                 raise GradCacheError(
@@ -346,7 +392,7 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
     if rendezvous.active and collective is not None and collective.same_chunk_counts:
         rendezvous.planned += 1
         _agree_chunk_counts(rendezvous, groups)
-    checked_loss = CheckedLoss(backend, loss_fn, loss_kwargs)
+    checked_loss = CheckedLoss(backend, loss_fn, loss_kwargs, collective)
     if checked_loss.gathers_itself and collective is None:
         raise GradCacheError(
             "this loss gathers every rank's rows itself and returns the gradient of the global "
@@ -517,19 +563,46 @@ def _distributed_loss(backend: Backend, collective: Collective, rendezvous: Rend
     return loss, rep_grads, grads
 
 
+def check_loss_fn(loss_fn: Any) -> None:
+    """``loss_fn`` must be callable, or supply its own gradient (``value_and_grad``); checked
+    before pass 1, which would otherwise run in vain.
+
+    A wrapper an adapter puts around the user's loss (JAX's ``loss_takes_params``) names what it
+    wraps as ``__wrapped__``, so that the user's own value is the one checked.
+    """
+    wrapped = loss_fn
+    if inspect.isfunction(loss_fn) and "__wrapped__" in vars(loss_fn):
+        wrapped = vars(loss_fn)["__wrapped__"]   # one level: the adapter's own wrapper
+    if not callable(wrapped) and not callable(getattr(wrapped, "value_and_grad", None)):
+        raise GradCacheError(
+            f"loss_fn must be callable, loss_fn(*reps, **loss_kwargs) -> scalar (or have a "
+            f"value_and_grad(*reps, **loss_kwargs) -> (loss, rep_grads)); got {wrapped!r}")
+
+
 class CheckedLoss:
     """Calls the user's loss with its keyword arguments and checks that it returned a scalar.
 
     A loss that supplies its own gradient (``value_and_grad(*reps) -> (loss, rep_grads)``, as the
     tiled losses and the numpy test backend's losses do) keeps that ability through this wrapper;
-    :attr:`supplies_gradient` tells the core to call it instead of differentiating.
+    :attr:`supplies_gradient` tells the core to call it instead of differentiating. An error the
+    loss raises keeps its type and gets a note saying that it came from the loss, on which batch,
+    and the shapes of the representations and of ``loss_kwargs`` (a per-row keyword argument of
+    the wrong length shows there). Under a trace (``jax.jit``, ``tf.function``) the loss runs, and
+    the note is added, when the step is traced.
     """
 
-    def __init__(self, backend: Backend, loss_fn: Callable, loss_kwargs: Mapping | None):
+    def __init__(self, backend: Backend, loss_fn: Callable, loss_kwargs: Mapping | None,
+                 collective: Collective | None = None):
         self.backend = backend
         # Any: a loss may carry attributes (value_and_grad, gathers_itself) no Callable declares
         self.loss_fn: Any = loss_fn
         self.loss_kwargs = dict(loss_kwargs or {})
+        if collective is None:
+            self.batch = "the full batch"
+        elif self.gathers_itself:
+            self.batch = "this rank's rows (the loss gathers the other ranks' itself)"
+        else:
+            self.batch = "the global batch (every rank's rows)"
 
     @property
     def supplies_gradient(self) -> bool:
@@ -542,11 +615,38 @@ class CheckedLoss:
         return bool(getattr(self.loss_fn, "gathers_itself", False))
 
     def __call__(self, *reps: Any) -> Any:
-        return self._check(self.loss_fn(*reps, **self.loss_kwargs))
+        try:
+            loss = self.loss_fn(*reps, **self.loss_kwargs)
+        except Exception as error:
+            self._note(error, reps)
+            raise
+        return self._check(loss)
 
     def value_and_grad(self, *reps: Any) -> tuple[Any, Any]:
-        loss, rep_grads = self.loss_fn.value_and_grad(*reps, **self.loss_kwargs)
+        try:
+            loss, rep_grads = self.loss_fn.value_and_grad(*reps, **self.loss_kwargs)
+        except Exception as error:
+            self._note(error, reps)
+            raise
         return self._check(loss), rep_grads
+
+    def _note(self, error: BaseException, reps: tuple) -> None:
+        text = f"gradcache: raised in loss_fn on {self.batch}"
+        backend = self.backend
+        try:
+            def shapes(tree: Any) -> str:
+                if backend.is_leaf(tree):
+                    return str(tuple(backend.shape(tree)))
+                return f"{{{describe_shapes(backend, tree)}}}"
+            groups = ", ".join(f"{where(index)} {shapes(rep)}" for index, rep in enumerate(reps))
+            text += f", with representations of {groups}"
+            kwargs = {key: value for key, value in self.loss_kwargs.items()
+                      if _tree.flatten(value, backend.is_leaf)[0]}
+            if kwargs:
+                text += f" and loss_kwargs {describe_shapes(backend, kwargs)}"
+        except Exception:   # the shapes are a courtesy: never hide the loss's own error
+            pass
+        add_location_note(error, text)
 
     def _check(self, loss: Any) -> Any:
         backend = self.backend
@@ -613,6 +713,9 @@ def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress) -> tuple[Any, 
                                          f"be joined then: pool them in get_rep, or drop pad_trim")
             raise
         group.plan = ChunkPlan(tuple(rows for _, rows in items.single))
+        if group.rows is not None:   # chunks whose rows could not be counted before they ran
+            check_split_rows(group.index, group.rows, group.plan.sizes,
+                             "rows of representations")
         return rep, ChunkItems.one_by_one([record for record, _ in items.single])
     loop = loop_length(backend, group.planned, group.last_for_encoder)
     _, rep, records = run_chunks(backend, body, None, group.inputs, group.planned,

@@ -198,6 +198,7 @@ class _Config:
                 return user_loss(params, *reps, **kwargs)
 
             with_params.gathers_itself = getattr(user_loss, "gathers_itself", False)  # type: ignore[attr-defined]
+            with_params.__wrapped__ = user_loss  # type: ignore[attr-defined]  # checked by the core
             loss_fn = with_params
         collective = None if axis_name is None else MeshCollective(axis_name)
         return cached_forward(backend, self.encoders, inputs, loss_fn, chunk_size=self.chunk_size,

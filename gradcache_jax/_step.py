@@ -164,6 +164,7 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
 
         # a loss that communicates itself (across_ranks) must still be handed local rows
         with_params.gathers_itself = getattr(user_loss, "gathers_itself", False)  # type: ignore[attr-defined]
+        with_params.__wrapped__ = user_loss  # type: ignore[attr-defined]  # checked by the core
         loss_fn = with_params
 
     loss, grads = run_cached_step(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,

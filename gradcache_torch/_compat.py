@@ -25,7 +25,8 @@ class GradCache:
     """Gradient cache over a list of models, as in the original package.
 
     Args:
-        models: one model per input group (the same model may appear twice).
+        models: one model per input group (the same model may appear twice), or one model
+            shared by every input group (as ``cached_step`` takes one encoder).
         chunk_sizes: one chunk size or one per model.
         loss_fn: ``loss_fn(*reps, **loss_kwargs)`` returning a scalar.
         split_input_fn: ``split_input_fn(model_input, chunk_size) -> list of chunks``.
@@ -52,7 +53,12 @@ class GradCache:
             raise GradCacheError("choose one of fp16 and bf16")
         if fp16 and scaler is None:
             raise GradCacheError("fp16=True needs a GradScaler (scaler=torch.amp.GradScaler())")
-        self.models = list(models)
+        self.shared = _is_one_model(models)
+        if not self.shared and not isinstance(models, (list, tuple, torch.nn.ModuleList)):
+            raise GradCacheError(
+                f"models must be a list of models, one per input group ([model, model]), or one "
+                f"model shared by every input group; got {type(models).__name__}")
+        self.models = [models] if self.shared else list(models)
         self.chunk_sizes = chunk_sizes
         self.loss_fn = loss_fn
         self.split_input_fn = split_input_fn
@@ -83,13 +89,30 @@ class GradCache:
         synchronise once per step here, so it changes nothing.
         """
         del no_sync_except_last
-        if len(model_inputs) != len(self.models):
-            raise GradCacheError(f"got {len(model_inputs)} model inputs for {len(self.models)} models")
+        if not model_inputs:
+            raise GradCacheError("GradCache was called with no model inputs: pass one per input "
+                                 "group, gc(queries, passages)")
+        if not self.shared and len(model_inputs) != len(self.models):
+            raise GradCacheError(
+                f"got {len(model_inputs)} model inputs for {len(self.models)} models: GradCache "
+                f"takes one input per model in the order of its models (or build it with one "
+                f"model to share it among any number of inputs)")
+        models = self.models[0] if self.shared else self.models
         with self._autocast():
-            return cached_step(self.models, model_inputs, self.loss_fn,
+            return cached_step(models, model_inputs, self.loss_fn,
                                chunk_size=self.chunk_sizes, get_rep=self.get_rep_fn,
                                split_fn=self.split_input_fn, loss_kwargs=loss_kwargs,
                                scaler=self.scaler)
+
+
+def _is_one_model(models: Any) -> bool:
+    """Whether ``GradCache``'s ``models`` is one model rather than a list of them: a module (an
+    ``nn.Sequential`` too, though it iterates over its layers) or any other callable, but not an
+    ``nn.ModuleList`` (a list of models)."""
+    if isinstance(models, torch.nn.ModuleList):
+        return False
+    return isinstance(models, torch.nn.Module) or (
+        callable(models) and not isinstance(models, (list, tuple)))
 
 
 def _tensor_leaves(value: Any) -> list[torch.Tensor]:

@@ -366,3 +366,93 @@ class BackendContract:
         encoder = self.harness.encoder(3, 2, rows_kept=1)
         with pytest.raises(GradCacheError, match=r"group 0, chunk 0.*has 2 rows"):
             self.harness.step(encoder, self._pair(), self.harness.loss(), chunk_size=2)
+
+    # -- errors: bad input that once ran (or failed late, or without saying where) --------------------
+    # Each case is refused with a GradCacheError naming the cause before pass 1 (or, for an error
+    # of the user's own loss, keeps its type and gains a note saying it came from the loss).
+    def _bad_input_step(self, loss_fn: Any = "default", **options: Any) -> Any:
+        loss = self.harness.loss() if loss_fn == "default" else loss_fn
+        return self.harness.step(self.harness.encoder(3, 2), self._pair(), loss, chunk_size=2,
+                                 **options)
+
+    @pytest.mark.parametrize("split, total", [
+        (lambda group, size: [group[:1]], "1 = 1 rows"),                   # rows dropped
+        (lambda group, size: [group, group[:2]], "4 \\+ 2 = 6 rows"),     # rows duplicated
+    ], ids=["drops", "duplicates"])
+    def test_bad_input_split_fn_must_keep_every_row(self, split: Any, total: str) -> None:
+        with pytest.raises(GradCacheError, match=f"split_fn cut group 0 of 4 rows into chunks of "
+                                                 f"{total}; it must put every row"):
+            self._bad_input_step(split_fn=split)
+
+    @pytest.mark.parametrize("loss_fn", [None, "not a function", 3])
+    def test_bad_input_loss_fn_must_be_callable(self, loss_fn: Any) -> None:
+        with pytest.raises(GradCacheError, match="loss_fn must be callable"):
+            self._bad_input_step(loss_fn)
+
+    @pytest.mark.parametrize("options, message", [
+        (dict(loss_kwargs=[1.0]), "loss_kwargs must be a mapping"),
+        (dict(loss_kwargs={0: 1.0}), "loss_kwargs .* keys must be strings; got 0"),
+        (dict(determinism_tolerance="abc"), "determinism_tolerance must be a finite number"),
+        (dict(determinism_tolerance=-1, check_determinism=True),
+         "determinism_tolerance must be a finite number >= 0, got -1"),
+        (dict(check_finite="yes"), "check_finite must be True or False"),
+        (dict(split_fn="halves"), "split_fn must be callable"),
+    ], ids=["loss_kwargs-list", "loss_kwargs-key", "tolerance-str", "tolerance-negative",
+            "check_finite-str", "split_fn-str"])
+    def test_bad_input_option_values_name_the_option(self, options: dict, message: str) -> None:
+        with pytest.raises(GradCacheError, match=message):
+            self._bad_input_step(**options)
+
+    def test_bad_input_an_error_in_the_loss_says_it_came_from_the_loss(self) -> None:
+        with pytest.raises(ValueError, match="no such label") as raised:
+            self._bad_input_step(_RaisingLoss())
+        _assert_noted(raised.value, "raised in loss_fn on the full batch, with representations "
+                                    "of group 0 (4, 2), group 1 (4, 2)")
+
+    def test_bad_input_per_row_loss_kwargs_of_another_length_show_in_the_note(self) -> None:
+        # the core cannot tell a per-row tensor from any other (a class weight, a vector of k
+        # negatives): it checks no lengths, but the loss's own error names the shapes
+        labels = self.harness.tensor(np.arange(3))
+        with pytest.raises(ValueError, match="labels of 3 rows for 4") as raised:
+            self._bad_input_step(_labelled(self.harness.loss()), loss_kwargs={"labels": labels})
+        _assert_noted(raised.value, "group 1 (4, 2) and loss_kwargs labels: (3,)")
+
+
+def _assert_noted(error: BaseException, text: str) -> None:
+    """``error`` carries a gradcache note containing ``text`` -- unless TensorFlow's autograph
+    re-created it (it then carries ``ag_error_metadata``): an error raised while a ``tf.function``
+    is traced is replaced at the function's boundary by a new one of the same builtin type, with
+    the user-code traceback in its message and without the original's notes, whoever added them."""
+    if hasattr(error, "ag_error_metadata"):
+        assert "in user code" in str(error), str(error)
+        return
+    notes = "\n".join(getattr(error, "__notes__", []))
+    assert text in notes, notes
+
+
+class _RaisingLoss:
+    """A loss that fails as a user's loss may (called, or asked for its value and gradient)."""
+
+    def __call__(self, *reps: Any, **kwargs: Any) -> Any:
+        raise ValueError("no such label")
+
+    value_and_grad = __call__
+
+
+def _labelled(loss: Any) -> Any:
+    """``loss`` taking per-row ``labels``, raising as a framework does on a length mismatch."""
+    def check(reps: tuple, labels: Any) -> None:
+        rows, given = tuple(reps[0].shape)[0], tuple(labels.shape)[0]
+        if rows != given:
+            raise ValueError(f"labels of {given} rows for {rows} rows of scores")
+
+    def labelled(*reps: Any, labels: Any) -> Any:
+        check(reps, labels)
+        return loss(*reps)
+
+    if callable(getattr(loss, "value_and_grad", None)):   # the numpy harness's losses
+        def value_and_grad(*reps: Any, labels: Any) -> Any:
+            check(reps, labels)
+            return loss.value_and_grad(*reps)
+        labelled.value_and_grad = value_and_grad  # type: ignore[attr-defined]
+    return labelled

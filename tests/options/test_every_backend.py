@@ -38,20 +38,22 @@ def padded_batch(seed: int, rows: int = 10, width: int = 9) -> dict[str, np.ndar
 
 @dataclass
 class Kit:
-    """One backend's way to run the shared problem: ``step(inputs, **options) -> grad``."""
+    """One backend's way to run the shared problem: ``step(inputs, **options) -> grad``, through
+    ``cached_step`` or (``entry="cached_loss"``) ``cached_loss`` and the framework's autodiff."""
 
     name: str
     step: Callable[..., np.ndarray]
     widths: list = field(default_factory=list)   # the sequence lengths the encoder saw
     concat: Callable[[list], Any] | None = None   # joins rows of this framework's tensors
+    losses: Any = None                            # the adapter's losses module
 
 
 def torch_kit(weights: np.ndarray) -> Kit:
     import torch
 
-    from gradcache_torch import cached_step
+    from gradcache_torch import cached_loss, cached_step, losses
 
-    kit = Kit("torch", None, concat=lambda leaves: torch.cat(leaves, dim=0))
+    kit = Kit("torch", None, concat=lambda leaves: torch.cat(leaves, dim=0), losses=losses)
 
     class Pool(torch.nn.Module):
         def __init__(self):
@@ -66,10 +68,13 @@ def torch_kit(weights: np.ndarray) -> Kit:
     def info_nce(q, p, scale: float = 1.0):
         return torch.nn.functional.cross_entropy(scale * q @ p.T, torch.arange(len(q)))
 
-    def step(groups, loss=info_nce, **options) -> np.ndarray:
+    def step(groups, loss=info_nce, entry="cached_step", **options) -> np.ndarray:
         model = Pool()
         tensors = [{k: torch.tensor(v) for k, v in group.items()} for group in groups]
-        cached_step(model, tensors, loss, chunk_size=3, **options)
+        if entry == "cached_loss":
+            cached_loss(model, tensors, loss, chunk_size=3, **options).backward()
+        else:
+            cached_step(model, tensors, loss, chunk_size=3, **options)
         return model.table.grad.numpy()
 
     kit.step = step
@@ -80,9 +85,9 @@ def jax_kit(weights: np.ndarray) -> Kit:
     import jax
     import jax.numpy as jnp
 
-    from gradcache_jax import cached_step
+    from gradcache_jax import cached_loss, cached_step, losses
 
-    kit = Kit("jax", None, concat=lambda leaves: jnp.concatenate(leaves, axis=0))
+    kit = Kit("jax", None, concat=lambda leaves: jnp.concatenate(leaves, axis=0), losses=losses)
 
     def pool(params, x):
         kit.widths.append(int(x["input_ids"].shape[1]))
@@ -93,12 +98,15 @@ def jax_kit(weights: np.ndarray) -> Kit:
         scores = scale * q @ p.T
         return jnp.mean(jax.nn.logsumexp(scores, axis=1) - jnp.diag(scores))
 
-    def step(groups, loss=info_nce, **options) -> np.ndarray:
+    def step(groups, loss=info_nce, entry="cached_step", **options) -> np.ndarray:
         # float64 for this test only: the other tests in this process run JAX as users do
         with jax.enable_x64(True):
             params = {"table": jnp.asarray(weights)}
             arrays = [{k: jnp.asarray(v) for k, v in group.items()} for group in groups]
-            _, grads = cached_step(pool, arrays, loss, chunk_size=3, params=params, **options)
+            if entry == "cached_loss":
+                grads = jax.grad(cached_loss(pool, arrays, loss, chunk_size=3, **options))(params)
+            else:
+                _, grads = cached_step(pool, arrays, loss, chunk_size=3, params=params, **options)
             return np.asarray(grads["table"])
 
     kit.step = step
@@ -108,9 +116,9 @@ def jax_kit(weights: np.ndarray) -> Kit:
 def tf_kit(weights: np.ndarray) -> Kit:
     import tensorflow as tf
 
-    from gradcache_tf import cached_step
+    from gradcache_tf import cached_loss, cached_step, losses
 
-    kit = Kit("tf", None, concat=lambda leaves: tf.concat(leaves, axis=0))
+    kit = Kit("tf", None, concat=lambda leaves: tf.concat(leaves, axis=0), losses=losses)
 
     class Pool(tf.Module):
         def __init__(self):
@@ -128,10 +136,15 @@ def tf_kit(weights: np.ndarray) -> Kit:
         labels = tf.range(tf.shape(q)[0])
         return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, scores))
 
-    def step(groups, loss=info_nce, **options) -> np.ndarray:
+    def step(groups, loss=info_nce, entry="cached_step", **options) -> np.ndarray:
         model = Pool()
         tensors = [{k: tf.constant(v) for k, v in group.items()} for group in groups]
-        _, grads = cached_step(model, tensors, loss, chunk_size=3, **options)
+        if entry == "cached_loss":
+            with tf.GradientTape() as tape:
+                value = cached_loss(model, tensors, loss, chunk_size=3, **options)
+            grads = tape.gradient(value, [model.table])
+        else:
+            _, grads = cached_step(model, tensors, loss, chunk_size=3, **options)
         return tf.convert_to_tensor(grads[0]).numpy()
 
     kit.step = step
@@ -220,12 +233,17 @@ def test_distributed_on_thread_ranks_shares_sum_to_the_global_gradient(kit: Kit)
     np.testing.assert_allclose(outcomes[0][0] + outcomes[1][0], whole, rtol=1e-10, atol=1e-12)
 
 
-def test_sorting_checks_every_leaf_has_the_rows_first(kit: Kit) -> None:
-    # the permutation comes from the mask: a mask with fewer rows once dropped a row silently
+@pytest.mark.parametrize("entry", ["cached_step", "cached_loss"])
+@pytest.mark.parametrize("rows", [8, 12], ids=["fewer", "more"])
+def test_sorting_checks_every_leaf_has_the_rows_first(kit: Kit, rows: int, entry: str) -> None:
+    # the permutation comes from the mask: a mask with fewer rows once dropped rows silently (the
+    # loss saw 6 of 8), one with more raised a bare IndexError
     groups = _groups()
-    groups[0] = {**groups[0], "attention_mask": groups[0]["attention_mask"][:-1]}
-    with pytest.raises(GradCacheError, match="disagree on the batch size"):
-        kit.step(groups, sort_by_length=True)
+    mask = groups[0]["attention_mask"]
+    groups[0] = {**groups[0], "attention_mask": np.concatenate([mask, mask])[:rows]}
+    with pytest.raises(GradCacheError, match=rf"group 0: tensor leaves disagree on the batch size.*"
+                                             rf"attention_mask: \({rows}, 9\)"):
+        kit.step(groups, sort_by_length=True, entry=entry)
 
 
 def test_pad_trim_refuses_a_leaf_it_cannot_tell_is_per_token(kit: Kit) -> None:
@@ -262,3 +280,64 @@ def test_an_unknown_option_of_cached_loss_names_cached_loss(adapter) -> None:
     with pytest.raises(GradCacheError, match=rf"chek_finite.*check_finite.*{adapter}\.cached_loss takes"):
         module.cached_loss(lambda x: x, (np.ones((2, 2)),), lambda r: r.sum(), chunk_size=1,
                            chek_finite=True)
+
+
+# -- bad input (issue 13): every case refused alike through both entry points --------------------
+ENTRIES = ["cached_step", "cached_loss"]
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("options, message", [
+    (dict(loss=None), "loss_fn must be callable"),
+    (dict(loss_kwargs=[1]), "loss_kwargs must be a mapping"),
+    (dict(determinism_tolerance="abc"), "determinism_tolerance must be a finite number >= 0, "
+                                        "got 'abc'"),
+    (dict(determinism_tolerance=-1, check_determinism=True),
+     "determinism_tolerance must be a finite number >= 0, got -1"),
+    (dict(split_fn=lambda group, size: [{k: v[:3] for k, v in group.items()}]),
+     "split_fn cut group 0 of 10 rows into chunks of 3 = 3 rows"),
+], ids=["loss_fn-None", "loss_kwargs-list", "tolerance-str", "tolerance-negative",
+        "split_fn-drops"])
+def test_bad_input_is_refused_before_pass_1(kit: Kit, options: dict, message: str,
+                                            entry: str) -> None:
+    with pytest.raises(GradCacheError, match=message):
+        kit.step(_groups(), entry=entry, **options)
+    assert kit.widths == [], "an encoder ran before the bad input was refused"
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_an_error_in_the_loss_gets_a_note_through_either_entry(kit: Kit, entry: str) -> None:
+    def loss(q, p, labels):
+        raise KeyError(f"label {len(labels)}")
+
+    with pytest.raises(KeyError, match="label 7") as raised:
+        kit.step(_groups(), loss=loss, entry=entry, loss_kwargs={"labels": np.arange(7)})
+    notes = "\n".join(getattr(raised.value, "__notes__", []))
+    assert "raised in loss_fn on the full batch, with representations of group 0 (10, 5), " \
+           "group 1 (10, 5)" in notes, notes
+
+
+def _poisoned_info_nce(kit: Kit, poison: str) -> Callable:
+    """The tiled InfoNCE made non-finite by a tensor: NaN or infinite representations, or a
+    temperature tensor holding NaN."""
+    def loss(q, p):
+        if poison == "nan-temperature-tensor":
+            return kit.losses.info_nce(q, p, temperature=q[0, 0] * 0 + float("nan"))
+        return kit.losses.info_nce(q * float(poison.split("-")[0]), p, temperature=0.5)
+    return loss
+
+
+# (the JAX tiled loss runs op by op here, about a second a step: few cases)
+@pytest.mark.parametrize("entry, poison", [("cached_step", "nan-temperature-tensor"),
+                                           ("cached_loss", "inf-representations")])
+def test_check_finite_catches_a_tiled_loss_made_non_finite_by_a_tensor(
+        kit: Kit, entry: str, poison: str) -> None:
+    """A *tensor* that makes a tiled loss NaN is not read up front (it may be traced or learnt):
+    ``check_finite`` raises before any gradient is returned."""
+    with pytest.raises(GradCacheError, match="the loss is not finite"):
+        kit.step(_groups(), loss=_poisoned_info_nce(kit, poison), entry=entry, check_finite=True)
+
+
+def test_without_check_finite_a_non_finite_loss_gives_nan_gradients(kit: Kit) -> None:
+    # what the docs say: without check_finite the step runs, and its gradients are NaN
+    assert np.isnan(kit.step(_groups(), loss_kwargs={"scale": float("nan")})).all()
