@@ -170,8 +170,8 @@ class TorchBackend(Backend):
         # cached_loss: loss-owned gradients go to the accumulator ({id: grad}), not to .grad
         self.defer_loss_grads = defer_loss_grads
         self._owned: dict[int, torch.Tensor] = {}
-        # id -> (tensor, its .grad object before the step, a copy of that object's values)
-        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
+        # id -> (tensor, None if its .grad was None, else (that .grad object, a copy of its values))
+        self._saved: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self._initial = list(protect)
         self._unsynced: dict[int, Any] = {}   # FSDP2 modules whose gradient sync this step turned off
         self._units: dict[int, list] = {}      # encoder -> its FSDP2 units
@@ -298,8 +298,8 @@ class TorchBackend(Backend):
         for tensor in tensors:
             if id(tensor) not in self._saved:
                 grad = tensor.grad
-                self._saved[id(tensor)] = (tensor, grad,
-                                           None if grad is None else grad.detach().clone())
+                self._saved[id(tensor)] = (tensor, None if grad is None
+                                           else (grad, grad.detach().clone()))
 
     def _remember_graph(self, roots: Sequence[torch.Tensor], exclude: Any = ()) -> None:
         """Remembers every tensor a backward from ``roots`` writes, those inside reentrant
@@ -315,10 +315,11 @@ class TorchBackend(Backend):
         """Every remembered ``.grad`` back as it was: the same object, its values copied back in
         place (a view of a flat buffer writes through to it); ``None`` again where it was."""
         with torch.no_grad():
-            for tensor, grad, values in self._saved.values():
-                if grad is None:
+            for tensor, held in self._saved.values():
+                if held is None:
                     tensor.grad = None
                     continue
+                grad, values = held
                 grad.copy_(values)
                 if tensor.grad is not grad:
                     tensor.grad = grad
