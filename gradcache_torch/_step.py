@@ -84,8 +84,11 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         The loss, detached.
 
     Raises:
-        GradCacheError: for malformed input (before anything runs) or a failed check; any error
-            leaves every ``.grad`` exactly as it was before the call.
+        GradCacheError: for malformed input (before anything runs), a call under
+            ``torch.no_grad()``/``torch.inference_mode()`` (use :func:`gradcache_torch.cached_loss`
+            for an evaluation loss), a loss that calls ``backward()`` itself, or a failed check.
+            Any error (a ``KeyboardInterrupt`` too) leaves every ``.grad`` exactly as it was before
+            the call, in place: the same tensor objects with the same values.
 
     >>> import torch
     >>> from gradcache_torch import cached_step
