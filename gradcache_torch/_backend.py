@@ -4,8 +4,12 @@ Pass 1 runs under ``torch.no_grad``; the loss's gradient with respect to the rep
 from one ``backward`` on detached leaf copies, scaled by the step's ``GradScaler``; pass 2 pulls
 each chunk's slice back with ``torch.autograd.backward(rep, grad_tensors=slice)``. The core writes
 what is the same in every framework around these (flattening, the branches, zeros, the checks).
-Every tensor whose ``.grad`` a step may touch is remembered before the first write so that a
-failing step puts them all back. Distributed wrappers
+Every tensor whose ``.grad`` a step may touch is remembered before the first write -- the object
+and a copy of its values -- so that a failing step puts every one back in place: the same object
+with the same values (code holding ``.grad``, or views of one flat buffer, sees no partial sum).
+A reentrant checkpoint's parameters are outside the graph until its backward recomputes the block,
+so the recomputation is watched too; a loss that calls ``backward()`` itself is refused before it
+writes. Distributed wrappers
 synchronise on the last chunk that uses them only -- DDP is bypassed for the others (for all of
 them in a distributed step, whose adapter averages DDP's gradients itself), FSDP2 has its gradient
 sync switched off for them -- so gradients are reduced once per module per step. No control flow
@@ -19,8 +23,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeGuard
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-from gradcache import Backend, GradCacheError, _padding, call_with_convention
+from gradcache import Backend, GradCacheError, _padding, _tree, call_with_convention
 from gradcache_torch import _rng
 from gradcache_torch._distributed import fsdp_units
 
@@ -29,8 +34,15 @@ def _is_tensor(value: Any) -> TypeGuard[torch.Tensor]:
     return isinstance(value, torch.Tensor)
 
 
-def _graph_leaves(roots: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """Leaf tensors whose ``.grad`` a backward from ``roots`` will write (AccumulateGrad nodes)."""
+def _graph_leaves(roots: Sequence[torch.Tensor],
+                 on_recompute: Callable[[Any], None] | None = None) -> Iterator[torch.Tensor]:
+    """Leaf tensors whose ``.grad`` a backward from ``roots`` will write (AccumulateGrad nodes).
+
+    A node with a ``run_function`` is a reentrant checkpoint (``torch.utils.checkpoint`` with
+    ``use_reentrant=True``, DeepSpeed's and fairscale's alike): its backward recomputes the block
+    with a graph of its own and runs a backward through it, so the block's parameters are not in
+    this graph. Such nodes are handed to ``on_recompute``.
+    """
     seen: set[int] = set()
     # next_functions holds None for an input that needs no gradient
     stack: list[torch.autograd.graph.Node | None] = [
@@ -46,7 +58,40 @@ def _graph_leaves(roots: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
         variable = getattr(node, "variable", None)
         if variable is not None:
             yield variable
+        if on_recompute is not None and callable(getattr(node, "run_function", None)):
+            on_recompute(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+class _WatchedRecompute:
+    """A reentrant checkpoint's ``run_function``, wrapped so that the graph its recomputation
+    builds is walked -- and the tensors it reaches remembered -- before the checkpoint's own
+    backward writes their ``.grad``. The block's inputs (detached copies made by the checkpoint)
+    are left out: they are temporaries, and remembering them would keep them alive."""
+
+    def __init__(self, run_function: Callable, remember_graph: Callable):
+        self.run_function = run_function
+        self.remember_graph = remember_graph
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        outputs = self.run_function(*args, **kwargs)
+        inputs = {id(value) for value in (*args, *kwargs.values()) if _is_tensor(value)}
+        roots = [leaf for leaf in _tree.flatten(outputs, _is_tensor)[0] if leaf.requires_grad]
+        self.remember_graph(roots, exclude=inputs)
+        return outputs
+
+
+class _RefuseBackward(TorchFunctionMode):
+    """Active while the loss runs: a ``backward()`` the loss calls itself would write ``.grad``
+    before the step remembers what to restore, and the step then differentiates the loss again."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            raise GradCacheError(
+                "the loss calls backward() itself: the step differentiates the loss (as "
+                "loss.backward() would, with every gradient written once), so a backward inside "
+                "it would write .grad twice and outside the rollback; return the loss instead")
+        return func(*args, **(kwargs or {}))
 
 
 def _unwrap_distributed(encoder: Any) -> Any:
@@ -125,7 +170,8 @@ class TorchBackend(Backend):
         # cached_loss: loss-owned gradients go to the accumulator ({id: grad}), not to .grad
         self.defer_loss_grads = defer_loss_grads
         self._owned: dict[int, torch.Tensor] = {}
-        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # id -> (tensor, None if its .grad was None, else (that .grad object, a copy of its values))
+        self._saved: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self._initial = list(protect)
         self._unsynced: dict[int, Any] = {}   # FSDP2 modules whose gradient sync this step turned off
         self._units: dict[int, list] = {}      # encoder -> its FSDP2 units
@@ -178,8 +224,10 @@ class TorchBackend(Backend):
 
     def value_and_grad(self, fn: Callable, values: list, grads: Any) -> tuple[Any, list, Any]:
         leaves = [value.detach().requires_grad_() for value in values]
+        mine = {id(leaf) for leaf in leaves}
         with torch.enable_grad():
-            target, value = fn(leaves)
+            with _RefuseBackward():
+                target, value = fn(leaves)
             if not target.requires_grad:
                 # as loss.backward() would: a loss without a graph gives no gradient, and zeros
                 # written in its place would look like a trained step
@@ -188,12 +236,11 @@ class TorchBackend(Backend):
                     "without a graph: does it detach them, or run under torch.no_grad()?)")
             if not self.defer_loss_grads:
                 # the loss's own parameters get their .grad here: remember them for a rollback
-                self._remember(_graph_leaves([target]))
+                self._remember_graph([target], exclude=mine)
                 torch.autograd.backward(target)
                 return value, [leaf.grad for leaf in leaves], grads
             # cached_loss: the loss-owned gradients wait in the accumulator for the backward,
             # which scales them by the incoming gradient; no .grad is written now
-            mine = {id(leaf) for leaf in leaves}
             owned = [t for t in _graph_leaves([target]) if id(t) not in mine]
             found = torch.autograd.grad(target, leaves + owned, allow_unused=True)
         grads = dict(grads or {})
@@ -236,10 +283,13 @@ class TorchBackend(Backend):
                     "the representation does not depend on any tensor that requires grad (is the "
                     "encoder frozen, or does get_rep detach?)")
             roots = [r for r, _ in pairs]
-            self._remember(_graph_leaves(roots))
-            if hasattr(encoder, "parameters"):
-                # reentrant checkpointing hides parameters from the graph walk; remember them all
-                self._remember(p for p in encoder.parameters() if p.requires_grad)
+            self._remember_graph(roots)
+            module = owning_module(encoder)
+            if module is not None:
+                # a safety net for what a backward may write outside the graph the walk sees
+                # (DDP's all-reduce writes the whole bucket): the module's parameters are few
+                # more than the graph's, and remembering one costs nothing while .grad is None
+                self._remember(p for p in module.parameters() if p.requires_grad)
             torch.autograd.backward(roots, [g.to(r.dtype) for r, g in pairs])
         return leaves, grads
 
@@ -248,7 +298,31 @@ class TorchBackend(Backend):
         for tensor in tensors:
             if id(tensor) not in self._saved:
                 grad = tensor.grad
-                self._saved[id(tensor)] = (tensor, None if grad is None else grad.detach().clone())
+                self._saved[id(tensor)] = (tensor, None if grad is None
+                                           else (grad, grad.detach().clone()))
+
+    def _remember_graph(self, roots: Sequence[torch.Tensor], exclude: Any = ()) -> None:
+        """Remembers every tensor a backward from ``roots`` writes, those inside reentrant
+        checkpoints included (each checkpoint's recomputation is watched: :class:`_WatchedRecompute`)."""
+        self._remember(tensor for tensor in _graph_leaves(roots, self._watch_recompute)
+                       if id(tensor) not in exclude)
+
+    def _watch_recompute(self, node: Any) -> None:
+        if not isinstance(node.run_function, _WatchedRecompute):
+            node.run_function = _WatchedRecompute(node.run_function, self._remember_graph)
+
+    def _restore(self) -> None:
+        """Every remembered ``.grad`` back as it was: the same object, its values copied back in
+        place (a view of a flat buffer writes through to it); ``None`` again where it was."""
+        with torch.no_grad():
+            for tensor, held in self._saved.values():
+                if held is None:
+                    tensor.grad = None
+                    continue
+                grad, values = held
+                grad.copy_(values)
+                if tensor.grad is not grad:
+                    tensor.grad = grad
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -257,8 +331,7 @@ class TorchBackend(Backend):
         try:
             yield
         except BaseException:
-            for tensor, grad in self._saved.values():
-                tensor.grad = grad
+            self._restore()
             raise
         finally:
             self._saved.clear()

@@ -44,7 +44,9 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     Everything ``cached_step`` guarantees holds: the random state is replayed, the options are
     the same (``pad_trim``, ``sort_by_length``, ``check_finite`` -- raised here, at the call --
     ``check_determinism``, ``progress``, ``distributed=`` with DDP, FSDP2 or unwrapped modules),
-    and a failure inside the backward leaves every ``.grad`` this loss would have written as it was.
+    and a failure inside the backward leaves every ``.grad`` this loss would have written as it was
+    -- in place: the same tensor objects with the same values (views of a flat buffer included),
+    ``None`` where it was ``None``.
 
     - ``backward()`` runs pass 2 once. A second backward through the same loss (``retain_graph``)
       raises :class:`GradCacheError`; compute the loss again instead.

@@ -99,8 +99,11 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         The loss, detached.
 
     Raises:
-        GradCacheError: for malformed input (before anything runs) or a failed check; any error
-            leaves every ``.grad`` exactly as it was before the call.
+        GradCacheError: for malformed input (before anything runs), a call under
+            ``torch.no_grad()``/``torch.inference_mode()`` (use :func:`gradcache_torch.cached_loss`
+            for an evaluation loss), a loss that calls ``backward()`` itself, or a failed check.
+            Any error (a ``KeyboardInterrupt`` too) leaves every ``.grad`` exactly as it was before
+            the call, in place: the same tensor objects with the same values.
 
     >>> import torch
     >>> from gradcache_torch import cached_step
@@ -112,6 +115,14 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     >>> encoder.weight.grad.shape
     torch.Size([4, 8])
     """
+    if not torch.is_grad_enabled():
+        # an evaluation between steps (a trainer's eval loop) would add its batch's gradient
+        # to the next step: refuse before anything runs
+        context = "torch.inference_mode()" if torch.is_inference_mode_enabled() else "torch.no_grad()"
+        raise GradCacheError(
+            f"cached_step ran under {context}: it writes gradients into .grad, which gradients "
+            f"off cannot mean; for an evaluation loss use gradcache_torch.cached_loss (under "
+            f"{context} it computes the loss alone), or call cached_step with gradients enabled")
     if scaler is not None and not callable(getattr(scaler, "scale", None)):
         raise GradCacheError(f"scaler must be a torch.amp.GradScaler (with scale()), got {scaler!r}")
     setup = _Setup(encoders, inputs, loss_fn, options, entry="cached_step", own=("scaler",))

@@ -5,7 +5,9 @@ An adapter's tests subclass :class:`BackendContract` and set ``harness`` to an o
 :class:`ProblemSpec` in that framework, and runs it cached, full-batch, or chunk by chunk with a
 graph. The suite then checks exactness against full-batch autodiff over hypothesis-drawn shapes,
 chunk sizes, groups, nesting and dtypes; the replay of dropout against a chunk-by-chunk reference;
-the nothing-half-done rule; and the errors for bad input. It imports no framework itself.
+the nothing-half-done rule, by injecting a :class:`Fault` at every point of a step (each encoder
+call of both passes, the loss; an ``Exception`` and a ``KeyboardInterrupt``); and the errors for bad
+input. It imports no framework itself.
 
 The contract problem, which every harness implements identically:
 
@@ -62,6 +64,11 @@ class ProblemSpec:
     def num_encoders(self) -> int:
         return 1 if self.shared_encoder else len(self.batch_sizes)
 
+    @property
+    def num_chunks(self) -> int:
+        """Chunks over every group: each pass calls the encoders this many times."""
+        return sum(-(-size // chunk) for size, chunk in zip(self.batch_sizes, self.chunk_sizes))
+
     def arrays(self) -> dict[str, Any]:
         """The parameters and inputs as numpy arrays, drawn in the documented order."""
         rng = np.random.default_rng(self.seed)
@@ -91,6 +98,55 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Fault:
+    """A failure :meth:`Harness.run_failing` injects into a step.
+
+    ``where="encoder"``: the encoder raises on its ``call``-th call, counting from 1 over both
+    passes and every group (calls ``1 .. num_chunks`` are pass 1, the rest pass 2; the last one is
+    pass 2's last chunk). ``where="loss"``: the loss raises after computing its value (``call`` is
+    unused). ``interrupt``: the error is a ``KeyboardInterrupt`` -- a ``BaseException``, as Ctrl-C
+    raises it -- instead of a ``RuntimeError``. A harness wraps its encoders and loss so that they
+    call :meth:`encoder_called` and :meth:`loss_called` (which raise at the fault), or does the same
+    at run time inside a compiled program (a host callback, ``tf.py_function``).
+    """
+
+    where: str = "encoder"
+    call: int = 1
+    interrupt: bool = False
+
+    MESSAGE = "injected failure"
+
+    @property
+    def exception(self) -> type[BaseException]:
+        return KeyboardInterrupt if self.interrupt else RuntimeError
+
+    def encoder_called(self, count: int) -> None:
+        """Raises if the encoder's ``count``-th call (from 1) is the fault."""
+        if self.where == "encoder" and count == self.call:
+            raise self.exception(self.MESSAGE)
+
+    def loss_called(self) -> None:
+        """Raises if the fault is in the loss."""
+        if self.where == "loss":
+            raise self.exception(self.MESSAGE)
+
+    def raised(self, error: BaseException | None) -> bool:
+        """Whether ``error`` -- what the step let out -- is this fault: the exception itself, its
+        type kept (a library must neither swallow an interrupt nor turn it into its own error),
+        or a framework's error reporting it by type and message (a failure inside a compiled
+        program: JAX's runtime error, TensorFlow's op error)."""
+        if error is None:
+            return False
+        if type(error) is self.exception:
+            return self.MESSAGE in str(error)
+        return f"{self.exception.__name__}: {self.MESSAGE}" in str(error)
+
+    def __str__(self) -> str:
+        kind = self.exception.__name__
+        return f"{kind} in the loss" if self.where == "loss" else f"{kind} at encoder call {self.call}"
+
+
 class Harness(Protocol):
     """What a backend's tests provide to run the contract suite."""
 
@@ -105,11 +161,19 @@ class Harness(Protocol):
         ``spec.upstream`` plus the extra term), ``"full"`` (one full-batch autodiff step) or
         ``"chunked"`` (chunk by chunk with a graph, groups and chunks in order)."""
 
-    def run_failing(self, spec: ProblemSpec, fail_at_call: int,
-                    mode: str = "cached") -> tuple[dict, dict]:
-        """Gradients before and after a cached step (``mode="cached"``) or a cached loss's
-        backward (``"cached_loss"``) whose encoder raises on its ``fail_at_call``-th call (counting
-        from 1, over both passes); the step must have raised."""
+    def run_failing(self, spec: ProblemSpec, fault: Fault,
+                    mode: str = "cached") -> tuple[dict, dict, BaseException | None]:
+        """Runs a cached step (``mode="cached"``), or a cached loss and its backward
+        (``"cached_loss"``), into which ``fault`` is injected, from a caller's state that already
+        holds gradients (some, not all: a half-accumulated step). Returns ``(before, after,
+        error)``: the caller's state before and after, and what the step raised (caught as a
+        ``BaseException``; ``None`` if it returned).
+
+        The state is whatever the caller could observe, each entry a numpy array (compared
+        exactly), ``None`` (must stay ``None``) or any other value compared with ``==``: the
+        accumulated gradients, the variables' values, the random state, and where gradients live
+        in place the identity of each gradient object (``id(p.grad)`` must not change) and the
+        flat buffer they are views of. A failed step must leave all of it as it was."""
 
     def step(self, encoders: Any, inputs: Any, loss_fn: Any, **options: Any) -> Any:
         """Calls the adapter's cached_step on raw harness objects (for the error tests)."""
@@ -160,13 +224,56 @@ def assert_results_close(actual: Result, expected: Result, dtype: str) -> None:
         assert error <= tolerance, f"{name}: relative error {error:.3g} > {tolerance:g}"
 
 
-def _assert_unchanged(before: dict, after: dict) -> None:
-    assert set(before) == set(after)
+def _assert_unchanged(before: dict, after: dict, where: Any = "") -> None:
+    assert set(before) == set(after), (sorted(before), sorted(after))
     for name in before:
         if before[name] is None:
-            assert after[name] is None, f"{name}: a gradient appeared after a failed step"
+            assert after[name] is None, f"{name}: a gradient appeared after a failed step ({where})"
+        elif isinstance(before[name], np.ndarray):
+            assert np.array_equal(before[name], after[name]), f"{name} changed ({where})"
         else:
-            assert np.array_equal(before[name], after[name]), f"{name} changed"
+            assert before[name] == after[name], f"{name} changed ({where})"
+
+
+def _check_failure(harness: Harness, spec: ProblemSpec, fault: Fault, mode: str) -> None:
+    before, after, error = harness.run_failing(spec, fault, mode)
+    assert fault.raised(error), (
+        f"{mode}: the step was to fail with {fault}, but " +
+        ("returned normally" if error is None else f"raised {type(error).__name__}: {error}"))
+    _assert_unchanged(before, after, f"{mode}, {fault}")
+
+
+@st.composite
+def faults(draw: Any, spec: ProblemSpec) -> Fault:
+    """Any fault in a step over ``spec``: one encoder call of either pass, or the loss; either
+    exception type."""
+    interrupt = draw(st.booleans())
+    if draw(st.integers(0, 4)) == 0:
+        return Fault("loss", interrupt=interrupt)
+    return Fault("encoder", draw(st.integers(1, 2 * spec.num_chunks)), interrupt)
+
+
+#: the named points of a step :meth:`BackendContract.test_every_fault_point_leaves_state_untouched`
+#: injects at (see :func:`fault_at`)
+FAULT_POINTS = ("pass-1", "pass-2", "last-chunk", "loss")
+
+
+def fault_at(point: str, num_chunks: int, interrupt: bool = False) -> Fault:
+    """The fault at a named point of a step over ``num_chunks`` chunks: ``"pass-1"`` (the first
+    encoder call), ``"pass-2"`` (the first call of pass 2), ``"last-chunk"`` (pass 2's last call)
+    or ``"loss"``."""
+    if point == "loss":
+        return Fault("loss", interrupt=interrupt)
+    calls = {"pass-1": 1, "pass-2": num_chunks + 1, "last-chunk": 2 * num_chunks}
+    return Fault("encoder", calls[point], interrupt)
+
+
+#: ``(mode, point, interrupt)``: every point in both modes, the exception alternating so that each
+#: point and each mode meets both a ``RuntimeError`` and a ``KeyboardInterrupt`` (8 steps, not 16:
+#: the property tests draw the other combinations)
+FAULT_CASES = [(mode, point, (i + j) % 2 == 1)
+               for j, mode in enumerate(("cached", "cached_loss"))
+               for i, point in enumerate(FAULT_POINTS)]
 
 
 @st.composite
@@ -291,16 +398,14 @@ class BackendContract:
     # -- nothing half-done ----------------------------------------------------------------------------
     def test_failure_leaves_gradients_untouched(self) -> None:
         @st.composite
-        def failing_specs(draw: Any) -> tuple[ProblemSpec, int]:
+        def failing_specs(draw: Any) -> tuple[ProblemSpec, Fault]:
             spec = draw(problem_specs(self._features()))
-            calls = 2 * sum(-(-b // c) for b, c in zip(spec.batch_sizes, spec.chunk_sizes))
-            return spec, draw(st.integers(1, calls))
+            return spec, draw(faults(spec))
 
         @self._property(failing_specs(), "test_failure_leaves_gradients_untouched",
-                        max(5, self.max_examples // 3))
-        def check(case: tuple[ProblemSpec, int]) -> None:
-            spec, fail_at = case
-            _assert_unchanged(*self.harness.run_failing(spec, fail_at))
+                        max(4, self.max_examples // 4))
+        def check(case: tuple[ProblemSpec, Fault]) -> None:
+            _check_failure(self.harness, *case, "cached")
         check()
 
     def test_cached_loss_failure_leaves_gradients_untouched(self) -> None:
@@ -308,17 +413,30 @@ class BackendContract:
             pytest.skip(f"{self.harness.name} harness has no cached_loss")
 
         @st.composite
-        def failing_specs(draw: Any) -> tuple[ProblemSpec, int]:
+        def failing_specs(draw: Any) -> tuple[ProblemSpec, Fault]:
             spec = draw(problem_specs(self._features()))
-            calls = 2 * sum(-(-b // c) for b, c in zip(spec.batch_sizes, spec.chunk_sizes))
-            return spec, draw(st.integers(1, calls))
+            return spec, draw(faults(spec))
 
         @self._property(failing_specs(), "test_cached_loss_failure_leaves_gradients_untouched",
-                        max(5, self.max_examples // 3))
-        def check(case: tuple[ProblemSpec, int]) -> None:
-            spec, fail_at = case
-            _assert_unchanged(*self.harness.run_failing(spec, fail_at, mode="cached_loss"))
+                        max(4, self.max_examples // 4))
+        def check(case: tuple[ProblemSpec, Fault]) -> None:
+            _check_failure(self.harness, *case, "cached_loss")
         check()
+
+    @pytest.mark.parametrize(("mode", "point", "interrupt"), FAULT_CASES,
+                             ids=[f"{m}-{p}-{'KeyboardInterrupt' if i else 'RuntimeError'}"
+                                  for m, p, i in FAULT_CASES])
+    def test_every_fault_point_leaves_state_untouched(self, mode: str, point: str,
+                                                      interrupt: bool) -> None:
+        # every point of a step, deterministically, on one small problem (two groups, a short
+        # last chunk, separate encoders and a loss-owned scale where the harness has them)
+        if mode == "cached_loss" and "cached_loss" not in self._features():
+            pytest.skip(f"{self.harness.name} harness has no cached_loss")
+        features = self._features()
+        spec = ProblemSpec(batch_sizes=(3, 2), chunk_sizes=(2, 2), dim_in=3, dim_out=2,
+                           shared_encoder="separate_encoders" not in features,
+                           learnable_scale="learnable_scale" in features)
+        _check_failure(self.harness, spec, fault_at(point, spec.num_chunks, interrupt), mode)
 
     # -- errors -----------------------------------------------------------------------------------------
     def _pair(self, rows: tuple[int, ...] = (4, 4), dim: int = 3) -> tuple:

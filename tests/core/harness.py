@@ -12,7 +12,7 @@ import numpy as np
 
 from gradcache import cached_backward, cached_forward, run_cached_step
 from gradcache.testing import NumpyBackend, NumpyInfoNCE
-from gradcache.testing.contract import ProblemSpec, Result
+from gradcache.testing.contract import Fault, ProblemSpec, Result
 
 
 class TanhEncoder:
@@ -89,8 +89,10 @@ class NumpyHarness:
             mine = grads.setdefault(id(first), {})
             mine["b"] = mine.get("b", 0.0) + first.bias
 
-    def run_failing(self, spec: ProblemSpec, fail_at_call: int,
-                    mode: str = "cached") -> tuple[dict, dict]:
+    def run_failing(self, spec: ProblemSpec, fault: Fault,
+                    mode: str = "cached") -> tuple[dict, dict, BaseException | None]:
+        """A functional backend: gradients are returned, so the state is the parameters the caller
+        holds (a failed step returns nothing to accumulate)."""
         encoders, inputs = self.build(spec)
         calls = {"n": 0}
 
@@ -100,8 +102,7 @@ class NumpyHarness:
 
             def _tick(self) -> None:
                 calls["n"] += 1
-                if calls["n"] == fail_at_call:
-                    raise RuntimeError("injected failure")
+                fault.encoder_called(calls["n"])
 
             def __call__(self, x: np.ndarray) -> np.ndarray:
                 self._tick()
@@ -111,25 +112,31 @@ class NumpyHarness:
                 self._tick()
                 return self.inner.vjp(x, g)
 
+        class FailingLoss(NumpyInfoNCE):
+            def value_and_grad(self, *reps: np.ndarray) -> tuple:
+                value = super().value_and_grad(*reps)
+                fault.loss_called()
+                return value
+
+        def state() -> dict:
+            return {f"enc{e}.{n}": getattr(enc, {"W": "weight", "b": "bias"}[n]).copy()
+                    for e, enc in enumerate(dict.fromkeys(encoders)) for n in ("W", "b")}
+
         wrapped = {id(e): Failing(e) for e in encoders}
-        before = {name: value.copy() for name, value in spec.arrays()["params"].items()}
+        before = state()
         failing = [wrapped[id(e)] for e in encoders]
+        error: BaseException | None = None
         try:
             if mode == "cached_loss":
-                forward = cached_forward(NumpyBackend(), failing, inputs, NumpyInfoNCE(2.0),
+                forward = cached_forward(NumpyBackend(), failing, inputs, FailingLoss(2.0),
                                          chunk_size=list(spec.chunk_sizes))
                 cached_backward(forward, upstream=0.5)
             else:
-                run_cached_step(NumpyBackend(), failing, inputs, NumpyInfoNCE(2.0),
+                run_cached_step(NumpyBackend(), failing, inputs, FailingLoss(2.0),
                                 chunk_size=list(spec.chunk_sizes))
-        except RuntimeError:
-            pass
-        else:
-            raise AssertionError("the injected failure did not propagate")
-        # functional backend: the parameters the caller holds are untouched
-        after = {f"enc{e}.{n}": getattr(enc, {"W": "weight", "b": "bias"}[n])
-                 for e, enc in enumerate(dict.fromkeys(encoders)) for n in ("W", "b")}
-        return before, after
+        except BaseException as raised:  # noqa: BLE001 - a KeyboardInterrupt is a fault too
+            error = raised
+        return before, state(), error
 
     def step(self, encoders: Any, inputs: Any, loss_fn: Any, **options: Any) -> Any:
         return run_cached_step(NumpyBackend(), encoders, inputs, loss_fn, **options)

@@ -8,9 +8,10 @@ the key the step promises each chunk. The harness runs every step under ``jax.ji
 
 The nothing-half-done contract, made meaningful for a functional backend: the caller owns an
 accumulator of gradients (a half-filled one) and a jitted accumulate step ``acc + grads``. The
-encoder fails at *run time* on its n-th evaluation (a host callback that raises), inside the
-compiled loop of pass 1 or pass 2; the step must raise and the caller's accumulator must be what it
-was -- no partial sum escapes the failed program.
+encoder fails at *run time* on its n-th evaluation, or the loss when it is evaluated (a host
+callback that raises ``RuntimeError`` or ``KeyboardInterrupt``), inside the compiled loop of pass 1
+or pass 2; the step must raise and the caller's accumulator must be what it was -- no partial sum
+escapes the failed program.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gradcache_jax
-from gradcache.testing.contract import ProblemSpec, Result
+from gradcache.testing.contract import Fault, ProblemSpec, Result
 from tests.jax.common import jit
 
 
@@ -138,6 +139,64 @@ class Problem:
         return loss, grads
 
 
+class _Injector:
+    """The host side of a run-time fault: the compiled step calls :meth:`encoder` (per chunk
+    evaluated) and :meth:`loss` through host callbacks, which raise at the armed fault."""
+
+    def __init__(self) -> None:
+        self.fault = Fault()
+        self.count = 0
+
+    def arm(self, fault: Fault) -> None:
+        self.fault, self.count = fault, 0
+
+    def encoder(self, _: Any) -> None:
+        self.count += 1
+        self.fault.encoder_called(self.count)
+
+    def loss(self, _: Any) -> None:
+        self.fault.loss_called()
+
+
+class _FailingStep:
+    """The contract problem's step with an encoder and a loss that fail at *run time* (a host
+    callback that raises when the chunk, or the loss, is actually evaluated, inside the compiled
+    loop of pass 1 or pass 2), accumulated into the caller's gradients as a jitted
+    ``acc + grads``: no partial sum may escape the failed program."""
+
+    def __init__(self, spec: ProblemSpec, mode: str, compile_: Any):
+        self.problem = problem = Problem(spec)
+        self.injector = injector = _Injector()
+
+        def failing(encoder: Any) -> Any:
+            @functools.wraps(encoder)
+            def forward(params: dict, x: Any, key: Any = None) -> Any:
+                jax.debug.callback(injector.encoder, jax.tree_util.tree_leaves(x)[0])
+                return encoder(params, x, key)
+            return forward
+
+        loss = problem.loss
+
+        def failing_loss(*args: Any) -> Any:
+            value = loss(*args)
+            jax.debug.callback(injector.loss, value)
+            return value
+
+        wrapped = {id(e): failing(e) for e in problem.per_group}
+        encoders = (wrapped[id(problem.per_group[0])] if spec.shared_encoder
+                    else [wrapped[id(e)] for e in problem.per_group])
+        problem.loss = failing_loss
+
+        def accumulate(acc: dict, params: dict, inputs: list, key: Any) -> dict:
+            if mode == "cached_loss":   # the failure strikes inside the custom VJP's backward too
+                _, grads = problem.cached_loss_grads(params, inputs, key, encoders=encoders)
+            else:
+                _, grads = problem.cached(params, inputs, key, encoders=encoders)
+            return {k: grads[k] if acc[k] is None else acc[k] + grads[k] for k in acc}
+
+        self.run = compile_(accumulate)
+
+
 class JaxHarness:
     """Runs the contract problem with ``gradcache_jax``; ``jit`` picks jitted or eager steps."""
 
@@ -146,6 +205,7 @@ class JaxHarness:
 
     def __init__(self, *, jit: bool = True):
         self.jit = jit
+        self._failing: dict = {}
         self.name = "jax (jit)" if jit else "jax (eager)"
 
     def _maybe_jit(self, fn: Any) -> Any:
@@ -194,49 +254,34 @@ class JaxHarness:
             raise ValueError(mode)
         return Result(float(loss), to_numpy(grads))
 
-    def run_failing(self, spec: ProblemSpec, fail_at_call: int,
-                    mode: str = "cached") -> tuple[dict, dict]:
-        problem = Problem(spec)
+    def run_failing(self, spec: ProblemSpec, fault: Fault,
+                    mode: str = "cached") -> tuple[dict, dict, BaseException | None]:
+        step, params = self._failing_step(spec, mode)
+        problem = step.problem
         # the caller's half-filled accumulator: one entry holds gradients, the others none yet
-        accumulated: dict = {name: None for name in problem.params}
-        accumulated["enc0.W"] = jnp.ones_like(problem.params["enc0.W"])
+        accumulated: dict = {name: None for name in params}
+        accumulated["enc0.W"] = jnp.ones_like(params["enc0.W"])
         before = to_numpy(accumulated)
-        evaluations = {"n": 0}
-
-        def tick(_: Any) -> None:
-            evaluations["n"] += 1
-            if evaluations["n"] == fail_at_call:
-                raise RuntimeError("injected failure")
-
-        def failing(encoder: Any) -> Any:
-            @functools.wraps(encoder)
-            def forward(params: dict, x: Any, key: Any = None) -> Any:
-                # a run-time failure: raised by the host when this chunk is actually evaluated
-                jax.debug.callback(tick, jax.tree_util.tree_leaves(x)[0])
-                return encoder(params, x, key)
-            return forward
-
-        wrapped = {id(e): failing(e) for e in problem.per_group}
-        encoders = (wrapped[id(problem.per_group[0])] if spec.shared_encoder
-                    else [wrapped[id(e)] for e in problem.per_group])
-
-        def accumulate(acc: dict, params: dict, inputs: list, key: Any) -> dict:
-            if mode == "cached_loss":   # the failure strikes inside the custom VJP's backward too
-                _, grads = problem.cached_loss_grads(params, inputs, key, encoders=encoders)
-            else:
-                _, grads = problem.cached(params, inputs, key, encoders=encoders)
-            return {k: grads[k] if acc[k] is None else acc[k] + grads[k] for k in acc}
-
+        step.injector.arm(fault)
+        error: BaseException | None = None
         try:
-            result = self._maybe_jit(accumulate)(accumulated, problem.params, problem.inputs,
-                                                  problem.key)
+            result = step.run(accumulated, params, problem.inputs, problem.key)
             accumulated = jax.block_until_ready(result)
-        except Exception as error:  # JaxRuntimeError from the compiled program, or the callback's own
-            assert "injected failure" in str(error), error
-        else:
-            raise AssertionError(f"the injected failure (evaluation {fail_at_call}) did not propagate; "
-                                 f"{evaluations['n']} encoder evaluations ran")
-        return before, to_numpy(accumulated)
+        except BaseException as raised:  # noqa: BLE001 - JaxRuntimeError, or the fault itself
+            error = raised
+        return before, to_numpy(accumulated), error
+
+    def _failing_step(self, spec: ProblemSpec, mode: str) -> tuple[Any, dict]:
+        """The step ``run_failing`` runs, built (and compiled) once per problem and mode: the
+        fault is read by the host callbacks at run time, so every fault on one problem shares one
+        program (the suite injects many into the same problem)."""
+        key = (spec, mode)
+        if key not in self._failing:
+            # keep the last two: the suite alternates between a problem's two modes
+            self._failing = dict(list(self._failing.items())[-1:])
+            self._failing[key] = _FailingStep(spec, mode, self._maybe_jit)
+        step = self._failing[key]
+        return step, step.problem.params
 
     # raw objects for the error tests
     def step(self, encoders: Any, inputs: Any, loss_fn: Any, **options: Any) -> Any:

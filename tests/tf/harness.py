@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import gradcache_tf
 import tests.tf  # noqa: F401
-from gradcache.testing.contract import ProblemSpec, Result
+from gradcache.testing.contract import Fault, ProblemSpec, Result
 
 
 class ContractModule(tf.Module):
@@ -162,6 +162,72 @@ class Problem:
         return np.array(gradcache_tf._rng.as_tf_variable(self.random.state).numpy())
 
 
+class _FailingStep:
+    """The contract problem's step (with dropout, so that the random streams move) whose encoder
+    and loss raise at an armed :class:`Fault`: in Python eagerly, through ``tf.py_function`` at
+    run time inside ``tf.function``, counting encoder calls in a variable (ordered with the
+    step's other stateful ops)."""
+
+    def __init__(self, spec: ProblemSpec, mode: str, harness: TFHarness):
+        spec = ProblemSpec(**{**spec.__dict__, "dropout": 0.25})
+        self.problem = problem = Problem(spec, harness.flavor)
+        self.variables = variables = problem.variables()
+        self.fault = Fault()
+        self.rng_after_forward: np.ndarray | None = None
+        self.counter = counter = tf.Variable(0, trainable=False)
+        eager = harness.mode == "eager"
+
+        def encoder_check(count: Any) -> bool:
+            self.fault.encoder_called(int(count))
+            return True
+
+        def loss_check() -> bool:
+            self.fault.loss_called()
+            return True
+
+        def failing(encoder: Any) -> Any:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                x = args[0] if args else kwargs
+                count = counter.assign_add(1)
+                if eager:
+                    encoder_check(count.numpy())
+                    return problem.call(encoder, x)
+                check = tf.py_function(encoder_check, [count], tf.bool)
+                with tf.control_dependencies([check]):
+                    return problem.call(encoder, x)
+            return forward
+
+        def failing_loss(*reps: Any) -> Any:
+            value = problem.loss(*reps)
+            if eager:
+                loss_check()
+                return value
+            with tf.control_dependencies([tf.py_function(loss_check, [], tf.bool)]):
+                return tf.identity(value)
+
+        wrapped = {id(e): failing(e) for e in problem.encoders}
+        encoders = [wrapped[id(e)] for e in problem.encoders]
+
+        def step(*inputs: Any) -> Any:
+            if mode == "cached":
+                return gradcache_tf.cached_step(encoders, inputs, failing_loss,
+                                                chunk_size=list(spec.chunk_sizes))
+            with tf.GradientTape() as tape:
+                loss = gradcache_tf.cached_loss(encoders, inputs, failing_loss,
+                                                chunk_size=list(spec.chunk_sizes),
+                                                variables=variables)
+                if eager:
+                    self.rng_after_forward = problem.rng_state()
+                total = problem.objective(loss)
+            return loss, tape.gradient(total, variables)
+
+        self.run = harness._compiled(step, "eager" if eager else "function")
+
+    def arm(self, fault: Fault) -> None:
+        self.fault, self.rng_after_forward = fault, None
+        self.counter.assign(0)
+
+
 class TFHarness:
     """Runs the contract problem with ``mode`` in ``"eager"``, ``"function"`` or ``"xla"``."""
 
@@ -172,6 +238,7 @@ class TFHarness:
         self.mode = mode
         self.flavor = flavor
         self.name = f"tf-{flavor}-{mode}"
+        self._failing: dict = {}
 
     def _compiled(self, fn: Any, mode: str | None = None) -> Any:
         mode = mode or self.mode
@@ -217,23 +284,23 @@ class TFHarness:
             raise ValueError(mode)
         return Result(float(loss), problem.named(variables, grads), rng_after=problem.rng_state())
 
-    def run_failing(self, spec: ProblemSpec, fail_at_call: int,
-                    mode: str = "cached") -> tuple[dict, dict]:
-        """A cached step (or ``cached_loss`` and its ``tape.gradient``) whose encoder fails on its
-        ``fail_at_call``-th call, over both passes.
+    def run_failing(self, spec: ProblemSpec, fault: Fault,
+                    mode: str = "cached") -> tuple[dict, dict, BaseException | None]:
+        """A cached step (or ``cached_loss`` and its ``tape.gradient``) into which ``fault`` is
+        injected: at one encoder call over both passes, or in the loss.
 
         Gradients are returned, not written, so "untouched" means: the caller's accumulated
         gradients (a half-filled dict, as in gradient accumulation) gain nothing, the variables
         keep their values, and -- eagerly -- the random stream is back where it was. With dropout
         on, so that the stream really moves. Eagerly the encoder raises a Python error; inside
-        ``tf.function`` the failure is an assertion that fails while the graph runs (a trace-time
-        count would see the loop body once). XLA drops assertions, so it runs as ``function``.
+        ``tf.function`` the failure is raised by a ``tf.py_function`` while the graph runs (a
+        trace-time count would see the loop body once), and TensorFlow reports it as an op error
+        naming it. XLA cannot compile a ``py_function``, so that harness runs as ``function``.
         """
-        spec = ProblemSpec(**{**spec.__dict__, "dropout": 0.25})
-        problem = Problem(spec, self.flavor)
-        variables = problem.variables()
+        step = self._failing_step(spec, mode)
+        problem, variables = step.problem, step.variables
         accumulated = {name: None for name in problem.names.values()}
-        accumulated["enc0.W"] = np.ones(spec.arrays()["params"]["enc0.W"].shape)
+        accumulated["enc0.W"] = np.ones(problem.spec.arrays()["params"]["enc0.W"].shape)
         eager = self.mode == "eager"
 
         def snapshot() -> dict:
@@ -246,46 +313,27 @@ class TFHarness:
             return state
 
         before = snapshot()
-        counter = tf.Variable(0, trainable=False)
-
-        def failing(encoder: Any) -> Any:
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                x = args[0] if args else kwargs
-                if eager:
-                    counter.assign_add(1)
-                    if int(counter.numpy()) == fail_at_call:
-                        raise RuntimeError("injected failure")
-                    return problem.call(encoder, x)
-                count = counter.assign_add(1)
-                check = tf.debugging.assert_none_equal(count, fail_at_call, message="injected failure")
-                with tf.control_dependencies([check]):
-                    return problem.call(encoder, x)
-            return forward
-
-        wrapped = {id(e): failing(e) for e in problem.encoders}
-        encoders = [wrapped[id(e)] for e in problem.encoders]
-
-        def step(*inputs: Any) -> Any:
-            if mode == "cached":
-                return gradcache_tf.cached_step(encoders, inputs, problem.loss,
-                                                chunk_size=list(spec.chunk_sizes))
-            with tf.GradientTape() as tape:
-                loss = gradcache_tf.cached_loss(encoders, inputs, problem.loss,
-                                                chunk_size=list(spec.chunk_sizes),
-                                                variables=variables)
-                if eager:
-                    # a forward that succeeded has moved the random streams, as any forward does;
-                    # a failing backward must leave them there
-                    before["rng"] = problem.rng_state()
-                total = problem.objective(loss)
-            return loss, tape.gradient(total, variables)
+        step.arm(fault)
+        error: BaseException | None = None
         try:
-            _, grads = self._compiled(step, "eager" if eager else "function")(*problem.inputs)
-        except (RuntimeError, tf.errors.InvalidArgumentError) as error:
-            assert "injected failure" in str(error)
-        else:
-            raise AssertionError("the injected failure did not propagate")
-        return before, snapshot()
+            step.run(*problem.inputs)
+        except BaseException as raised:  # noqa: BLE001 - an op error, or the fault itself
+            error = raised
+        if step.rng_after_forward is not None:
+            # a forward that succeeded has moved the random streams, as any forward does; a
+            # failing backward must leave them there
+            before["rng"] = step.rng_after_forward
+        return before, snapshot(), error
+
+    def _failing_step(self, spec: ProblemSpec, mode: str) -> _FailingStep:
+        """Built (and traced) once per problem and mode: the fault is read when the step runs, so
+        every fault the suite injects into one problem shares one graph."""
+        key = (spec, mode)
+        if key not in self._failing:
+            # keep the last two: the suite alternates between a problem's two modes
+            self._failing = dict(list(self._failing.items())[-1:])
+            self._failing[key] = _FailingStep(spec, mode, self)
+        return self._failing[key]
 
     # raw objects for the error tests
     def step(self, encoders: Any, inputs: Any, loss_fn: Any, **options: Any) -> Any:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import gradcache_torch
-from gradcache.testing.contract import ProblemSpec, Result
+from gradcache.testing.contract import Fault, ProblemSpec, Result
 
 
 class ContractEncoder(torch.nn.Module):
@@ -129,38 +129,63 @@ class TorchHarness:
         return Result(float(loss.detach()), self.grads(encoders, loss_fn, spec),
                       rng_after=torch.get_rng_state().numpy().copy())
 
-    def run_failing(self, spec: ProblemSpec, fail_at_call: int,
-                    mode: str = "cached") -> tuple[dict, dict]:
+    def run_failing(self, spec: ProblemSpec, fault: Fault,
+                    mode: str = "cached") -> tuple[dict, dict, BaseException | None]:
+        """The step with ``fault`` injected, from a half-accumulated state held as ZeRO or DDP's
+        ``gradient_as_bucket_view`` hold it: ``enc0.W``'s (and a learnable scale's) ``.grad`` are
+        views of one flat buffer, the other gradients ``None``. The state is each gradient's
+        values, the identity of each ``.grad`` object and the flat buffer: a rollback must put
+        back the same objects with the same values, in place."""
         encoders, inputs, loss_fn = self.build(spec)
-        # a half-accumulated state: the first encoder already holds gradients, the others none
-        encoders[0].W.grad = torch.ones_like(encoders[0].W)
+        named = {}
+        for e, encoder in enumerate(dict.fromkeys(encoders)):
+            named[f"enc{e}.W"], named[f"enc{e}.b"] = encoder.W, encoder.b
         if spec.learnable_scale:
-            loss_fn.scale.grad = torch.full_like(loss_fn.scale, 3.0)   # deferred, then restored
-        before = self.grads(encoders, loss_fn, spec)
+            named["scale"] = loss_fn.scale
+        holding = [named["enc0.W"]] + ([loss_fn.scale] if spec.learnable_scale else [])
+        flat = torch.linspace(-1.0, 1.0, sum(p.numel() for p in holding), dtype=holding[0].dtype)
+        start = 0
+        for parameter in holding:
+            parameter.grad = flat[start:start + parameter.numel()].view_as(parameter)
+            start += parameter.numel()
+
+        def state() -> dict:
+            out: dict = {"flat buffer": flat.numpy().copy()}
+            for name, parameter in named.items():
+                grad = parameter.grad
+                out[name] = None if grad is None else grad.detach().numpy().copy()
+                out[f"{name} .grad object"] = None if grad is None else id(grad)
+            return out
+
+        before = state()
         calls = {"n": 0}
 
         def failing(encoder: Any) -> Any:
             def forward(*args: Any, **kwargs: Any) -> Any:
                 calls["n"] += 1
-                if calls["n"] == fail_at_call:
-                    raise RuntimeError("injected failure")
+                fault.encoder_called(calls["n"])
                 return encoder(*args, **kwargs)
             return forward
 
+        def failing_loss(*reps: Any) -> torch.Tensor:
+            value = loss_fn(*reps)
+            fault.loss_called()
+            return value
+
         wrapped = {id(e): failing(e) for e in encoders}
+        failing_encoders = [wrapped[id(e)] for e in encoders]
+        error: BaseException | None = None
         try:
             if mode == "cached_loss":
-                loss = gradcache_torch.cached_loss([wrapped[id(e)] for e in encoders], inputs,
-                                                   loss_fn, chunk_size=list(spec.chunk_sizes))
+                loss = gradcache_torch.cached_loss(failing_encoders, inputs, failing_loss,
+                                                   chunk_size=list(spec.chunk_sizes))
                 (0.5 * loss).backward()
             else:
-                gradcache_torch.cached_step([wrapped[id(e)] for e in encoders], inputs, loss_fn,
+                gradcache_torch.cached_step(failing_encoders, inputs, failing_loss,
                                             chunk_size=list(spec.chunk_sizes))
-        except RuntimeError as error:
-            assert "injected failure" in str(error)
-        else:
-            raise AssertionError("the injected failure did not propagate")
-        return before, self.grads(encoders, loss_fn, spec)
+        except BaseException as raised:  # noqa: BLE001 - a KeyboardInterrupt is a fault too
+            error = raised
+        return before, state(), error
 
     # raw objects for the error tests
     def step(self, encoders: Any, inputs: Any, loss_fn: Any, **options: Any) -> Any:
