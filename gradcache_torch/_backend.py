@@ -19,11 +19,12 @@ of the algorithm lives here.
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeGuard
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from gradcache import Backend, GradCacheError, _padding, _tree, call_with_convention
 from gradcache_torch import _rng
@@ -81,17 +82,52 @@ class _WatchedRecompute:
         return outputs
 
 
-class _RefuseBackward(TorchFunctionMode):
+class _RefuseBackward:
     """Active while the loss runs: a ``backward()`` the loss calls itself would write ``.grad``
-    before the step remembers what to restore, and the step then differentiates the loss again."""
+    before the step remembers what to restore, and the step then differentiates the loss again.
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.Tensor.backward or func is torch.autograd.backward:
+    ``Tensor.backward`` and ``torch.autograd.backward`` are replaced only while some thread runs a
+    loss (counted under a lock, so that concurrent steps install and remove them once), and the
+    replacements refuse only in the thread that runs it; every other call passes straight through.
+    Unlike a ``TorchFunctionMode``, nothing is added to the loss's own operations.
+    """
+
+    _lock = threading.Lock()
+    _users = 0
+    _originals: tuple[Any, Any] | None = None
+    _inside = threading.local()
+
+    def __enter__(self) -> _RefuseBackward:
+        cls = _RefuseBackward
+        with cls._lock:
+            if cls._users == 0:
+                cls._originals = (torch.Tensor.backward, torch.autograd.backward)
+                torch.Tensor.backward = _refused(cls._originals[0])  # type: ignore[method-assign]
+                torch.autograd.backward = _refused(cls._originals[1])
+            cls._users += 1
+        cls._inside.depth = getattr(cls._inside, "depth", 0) + 1
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        cls = _RefuseBackward
+        cls._inside.depth -= 1
+        with cls._lock:
+            cls._users -= 1
+            if cls._users == 0 and cls._originals is not None:
+                torch.Tensor.backward, torch.autograd.backward = cls._originals  # type: ignore[method-assign]
+                cls._originals = None
+
+
+def _refused(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def backward(*args: Any, **kwargs: Any) -> Any:
+        if getattr(_RefuseBackward._inside, "depth", 0):
             raise GradCacheError(
                 "the loss calls backward() itself: the step differentiates the loss (as "
                 "loss.backward() would, with every gradient written once), so a backward inside "
                 "it would write .grad twice and outside the rollback; return the loss instead")
-        return func(*args, **(kwargs or {}))
+        return original(*args, **kwargs)
+    return backward
 
 
 def _unwrap_distributed(encoder: Any) -> Any:

@@ -251,6 +251,30 @@ def test_a_loss_that_calls_backward_is_refused_before_it_writes(entry: str,
     _assert_as_held(params, held)
 
 
+def test_the_backward_guard_is_in_place_only_while_a_loss_runs_and_only_for_its_thread() -> None:
+    # the guard replaces torch's backward functions while a loss runs: afterwards they are the
+    # originals again, and a backward in another thread meanwhile is not refused
+    import threading
+    originals = (torch.Tensor.backward, torch.autograd.backward)
+    other: list = []
+
+    def loss(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        assert torch.Tensor.backward is not originals[0]
+        x = torch.ones(2, requires_grad=True)
+
+        def elsewhere() -> None:
+            x.sum().backward()
+            other.append(x.grad.clone())
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        return _loss(q, p)
+
+    cached_step(torch.nn.Linear(4, 3).double(), _pair(), loss, chunk_size=2)
+    assert (torch.Tensor.backward, torch.autograd.backward) == originals
+    assert len(other) == 1 and torch.equal(other[0], torch.ones(2))
+
+
 # -- silently accepted: cached_step with gradients off ---------------------------------------------
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 def test_cached_step_with_gradients_off_is_refused_before_anything_runs(context) -> None:
