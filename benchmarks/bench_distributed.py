@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--losses", nargs="+", default=["dense", "tiled"], choices=["dense", "tiled"])
+    parser.add_argument("--worlds", nargs="+", type=int, default=[2, 4],
+                        help="process counts compared with one process (the smoke test runs 2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the loss-memory table")
     parser.add_argument("--memory-rows", type=int, default=32768,
                         help="global batch of the loss-memory table (the dense loss only up to 8192)")
@@ -137,7 +139,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for kind in args.losses:
         base = base_cpu = None
-        for world in (1, 2, 4):
+        for world in (1, *args.worlds):
             results = spawn(step_run, world, rows, dim, args.steps, kind, timeout=900)
             seconds = max(r["seconds"] for r in results)
             cpu = max(r["cpu"] for r in results)
@@ -157,7 +159,7 @@ def main() -> None:
           f"{4 * rows * dim * 4 / 2**20:.1f} MiB)\n")
     print("| processes | across_ranks(info_nce) per rank / single | dense on gathered batch / single |")
     print("|---|---|---|")
-    for world in (2, 4):
+    for world in args.worlds:
         tiled = max(spawn(loss_memory_run, world, rows, dim, "tiled-across-ranks", timeout=600))
         dense = "-"
         if rows <= 8192:
