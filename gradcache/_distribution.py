@@ -44,4 +44,4 @@ def conflicting_original() -> str | None:
     return (f"the unrelated '{ORIGINAL}' {version} distribution (the original GradCache) is "
             f"installed and shares the import name 'gradcache' with {DISTRIBUTION}; fix: "
             f"pip uninstall -y {ORIGINAL} {DISTRIBUTION}, then reinstall with your extras: "
-            f"{install_hint('torch')}")
+            f"{install_hint('torch')} (README: Migrating from the original GradCache package)")
