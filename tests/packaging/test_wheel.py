@@ -69,7 +69,8 @@ def _build_wheel(out: Path) -> Path:
         if name.split("/")[0] in (*PACKAGES, "pyproject.toml", "README.md", "LICENSE"):
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
-    # the test environment's setuptools, no build isolation: no download, ~2 s
+    # the test environment's setuptools (>= 77.0.3, which torch 2.13 requires; PEP 639 needs 77),
+    # without build isolation: no download, ~2 s
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index",
                     "--no-build-isolation", "-w", str(out), str(source)],
                    check=True, capture_output=True, timeout=120)
