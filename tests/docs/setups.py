@@ -173,9 +173,9 @@ def jax_problem() -> dict[str, Any]:
     tx = optax.sgd(0.1)
     return {"apply_fn": apply_fn, "info_nce": info_nce, "l2": l2, "params": params, "tx": tx,
             "opt_state": tx.init(params), "key": jax.random.PRNGKey(1),
-            # 96 rows: a chunk of 64 and a shorter last one, under the docs' chunk_size=64
-            "q": jax.random.normal(jax.random.PRNGKey(2), (96, DIM)),
-            "d": jax.random.normal(jax.random.PRNGKey(3), (96, DIM))}
+            # 128 rows: two chunks of the docs' chunk_size=64, one compiled loop body
+            "q": jax.random.normal(jax.random.PRNGKey(2), (128, DIM)),
+            "d": jax.random.normal(jax.random.PRNGKey(3), (128, DIM))}
 
 
 def call_jax_train_step(namespace: dict) -> None:
