@@ -1,4 +1,5 @@
 # Two commands a newcomer needs: `make demo` and `make test`. Both build .venv when missing.
+# `make docs` builds the documentation site into site/ (mkdocs.yml); `make test` builds it first.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,17 +9,25 @@ STAMP  := $(VENV)/.installed
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: test test-deep test-pythons demo bench lint clean
+.PHONY: test test-deep test-pythons demo bench docs lint clean
 
-$(STAMP): pyproject.toml requirements/test.txt
+$(STAMP): pyproject.toml requirements/test.txt requirements/docs.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements/test.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/test.txt -r requirements/docs.txt
+	# this checkout was installed as `gradcache` before the distribution became gradient-cache
+	$(PY) -m pip uninstall -q -y gradcache 2>/dev/null || true
 	# the package itself, editable; its dependencies are the pinned ones above
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+# The tests run every Python block of README.md and docs/*.md and every >>> example of the packages;
+# the site is built first, in strict mode (a broken link or API reference fails).
+test: docs
 	$(PYTEST)
+
+# NO_MKDOCS_2_WARNING: Material's end-of-life notice, printed on every build otherwise
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 # The long random exploration: every property test draws 10x its examples, afresh each run.
 test-deep: $(STAMP)
@@ -41,4 +50,4 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) .venv-py* .pytest_cache .hypothesis .mypy_cache
+	rm -rf $(VENV) .venv-py* .pytest_cache .hypothesis .mypy_cache site

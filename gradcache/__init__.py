@@ -24,7 +24,23 @@ from gradcache._schedule import (
 )
 from gradcache._tree import TreeSpec, flatten, map_leaves, unflatten
 
+# The one version of the distribution (pyproject.toml reads it from here).
 __version__ = "0.1.0"
+
+
+def _warn_if_the_original_is_installed() -> None:
+    # The original GradCache distribution installs a `gradcache` module too: one line, at import,
+    # with the command that fixes it (gradcache._distribution says why it matters).
+    import warnings
+
+    from gradcache._distribution import conflicting_original
+
+    problem = conflicting_original()
+    if problem:
+        warnings.warn(problem, UserWarning, stacklevel=3)
+
+
+_warn_if_the_original_is_installed()
 
 __all__ = [
     "Backend",

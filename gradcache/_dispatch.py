@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gradcache import _tree
+from gradcache._distribution import install_hint
 from gradcache._errors import GradCacheError
 
 # root module of a tensor type -> adapter package
@@ -78,5 +79,5 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     except ImportError as error:
         extra = {"gradcache_torch": "torch", "gradcache_jax": "jax", "gradcache_tf": "tf"}[package]
         raise ImportError(f"{package} could not be imported ({error}); "
-                          f"pip install 'gradcache[{extra}]'") from None
+                          f"{install_hint(extra)}") from None
     return adapter.cached_step(encoders, inputs, loss_fn, chunk_size=chunk_size, **options)

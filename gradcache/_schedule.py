@@ -241,7 +241,7 @@ class _Progress:
             try:
                 from tqdm.auto import tqdm
             except ImportError:
-                raise GradCacheError("progress=True needs tqdm: pip install 'gradcache[progress]'") from None
+                raise GradCacheError("progress=True needs tqdm: pip install 'gradient-cache[progress]'") from None
             self.bar = tqdm(total=total, desc="gradcache", unit="chunk", leave=False)
 
     def update(self, description: str) -> None:

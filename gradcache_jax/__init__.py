@@ -10,7 +10,9 @@ and gradients. Importing this package imports JAX.
 try:
     import jax  # noqa: F401
 except ImportError:  # pragma: no cover - exercised only without jax
-    raise ImportError("gradcache_jax needs JAX: pip install 'gradcache[jax]'") from None
+    from gradcache._distribution import install_hint
+
+    raise ImportError(f"gradcache_jax needs JAX: {install_hint('jax')}") from None
 
 from gradcache import GradCacheError
 from gradcache_jax._backend import JaxBackend, chunk_key

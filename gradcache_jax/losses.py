@@ -150,7 +150,8 @@ class _AcrossRanks(AcrossRanks):
             raise GradCacheError(
                 f"{self!r} was called where mesh axis {self.axis_name!r} is not bound: call it "
                 f"inside jax.shard_map over a mesh with that axis (or as the loss_fn of "
-                f"gradcache_jax.cached_step(..., mesh=...) or (..., axis_name=...))") from None
+                f"gradcache_jax.cached_step(..., distributed=mesh or axis name); see "
+                f"docs/losses.md, Distributed)") from None
         typed = _varying_axes(collective.rank)  # empty without shard_map's type checks
         for name, rows in (("x", x), ("y", y)):
             if typed and not typed <= _varying_axes(rows):
@@ -159,7 +160,7 @@ class _AcrossRanks(AcrossRanks):
                     f"{name} is the same on every device (shape {jnp.shape(rows)}): the global "
                     f"batch, gathered already? As the loss_fn of cached_step it is given each "
                     f"device's rows because it gathers_itself; a function wrapping it must say so "
-                    f"too (fn.gathers_itself = True)")
+                    f"too (fn.gathers_itself = True; see docs/losses.md, Distributed)")
         return collective
 
 

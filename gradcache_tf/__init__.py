@@ -20,7 +20,9 @@ if "tensorflow" not in sys.modules:
 try:
     import tensorflow as tf  # noqa: F401
 except ImportError:  # pragma: no cover - exercised only without TensorFlow
-    raise ImportError("gradcache_tf needs TensorFlow: pip install 'gradcache[tf]'") from None
+    from gradcache._distribution import install_hint
+
+    raise ImportError(f"gradcache_tf needs TensorFlow: {install_hint('tf')}") from None
 
 from gradcache import GradCacheError
 from gradcache_tf._backend import TFBackend

@@ -9,7 +9,9 @@ Also here: the migration API of the original GradCache package (``GradCache``, `
 try:
     import torch  # noqa: F401
 except ImportError:  # pragma: no cover - exercised only without torch
-    raise ImportError("gradcache_torch needs PyTorch: pip install 'gradcache[torch]'") from None
+    from gradcache._distribution import install_hint
+
+    raise ImportError(f"gradcache_torch needs PyTorch: {install_hint('torch')}") from None
 
 from gradcache import GradCacheError
 from gradcache_torch._backend import TorchBackend, trim_padding

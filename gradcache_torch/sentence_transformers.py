@@ -40,6 +40,10 @@ _OUTPUT_KEYS = frozenset({"token_embeddings", "sentence_embedding", "all_layer_e
                           "token_weights_sum"})
 
 
+# where a refused loss's user reads what GradCacheLoss needs of a loss
+_SEE = " (docs/sentence-transformers.md: what a loss must do to qualify)"
+
+
 def _sentence_embedding(output: Any) -> torch.Tensor:
     if not isinstance(output, Mapping) or "sentence_embedding" not in output:
         raise GradCacheError(
@@ -129,7 +133,7 @@ class GradCacheLoss(torch.nn.Module):
             raise GradCacheError(
                 "the model's forward is already swapped (by a loss decorator such as MatryoshkaLoss "
                 "around GradCacheLoss?); make GradCacheLoss the outermost loss: "
-                "GradCacheLoss(MatryoshkaLoss(model, inner_loss, dims))")
+                "GradCacheLoss(MatryoshkaLoss(model, inner_loss, dims))" + _SEE)
         # the encoder gets its own shallow copies without the outputs of an earlier forward (a
         # SentenceTransformer writes them into the dict it is given): inputs only, cut per chunk
         columns = [{key: value for key, value in column.items() if key not in _OUTPUT_KEYS}
@@ -160,7 +164,8 @@ class GradCacheLoss(torch.nn.Module):
             if kwargs:
                 raise GradCacheError(
                     f"the wrapped loss called the model with keyword arguments {sorted(kwargs)}; "
-                    "GradCacheLoss encodes each column as model(features) and cannot replay others")
+                    "GradCacheLoss encodes each column as model(features) and cannot replay others"
+                    + _SEE)
             index = by_dict.get(id(input))
             if index is None and isinstance(input, Mapping):
                 found = {by_tensor.get(id(value)) for value in input.values()
@@ -170,12 +175,12 @@ class GradCacheLoss(torch.nn.Module):
                 raise GradCacheError(
                     "the wrapped loss called the model on inputs that are not one of the batch's "
                     "columns (re-tokenized or merged features?); GradCacheLoss serves losses that "
-                    "embed each column as model(features)")
+                    "embed each column as model(features)" + _SEE)
             if index in served:
                 raise GradCacheError(
                     f"the wrapped loss embeds column {index} twice; with dropout the two draws "
                     "differ, which a cached embedding cannot reproduce. GradCacheLoss serves losses "
-                    "that embed each column once")
+                    "that embed each column once" + _SEE)
             served.add(index)
             return {**input, "sentence_embedding": embeddings[index]}
 

@@ -34,9 +34,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+try:
+    import pytest
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ModuleNotFoundError as missing:  # the suite is pytest + hypothesis: name what installs them
+    from gradcache._distribution import install_hint
+
+    raise ModuleNotFoundError(f"gradcache.testing.contract needs pytest and hypothesis ({missing}): "
+                              f"{install_hint('testing')}", name=missing.name) from None
 
 from gradcache import GradCacheError
 from gradcache.testing._budget import examples

@@ -17,6 +17,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from gradcache._distribution import DISTRIBUTION
 from gradcache_cli.bench.model import describe
 
 MIB = 1 << 20
@@ -30,7 +31,7 @@ METHODS = {
            "outputs), exact, nothing run",
 }
 DISTRIBUTIONS = ("torch", "jax", "jaxlib", "tensorflow", "tensorflow-cpu", "keras", "numpy",
-                 "matplotlib", "gradcache")
+                 "matplotlib", DISTRIBUTION)
 
 
 def load_average() -> float | None:

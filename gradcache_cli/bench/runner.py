@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gradcache._distribution import install_hint
 from gradcache_cli.bench.model import DEFAULT, QUICK, sweep
 from gradcache_cli.demo.options import UsageError, non_negative_int, positive_int
 from gradcache_cli.memory import mentions_memory
@@ -222,6 +223,10 @@ def measure_time(backend: str, plan: dict) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Runs the bench; returns the exit status (0; 2 when no requested backend is installed)."""
     plan = settings(args)
+    # The plots come last, after minutes of measurements: a missing matplotlib is said first.
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(f"the bench draws its plots with matplotlib, which is not installed: "
+                         f"{install_hint('bench')}")
     available = []
     for backend in args.backends:
         why = installed(backend)

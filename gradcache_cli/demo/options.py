@@ -2,8 +2,8 @@
 
 Parsing and validation happen here, before any framework is imported, so that a bad argument costs
 a fraction of a second and ends in one line on stderr (``gradcache demo: error: ...``) and exit
-status 2, never a traceback. A backend is accepted only if its demo module exists *and* its framework
-is installed; which backends have a demo module is declared in :data:`BACKENDS`.
+status 2, never a traceback. Every backend in :data:`BACKENDS` (torch, JAX, TensorFlow) has a demo
+module; one is accepted when its framework is installed.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import argparse
 import importlib.util
 from collections.abc import Sequence
 from typing import Any
+
+from gradcache._distribution import install_hint
 
 # backend -> (demo module, framework module whose presence is required, pip extra)
 BACKENDS = {
@@ -160,7 +162,7 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
                    if importlib.util.find_spec(module) is None]
         if missing:
             raise UsageError(f"--model minilm needs {' and '.join(missing)}: "
-                             f"pip install {' '.join(missing)}")
+                             f"{install_hint('sbert')}")
     check_backend(args.backend)
     return args
 
@@ -182,13 +184,11 @@ def scaled_lr(lr: float, batch: int) -> float:
 
 
 def check_backend(backend: str) -> str:
-    """The demo module of ``backend``; raises :class:`UsageError` if it is missing or not installed."""
+    """The demo module of ``backend``; raises :class:`UsageError` if its framework is not installed."""
     module, framework, extra = BACKENDS[backend]
     if importlib.util.find_spec(framework) is None:
         raise UsageError(f"backend {backend!r} needs {framework}, which is not installed: "
-                         f"pip install 'gradcache[{extra}]'")
-    if module is None:
-        raise UsageError(f"the demo is not available yet for backend {backend!r}; use --backend torch")
+                         f"{install_hint(extra)}")
     return module
 
 

@@ -94,6 +94,16 @@ def test_a_missing_backend_is_skipped_with_a_line(tmp_path, capsys, monkeypatch)
     assert status == 2 and err.count("\n") == 1 and "none of the requested backends" in err
 
 
+def test_without_matplotlib_the_bench_says_so_before_measuring(tmp_path, capsys, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(runner.importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "matplotlib" else find_spec(name, *rest))
+    monkeypatch.setattr(runner, "measure_memory", lambda *_: pytest.fail("measured"))
+    status, out, err = _run_main(["bench", "--quick", "--out", str(tmp_path)], capsys)
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert "matplotlib" in err and "pip install 'gradient-cache[bench]'" in err
+
+
 def test_the_sweep_stops_the_full_step_at_the_budget_and_goes_two_doublings_further():
     per_row = {"full": 1.0, "cached": 0.01}  # MiB per row
     budget = 300

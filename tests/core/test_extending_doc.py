@@ -42,3 +42,31 @@ def test_the_pages_code_runs() -> None:
     namespace: dict = {"__name__": "extending_md"}
     for block in blocks:
         exec(compile(block, str(PAGE), "exec"), namespace)   # noqa: S102 - the docs' own code
+
+
+NUMBERS = {"ten": 10, "fifteen": 15, "twenty": 20, "twenty-five": 25, "thirty": 30, "forty": 40, "fifty": 50,
+           "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90, "a hundred": 100}
+
+
+def test_the_sizes_the_page_quotes_are_the_code_s() -> None:
+    """The page says how small a backend is; the sizes it quotes are measured, within 20%."""
+    import ast
+
+    text = " ".join(PAGE.read_text().split())
+    root = PAGE.parents[1]
+
+    def lines_of(path: str, name: str, body_only: bool = False) -> int:
+        tree = ast.parse((root / path).read_text())
+        (node,) = [n for n in ast.walk(tree) if getattr(n, "name", None) == name]
+        body = node.body[1:] if body_only and isinstance(node.body[0], ast.Expr) else [node]
+        return body[-1].end_lineno - body[0].lineno + 1
+
+    backend = re.search(r"`gradcache/testing/_numpy_backend.py` is the complete backend: a class of "
+                        r"about (\w+(?: \w+)?) lines", text)
+    step = re.search(r"its `cached_step` body is (?:about )?([\w-]+) lines", text)
+    assert backend and step
+    for said, measured in ((backend.group(1), lines_of("gradcache/testing/_numpy_backend.py",
+                                                       "NumpyBackend")),
+                           (step.group(1), lines_of("gradcache_torch/_step.py", "cached_step",
+                                                    body_only=True))):
+        assert abs(NUMBERS[said] - measured) <= 0.2 * measured, (said, measured)

@@ -15,6 +15,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from gradcache_cli.spawn import free_port
+from tests.docs.blocks import chain_id, chains_run_in, run_chain
 from tests.integrations import EXAMPLES, load_example
 
 example = load_example("accelerate_train")
@@ -75,3 +76,18 @@ def test_two_processes_ddp_global_batch_equals_one_process(tmp_path) -> None:
     two_processes = example.make_encoder()
     two_processes.load_state_dict(torch.load(saved))
     assert example.largest_difference(two_processes, one_process) <= BF16_TOLERANCE
+
+
+@pytest.mark.parametrize("chain", chains_run_in(__file__), ids=chain_id)
+def test_the_guide_s_loop_trains(chain) -> None:
+    """docs/trainers.md's Accelerate loop as written (bf16, accumulation 2) on the example's
+    encoder and data, in this one process: the model moves, every step through cached_loss."""
+    model = example.make_encoder()
+    before = [p.detach().clone() for p in model.parameters()]
+    namespace = run_chain(chain, {
+        "model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.5),
+        "loader": torch.utils.data.DataLoader(example.make_data(), batch_size=8),
+        "info_nce": example.info_nce})
+    assert namespace["accelerator"].mixed_precision == "bf16"
+    moved = namespace["accelerator"].unwrap_model(namespace["model"]).parameters()
+    assert all(not torch.equal(a, b) for a, b in zip(before, moved))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.docs.blocks import chain_id, chains_run_in, run_chain
 from tests.integrations import load_example
 
 example = load_example("hf_trainer")
@@ -46,3 +47,16 @@ def test_evaluate_takes_the_cached_loss_without_gradients(tmp_path) -> None:
 def test_the_example_script_checks_itself_in_float32() -> None:
     """Full float32: the accumulated updates agree to round-off, not merely to bf16's precision."""
     assert example.main(["--tiny", "--check", "--fp32"]) == 0
+
+
+@pytest.mark.parametrize("chain", chains_run_in(__file__), ids=chain_id)
+def test_the_guide_s_trainer_trains_and_evaluates(chain, tmp_path) -> None:
+    """docs/trainers.md's ``ContrastiveTrainer`` (and its ``prediction_step``) as written, on the
+    example's tiny model and data: one optimizer step, then an evaluation that takes the loss."""
+    namespace = run_chain(chain, {"info_nce": example.info_nce, "mean_pool": example.mean_pool})
+    trainer_class = namespace["ContrastiveTrainer"]
+    trainer_class.prediction_step = namespace["prediction_step"]
+    trainer = example.make_trainer(trainer_class, str(tmp_path), bf16=False, steps=1)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert trainer.evaluate()["eval_loss"] > 0

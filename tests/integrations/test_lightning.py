@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from tests.docs.blocks import chain_id, chains_run_in, run_chain
 from tests.integrations import load_example
 
 example = load_example("lightning_train")
@@ -42,3 +43,27 @@ def test_validation_takes_the_cached_loss_without_gradients() -> None:
     assert got[0]["val_loss"] == pytest.approx(want[0]["val_loss"], rel=1e-6)
     assert all(p.grad is None for p in cached.parameters())
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("chain", chains_run_in(__file__), ids=chain_id)
+def test_the_guide_s_module_trains_and_validates(chain) -> None:
+    """docs/trainers.md's ``Contrastive`` module as written, given the example's encoder, an
+    optimizer and its data: Lightning fits two steps and validates."""
+    namespace = run_chain(chain, {"info_nce": example.info_nce})
+
+    class Module(namespace["Contrastive"]):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = example.make_encoder()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Module()
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = example.make_trainer(max_steps=2)
+    trainer.fit(module, example.make_loader())
+    assert trainer.global_step == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    (validated,) = trainer.validate(module, example.make_loader(), verbose=False)
+    assert validated["val_loss"] > 0

@@ -8,7 +8,8 @@ or ``tf``), started together, each printing one JSON line of measured errors. JA
 devices, the three losses with their learnable parameters, type checks on and off, and one
 ``cached_step(mesh=...)``. TF: 2 logical CPU devices, the three losses eagerly with uneven rows and
 inside ``tf.function`` with equal ones, and one ``cached_step(distributed=True)`` whose per-replica
-shares sum to one device's gradient.
+shares sum to one device's gradient. Each child also runs the distributed examples of
+``docs/losses.md`` for its framework (see tests/docs/blocks.py).
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def _jax_child() -> dict:
     else:
         out["cached_step_temperature"] = {"loss": _error(loss, want_loss),
                                           "grads": float(max_relative_error(grads, want_grads))}
+    out["docs"] = _docs_blocks("jax")
     return out
 
 
@@ -230,7 +232,35 @@ def _tf_child() -> dict:
             "grads": max(_error(sum(s), w) for s, w in zip(shares[:-1], want[:-1])),
             "temperature": _error(sum(shares[-1]), want[-1]),
             "variables_found": len(shares) == len(variables)}
+    # One strategy per process, as in tests/tf/test_distributed.py's docs check: Keras' global
+    # SeedGenerator, which the step snapshots, belongs to the strategy it was created under. So
+    # the examples' `tf.distribute.MirroredStrategy()` is this child's two-replica strategy.
+    mirrored = tf.distribute.MirroredStrategy
+    tf.distribute.MirroredStrategy = lambda *args, **kwargs: (
+        strategy if not (args or kwargs) else mirrored(*args, **kwargs))
+    try:
+        out["docs"] = _docs_blocks("tensorflow")
+    finally:
+        tf.distribute.MirroredStrategy = mirrored
     return out
+
+
+def _docs_blocks(framework: str) -> dict:
+    """The documentation's blocks whose directive names this file and that import ``framework``
+    (docs/losses.md's across_ranks examples), run on this child's devices: "ok" or the error."""
+    import re
+
+    from tests.docs.blocks import chain_id, chains_run_in, run_chain
+
+    done = {}
+    for chain in chains_run_in(__file__):
+        if re.search(rf"^(import|from) {framework}\b", chain[0].code, re.M):
+            try:
+                run_chain(chain)
+                done[chain_id(chain)] = "ok"
+            except Exception:  # noqa: BLE001 - reported to the parent
+                done[chain_id(chain)] = traceback.format_exc()
+    return done
 
 
 def _main(which: str) -> None:
@@ -320,6 +350,12 @@ def test_tf_cached_step_shares_sum_to_one_device(children, case) -> None:
     result = dict(_of(children, "tf")[f"cached_step_{case}"])
     assert result.pop("variables_found"), "the temperature variable was not differentiated"
     _assert_exact({case: result})
+
+
+@pytest.mark.parametrize("which", ["jax", "tf"])
+def test_the_losses_guide_s_distributed_examples_run(children, which) -> None:
+    docs = _of(children, which)["docs"]
+    assert docs and set(docs.values()) == {"ok"}, docs
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from sentence_transformers.sentence_transformer import losses  # noqa: E402
 from gradcache import GradCacheError  # noqa: E402
 from gradcache_torch import trim_padding  # noqa: E402
 from gradcache_torch.sentence_transformers import GradCacheLoss  # noqa: E402
+from tests.docs.blocks import chain_id, chains_run_in, run_chain  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -314,3 +315,66 @@ def test_the_docs_example_runs(tmp_path):
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "trained 2 steps" in result.stdout
+
+
+def _minilm_is_the_tiny_model(make_model, tmp_path, monkeypatch) -> None:
+    """``SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")``, as the docs write it,
+    loads the tiny model (offline) for the rest of the test."""
+    make_model(0).save(str(tmp_path / "tiny"))
+    load = SentenceTransformer.__init__
+
+    def offline(self, name_or_path=None, *args, **kwargs):
+        if name_or_path == "sentence-transformers/all-MiniLM-L6-v2":
+            name_or_path, args, kwargs = str(tmp_path / "tiny"), (), {"device": "cpu"}
+        load(self, name_or_path, *args, **kwargs)
+
+    monkeypatch.setattr(SentenceTransformer, "__init__", offline)
+
+
+def test_the_docstring_example_runs(make_model, tmp_path, monkeypatch):
+    """GradCacheLoss's ``>>>`` example is marked +SKIP (it loads all-MiniLM-L6-v2 by name); here it
+    runs unskipped, on the tiny model."""
+    import doctest
+
+    import gradcache_torch.sentence_transformers as module
+
+    _minilm_is_the_tiny_model(make_model, tmp_path, monkeypatch)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for test in doctest.DocTestFinder().find(module, "gradcache_torch.sentence_transformers"):
+        for example in test.examples:
+            example.options.pop(doctest.SKIP, None)
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.attempted >= 7 and result.failed == 0, result
+
+
+@needs_trainer
+@pytest.mark.parametrize("chain", chains_run_in(__file__), ids=chain_id)
+def test_documentation_blocks_run(chain, make_model, tmp_path, monkeypatch):
+    """The blocks of README.md, docs/torch.md and docs/sentence-transformers.md that use
+    sentence-transformers (their directives name this file), on the tiny model: a block that loads
+    all-MiniLM-L6-v2 by name gets the tiny one, offline; ``model`` has a 384-wide output (a Dense
+    layer on top) for MatryoshkaLoss's dimensions; the trainer writes to a temporary folder."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    _minilm_is_the_tiny_model(make_model, tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = SentenceTransformer(modules=[*make_model(0), Dense(32, 384)], device="cpu")
+
+    class MyOwnLoss(losses.MultipleNegativesRankingLoss):
+        """A user's loss: anything built on the sentence embeddings."""
+
+    def info_nce(q, p):
+        return torch.nn.functional.cross_entropy(q @ p.T * 20, torch.arange(len(q)))
+
+    run_chain(chain, {
+        "model": model, "guide_model": make_model(1), "MyOwnLoss": MyOwnLoss,
+        "info_nce": info_nce, "sentences": PASSAGES, "queries_features": model.tokenize(QUERIES),
+        "train_dataset": Dataset.from_dict({"anchor": QUERIES, "positive": PASSAGES}),
+        "args": SentenceTransformerTrainingArguments(
+            output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=12,
+            report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+            dataloader_num_workers=0, disable_tqdm=True)})
