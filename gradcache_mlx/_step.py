@@ -53,6 +53,25 @@ def _fresh(leaf: mx.array) -> mx.array:
     return mx.array(memoryview(leaf), dtype=leaf.dtype)
 
 
+def _settle(values: list, inside_transform: bool) -> list:
+    """Evaluates the arrays among ``values``, so that what computed them can be freed. Inside a
+    transform (``nn.value_and_grad``) MLX keeps the graph of every evaluated array alive, and each
+    chunk's activations with it: there the values are copied out of it."""
+    try:
+        mx.eval([value for value in values if isinstance(value, mx.array)])
+    except ValueError as error:
+        if "function transformations" not in str(error):
+            raise
+        raise GradCacheError(
+            "gradcache_mlx evaluates every chunk as it goes (that is what bounds its memory), "
+            "which mx.compile and mx.vmap forbid: compile the encoder instead, "
+            "mx.compile(model, inputs=state, outputs=state) with state = [model.state, "
+            "mx.random.state]") from error
+    if not inside_transform:
+        return values
+    return [_fresh(value) if isinstance(value, mx.array) else value for value in values]
+
+
 class MLXBackend(Backend):
     """:class:`gradcache.Backend` over MLX arrays; gradients go to ``model``'s trainable parameters.
 
@@ -68,11 +87,7 @@ class MLXBackend(Backend):
         self.inside_transform = inside_transform
 
     def _settle(self, leaves: list) -> list:
-        """Evaluates ``leaves``, so that what computed them can be freed. Inside a transform
-        (``cached_loss`` under ``nn.value_and_grad``) MLX keeps the graph of every evaluated array
-        alive, each chunk's activations with it: there the values are copied out of it."""
-        mx.eval(leaves)
-        return [_fresh(leaf) for leaf in leaves] if self.inside_transform else leaves
+        return _settle(leaves, self.inside_transform)
 
     # -- tensors --------------------------------------------------------------------------------
     def is_leaf(self, value: Any) -> bool:
@@ -125,17 +140,17 @@ class MLXBackend(Backend):
         # this chunk's activations are freed before the next chunk runs
         return unflatten(spec, self._settle([mx.stop_gradient(leaf) for leaf in leaves]))
 
-    def _differentiate(self, fn: Callable, *args: Any) -> tuple[Any, Any]:
-        """``(fn(model with params, *args), gradients)``: MLX's ``nn.value_and_grad``, with the
-        caller's parameters put back into the model afterwards."""
-        def at(params: Any, *rest: Any) -> Any:
+    def _differentiate(self, fn: Callable, values: list) -> tuple[Any, tuple[Any, list]]:
+        """``(fn(values), (gradients of the parameters, of values))`` with the model at traced
+        parameters (``nn.value_and_grad``'s way), and the caller's put back afterwards."""
+        def at(params: Any, values: list) -> Any:
             self.model.update(params)
-            return fn(*rest)
+            return fn(values)
         # a fresh tree: MLX puts its traced copies into the tree it is given, and leaves them
         # there if fn raises
         params = tree_map(lambda param: param, self.params)
         try:
-            return mx.value_and_grad(at, argnums=tuple(range(1 + len(args))))(params, *args)
+            return mx.value_and_grad(at, argnums=(0, 1))(params, values)
         finally:
             self.model.update(self.params)
 
@@ -154,7 +169,7 @@ class MLXBackend(Backend):
             final_use: bool) -> tuple[list, Any]:
         found: list = []
 
-        def inner_product(chunk: Any) -> Any:
+        def inner_product(_: list) -> Any:
             # mx.vjp takes the cotangents with the function; these come from the output: the
             # gradient of <output, cotangent> at the parameters is the same product
             leaves, cotangents = outputs(call_with_convention(encoder, chunk, self.is_leaf))
@@ -166,7 +181,7 @@ class MLXBackend(Backend):
                     total = total + mx.sum(leaf * weight).astype(mx.float32)
             return total
 
-        _, (param_grads, _) = self._differentiate(inner_product, chunk)
+        _, (param_grads, _) = self._differentiate(inner_product, [])
         grads = self._add(grads, param_grads)   # this chunk's graph is released here
         return self._settle([mx.stop_gradient(leaf) for leaf in found]), grads
 
