@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,13 +36,13 @@ from gradcache import (
 
 
 def _current_key() -> mx.array:
-    return mx.random.state[0]
+    return cast(Any, mx.random.state)[0]
 
 
 def _set_key(key: mx.array) -> None:
     # mx.random.state cannot be assigned; a key is {seed >> 32, seed & 0xffffffff}, so seeding
     # with its two words makes it current again, exactly
-    high, low = (int(word) for word in np.asarray(key).tolist())
+    high, low = key.tolist()
     mx.random.seed((high << 32) | low)
 
 
@@ -50,7 +50,12 @@ def _fresh(leaf: mx.array) -> mx.array:
     """An evaluated array's values in a new array with no graph behind it."""
     if leaf.dtype == mx.bfloat16:   # which the buffer protocol does not carry
         return _fresh(leaf.view(mx.uint16)).view(mx.bfloat16)
-    return mx.array(memoryview(leaf), dtype=leaf.dtype)
+    return mx.array(cast(Any, memoryview(cast(Any, leaf))), dtype=leaf.dtype)
+
+
+def _paths(tree: Any) -> list[tuple[str, Any]]:
+    """``[("layers.0.weight", leaf), ...]``: MLX's dotted paths and the leaves of a tree."""
+    return cast(list, tree_flatten(tree))
 
 
 def _settle(values: list, inside_transform: bool) -> list:
@@ -130,9 +135,10 @@ class MLXBackend(Backend):
 
     # -- autodiff -------------------------------------------------------------------------------
     def trains(self, encoder: Any) -> bool:
-        if not tree_flatten(self.params):
+        # a module with nothing trainable (a frozen tower) is encoded once, never pulled back
+        if not _paths(self.params):
             return False
-        return not isinstance(encoder, nn.Module) or bool(tree_flatten(encoder.trainable_parameters()))
+        return not isinstance(encoder, nn.Module) or bool(_paths(encoder.trainable_parameters()))
 
     def encode(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable) -> Any:
         leaves, spec = flatten(get_rep(call_with_convention(encoder, chunk, self.is_leaf)),
@@ -156,7 +162,7 @@ class MLXBackend(Backend):
 
     def _add(self, grads: dict, param_grads: Any) -> dict:
         total = dict(grads)
-        for path, grad in tree_flatten(param_grads):
+        for path, grad in _paths(param_grads):
             total[path] = total[path] + grad if path in total else grad
         return dict(zip(total, self._settle(list(total.values()))))
 
@@ -194,7 +200,6 @@ class MLXBackend(Backend):
         return tree_map_with_path(
             lambda path, param: grads[path] if path in grads else mx.zeros_like(param),
             self.params)
-
 
 
 def _model_of(encoders: Any, model: Any) -> nn.Module:
@@ -281,7 +286,7 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     """
     keywords = _options(options, "cached_loss")
     backend = MLXBackend(_model_of(encoders, model), inside_transform=True)
-    paths = [path for path, _ in tree_flatten(backend.params)]
+    paths = [path for path, _ in _paths(backend.params)]
     forwards: list = []
 
     @mx.custom_function
@@ -293,10 +298,8 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
 
     @full_batch_loss.vjp
     def pass_two(params: list, cotangent: mx.array, output: mx.array) -> tuple[list]:
-        if not forwards:
-            raise GradCacheError("cached_loss: the forward that this gradient pulls back is gone")
-        grads = cached_backward(forwards.pop(), upstream=cotangent)
+        grads = cached_backward(forwards[0], upstream=cotangent)   # once: a second call raises
         return ([grads[path] if path in grads else mx.zeros_like(param)
                  for path, param in zip(paths, params)],)
 
-    return full_batch_loss([param for _, param in tree_flatten(backend.params)])
+    return cast(mx.array, full_batch_loss([param for _, param in _paths(backend.params)]))

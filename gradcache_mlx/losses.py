@@ -5,7 +5,8 @@ MLX arrays are immutable, so the sweeps keep their accumulators as one array per
 (:class:`gradcache._tile_ops.PerTileLoopOps`); the summed loss is an ``mx.custom_function`` whose
 VJP is the backward sweep. Each tile is evaluated before the next (and, inside a transform, cut
 from the graph MLX would keep), so that only one tile of logits exists at a time. MLX's float64
-``exp`` on the CPU is only float32-accurate, so float64 uses ``pow`` instead. There is no distributed step in MLX yet: ``across_ranks`` raises.
+``exp`` on the CPU is only float32-accurate, so float64 uses ``pow`` instead. There is no
+distributed step in MLX yet: ``across_ranks`` raises.
 """
 
 from __future__ import annotations
@@ -106,11 +107,9 @@ class MLXOps(PerTileLoopOps, LossOps):
         return mx.default_device() == mx.gpu
 
     def cross_entropy(self, logits: Any, step: int) -> Any:
-        labels = mx.arange(logits.shape[0]) * step
-        if logits.dtype != mx.float64:
-            return nn.losses.cross_entropy(logits, labels, reduction="mean")
-        return mx.mean(self.logsumexp(logits, 1) - mx.take_along_axis(
-            logits, labels[:, None], axis=1)[:, 0])   # MLX's own computes exp in float32
+        # over self.logsumexp: MLX's own cross-entropy takes exp in float32 precision
+        rows = mx.arange(logits.shape[0])
+        return mx.mean(self.logsumexp(logits, 1) - logits[rows, rows * step])
 
     def sigmoid_loss(self, logits: Any) -> Any:
         labels = 2 * mx.eye(logits.shape[0], dtype=logits.dtype) - 1

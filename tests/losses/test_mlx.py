@@ -101,6 +101,12 @@ def test_memory_holds_tiles_not_the_dense_matrix():
     assert tiled <= dense / 4, (tiled, dense)
 
 
+def test_the_tiled_loss_compiles():
+    x, y = mx.random.normal((10, 4)), mx.random.normal((10, 4))
+    compiled = mx.compile(lambda x, y: losses.clip_loss(x, y, tile_size=3))
+    assert abs(compiled(x, y).item() - losses.clip_loss_dense(x, y).item()) <= 1e-5
+
+
 def test_across_ranks_says_there_is_no_distributed_step():
     fn = losses.across_ranks(losses.info_nce, temperature=0.1)
     with pytest.raises(GradCacheError, match="no distributed step"):
