@@ -275,7 +275,7 @@ class PerTileLoopOps(LoopOps):
 def _settled(ops: ArrayOps, carry: tuple) -> tuple:
     """``carry`` with its arrays -- and the tiles of its per-tile buffers -- through
     :meth:`ArrayOps.settle` (``None`` and Python numbers are left alone)."""
-    slots = [(index, None) for index, item in enumerate(carry)
+    slots: list[tuple[int, Any]] = [(index, None) for index, item in enumerate(carry)
              if item is not None and not isinstance(item, (_PerTile, int, float))]
     for index, item in enumerate(carry):
         if isinstance(item, _PerTile):

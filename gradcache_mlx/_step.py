@@ -163,6 +163,8 @@ class MLXBackend(Backend):
     def _add(self, grads: dict, param_grads: Any) -> dict:
         total = dict(grads)
         for path, grad in _paths(param_grads):
+            if grad.dtype in (mx.float16, mx.bfloat16):   # late chunks not lost to rounding
+                grad = grad.astype(mx.float32)
             total[path] = total[path] + grad if path in total else grad
         return dict(zip(total, self._settle(list(total.values()))))
 
@@ -198,8 +200,8 @@ class MLXBackend(Backend):
         """The accumulator shaped like ``model.trainable_parameters()`` (zeros where nothing
         reached a parameter, as ``nn.value_and_grad`` gives)."""
         return tree_map_with_path(
-            lambda path, param: grads[path] if path in grads else mx.zeros_like(param),
-            self.params)
+            lambda path, param: grads[path].astype(param.dtype) if path in grads
+            else mx.zeros_like(param), self.params)
 
 
 def _model_of(encoders: Any, model: Any) -> nn.Module:
@@ -299,7 +301,7 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     @full_batch_loss.vjp
     def pass_two(params: list, cotangent: mx.array, output: mx.array) -> tuple[list]:
         grads = cached_backward(forwards[0], upstream=cotangent)   # once: a second call raises
-        return ([grads[path] if path in grads else mx.zeros_like(param)
+        return ([grads[path].astype(param.dtype) if path in grads else mx.zeros_like(param)
                  for path, param in zip(paths, params)],)
 
     return cast(mx.array, full_batch_loss([param for _, param in _paths(backend.params)]))
