@@ -42,7 +42,7 @@ def _current_key() -> mx.array:
 def _set_key(key: mx.array) -> None:
     # mx.random.state cannot be assigned; a key is {seed >> 32, seed & 0xffffffff}, so seeding
     # with its two words makes it current again, exactly
-    high, low = key.tolist()
+    high, low = cast(list, key.tolist())
     mx.random.seed((high << 32) | low)
 
 
