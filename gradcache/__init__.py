@@ -2,8 +2,8 @@
 
 The core holds the algorithm -- chunking of nested inputs, the two-pass schedule, random-state
 bookkeeping, validation and errors -- written once against the small :class:`Backend` protocol.
-Adapters (``gradcache_torch``, ``gradcache_jax``, ``gradcache_tf``) implement that protocol for their
-framework. Importing this package loads no framework, ever.
+Adapters (``gradcache_torch``, ``gradcache_jax``, ``gradcache_tf``, ``gradcache_mlx``) implement
+that protocol for their framework. Importing this package loads no framework, ever.
 
 >>> import gradcache
 >>> gradcache.ChunkPlan.uniform(batch_size=10, chunk_size=4).bounds

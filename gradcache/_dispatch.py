@@ -25,7 +25,11 @@ _ADAPTERS = {
     "jaxlib": ("gradcache_jax", "jax"),
     "tensorflow": ("gradcache_tf", "tf"),
     "keras": ("gradcache_tf", "tf"),
+    "mlx": ("gradcache_mlx", "mlx"),
 }
+#: every adapter's cached_step, for the message that names them
+_ENTRIES = ", ".join(f"{package}.cached_step" for package in dict.fromkeys(
+    package for package, _ in _ADAPTERS.values()))
 
 
 def _looks_like_tensor(value: Any) -> bool:
@@ -56,28 +60,28 @@ def detect_adapter(inputs: Any, options: dict) -> str:
             "never imports a framework for you): import jax, or call gradcache_jax.cached_step")
     raise GradCacheError(
         f"cannot tell which framework the inputs belong to (tensor types from {sorted(roots) or 'nothing'}); "
-        f"call gradcache_torch.cached_step, gradcache_jax.cached_step or gradcache_tf.cached_step")
+        f"call one of {_ENTRIES}")
 
 
 def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                 chunk_size: int | Sequence[int], **options: Any) -> Any:
     """A gradient-cached step on whichever framework the inputs' tensors belong to.
 
-    Forwards every argument to ``gradcache_torch.cached_step``, ``gradcache_jax.cached_step`` or
-    ``gradcache_tf.cached_step``; see those for the options and for where gradients go. The adapter
-    is imported only when its framework's tensors are passed.
+    Forwards every argument to ``gradcache_torch.cached_step``, ``gradcache_jax.cached_step``,
+    ``gradcache_tf.cached_step`` or ``gradcache_mlx.cached_step``; see those for the options and
+    for where gradients go. The adapter is imported only when its framework's tensors are passed.
 
     >>> import gradcache
     >>> gradcache.cached_step(None, ([1.0],), None, chunk_size=1)
     Traceback (most recent call last):
     ...
-    gradcache._errors.GradCacheError: cannot tell which framework the inputs belong to (tensor types from nothing); call gradcache_torch.cached_step, gradcache_jax.cached_step or gradcache_tf.cached_step
+    gradcache._errors.GradCacheError: cannot tell which framework the inputs belong to (tensor types from nothing); call one of gradcache_torch.cached_step, gradcache_jax.cached_step, gradcache_tf.cached_step, gradcache_mlx.cached_step
     """
     package = detect_adapter(inputs, options)
     try:
         adapter = importlib.import_module(package)
     except ImportError as error:
-        extra = {"gradcache_torch": "torch", "gradcache_jax": "jax", "gradcache_tf": "tf"}[package]
+        extra = dict(_ADAPTERS.values())[package]
         raise ImportError(f"{package} could not be imported ({error}); "
                           f"{install_hint(extra)}") from None
     return adapter.cached_step(encoders, inputs, loss_fn, chunk_size=chunk_size, **options)

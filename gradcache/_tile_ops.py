@@ -101,6 +101,13 @@ class ArrayOps:
         ``private`` is the sweep's own buffer (it may be changed in place)."""
         return self._missing("subtract_every")
 
+    def settle(self, values: list) -> list:
+        """For a lazy framework: what a Python tile loop carries after each tile, computed now,
+        so that the tile's logits are freed before the next tile's exist (MLX: evaluated, and cut
+        from the graph that a transform would keep alive). ``values`` are the carried arrays and
+        every tile of a per-tile buffer; return them in order. Default: as they are (eager)."""
+        return values
+
     # -- derived: override only for speed or exactness --------------------------------------------
     def abs(self, x: Any) -> Any:
         return self.maximum(x, -x)
@@ -184,8 +191,11 @@ class LoopOps(ArrayOps):
     ragged = True
 
     def fori(self, count: int, body: Callable, carry: tuple) -> tuple:
+        lazy = type(self).settle is not ArrayOps.settle
         for index in range(count):
             carry = body(index, carry)
+            if lazy:
+                carry = _settled(self, carry)
         return carry
 
     def rows(self, x: Any, start: int, size: int) -> Any:
@@ -260,3 +270,22 @@ class PerTileLoopOps(LoopOps):
         if at < buffer.rows:
             pieces.append(self.read(buffer, at, buffer.rows - at))
         return self.concat(pieces)
+
+
+def _settled(ops: ArrayOps, carry: tuple) -> tuple:
+    """``carry`` with its arrays -- and the tiles of its per-tile buffers -- through
+    :meth:`ArrayOps.settle` (``None`` and Python numbers are left alone)."""
+    slots: list[tuple[int, Any]] = [(index, None) for index, item in enumerate(carry)
+             if item is not None and not isinstance(item, (_PerTile, int, float))]
+    for index, item in enumerate(carry):
+        if isinstance(item, _PerTile):
+            slots += [(index, start) for start in item.tiles]
+    values = ops.settle([carry[index] if start is None else carry[index].tiles[start]
+                         for index, start in slots])
+    settled = list(carry)
+    for (index, start), value in zip(slots, values):
+        if start is None:
+            settled[index] = value
+        else:
+            settled[index].tiles[start] = value
+    return tuple(settled)

@@ -198,7 +198,7 @@ def test_dispatch_on_numpy_with_params_imports_no_framework() -> None:
             "                          params={})\n"
             "except gradcache.GradCacheError as error:\n"
             "    print(error)\n"
-            "bad = [m for m in ('torch', 'jax', 'tensorflow', 'keras', 'flax') if m in sys.modules]\n"
+            "bad = [m for m in ('torch', 'jax', 'tensorflow', 'keras', 'flax', 'mlx') if m in sys.modules]\n"
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -207,7 +207,7 @@ def test_dispatch_on_numpy_with_params_imports_no_framework() -> None:
 
 def test_importing_the_core_loads_no_framework() -> None:
     code = ("import sys, gradcache, gradcache.testing; "
-            "bad = [m for m in ('torch', 'jax', 'tensorflow', 'keras', 'flax') if m in sys.modules]; "
+            "bad = [m for m in ('torch', 'jax', 'tensorflow', 'keras', 'flax', 'mlx') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -221,7 +221,7 @@ def test_the_core_imports_neither_adapters_nor_tools() -> None:
     import ast
     from pathlib import Path
 
-    outside = ("gradcache_torch", "gradcache_jax", "gradcache_tf", "gradcache_cli")
+    outside = ("gradcache_torch", "gradcache_jax", "gradcache_tf", "gradcache_mlx", "gradcache_cli")
     core = Path(gradcache.__file__).parent
     found = []
     for path in sorted(core.rglob("*.py")):

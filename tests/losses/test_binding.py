@@ -211,7 +211,7 @@ def test_module_examples():
 
 def test_the_binding_loads_no_framework():
     code = ("import sys, gradcache._loss_api, gradcache._tile_ops; "
-            "bad = [m for m in ('torch', 'jax', 'tensorflow', 'keras') if m in sys.modules]; "
+            "bad = [m for m in ('torch', 'jax', 'tensorflow', 'keras', 'mlx') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -221,6 +221,7 @@ def test_the_binding_loads_no_framework():
     ("gradcache_torch", "torch", "group"),
     ("gradcache_jax", "jax", "axis_name"),
     ("gradcache_tf", "tensorflow", None),
+    ("gradcache_mlx", "mlx", None),
 ])
 def test_each_adapter_exposes_its_own_functions(adapter, framework, place):
     pytest.importorskip(framework)

@@ -112,7 +112,7 @@ def test_shape_errors_name_the_shapes(x, y, square, message):
 
 def test_the_loss_core_loads_no_framework():
     code = ("import sys, gradcache._tiled, gradcache._loss_forms; "
-            "bad = [m for m in ('torch', 'jax', 'tensorflow', 'keras') if m in sys.modules]; "
+            "bad = [m for m in ('torch', 'jax', 'tensorflow', 'keras', 'mlx') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -38,6 +38,7 @@ def test_doc_example_runs(section, code):
     ("gradcache_torch.losses", "torch"),
     ("gradcache_jax.losses", "jax"),
     ("gradcache_tf.losses", "tensorflow"),
+    ("gradcache_mlx.losses", "mlx"),
 ])
 def test_module_examples(module, needs):
     if needs:

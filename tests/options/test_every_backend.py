@@ -151,7 +151,39 @@ def tf_kit(weights: np.ndarray) -> Kit:
     return kit
 
 
-KITS = {"torch": ("torch", torch_kit), "jax": ("jax", jax_kit), "tf": ("tensorflow", tf_kit)}
+def mlx_kit(weights: np.ndarray) -> Kit:
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from gradcache_mlx import cached_step
+
+    kit = Kit("mlx", None, concat=lambda leaves: mx.concatenate(leaves, axis=0))
+
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = mx.array(weights, dtype=mx.float64)
+
+        def __call__(self, input_ids, attention_mask):
+            kit.widths.append(int(input_ids.shape[1]))
+            mask = attention_mask[..., None].astype(self.table.dtype)
+            return mx.tanh((self.table[input_ids] * mask).sum(1) / mask.sum(1))
+
+    def info_nce(q, p, scale: float = 1.0):
+        scores = scale * q @ p.T
+        return mx.mean(mx.logsumexp(scores, axis=1) - mx.diagonal(scores))
+
+    def step(groups, loss=info_nce, **options) -> np.ndarray:
+        tensors = [{k: mx.array(v) for k, v in group.items()} for group in groups]
+        _, grads = cached_step(Pool(), tensors, loss, chunk_size=3, **options)
+        return np.array(grads["table"])
+
+    kit.step = step
+    return kit
+
+
+KITS = {"torch": ("torch", torch_kit), "jax": ("jax", jax_kit), "tf": ("tensorflow", tf_kit),
+        "mlx": ("mlx", mlx_kit)}
 
 
 @pytest.fixture(params=sorted(KITS))
@@ -220,6 +252,8 @@ def test_distributed_on_thread_ranks_shares_sum_to_the_global_gradient(kit: Kit)
     """``distributed=`` takes any ``gradcache.Collective``: here two threads of this process, each
     with half of every group's rows; the loss sees the global batch, and the ranks' gradients (each
     its own rows' share) add up to the one-process gradient of the whole batch."""
+    if kit.name == "mlx":
+        pytest.skip("gradcache_mlx runs in one process")
     groups = _groups()
     whole = kit.step(groups)
 
@@ -274,7 +308,8 @@ def test_split_fn_with_pad_trim_is_refused() -> None:
 
 
 
-@pytest.mark.parametrize("adapter", ["gradcache_torch", "gradcache_jax", "gradcache_tf"])
+@pytest.mark.parametrize("adapter", ["gradcache_torch", "gradcache_jax", "gradcache_tf",
+                                     "gradcache_mlx"])
 def test_an_unknown_option_of_cached_loss_names_cached_loss(adapter) -> None:
     module = importlib.import_module(adapter)
     with pytest.raises(GradCacheError, match=rf"chek_finite.*check_finite.*{adapter}\.cached_loss takes"):
