@@ -244,3 +244,18 @@ def tf_across_ranks_train(namespace: dict) -> None:
     losses = [float(value) for value in strategy.experimental_local_results(
         namespace["train"](split(queries, 4), split(passages, 16)))]
     assert len(losses) == replicas and np.isfinite(losses).all() and np.ptp(losses) < 1e-5
+
+
+def mlx_problem() -> dict[str, Any]:
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    def info_nce(q, p):
+        scores = q @ p.T
+        return mx.mean(mx.logsumexp(scores, axis=1) - mx.diagonal(scores))
+
+    mx.random.seed(0)
+    # 128 rows: two chunks of the docs' chunk_size=64
+    return {"model": nn.Linear(DIM, OUT), "info_nce": info_nce, "optimizer": optim.SGD(0.1),
+            "queries": mx.random.normal((128, DIM)), "passages": mx.random.normal((128, DIM))}

@@ -155,9 +155,9 @@ def mlx_kit(weights: np.ndarray) -> Kit:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from gradcache_mlx import cached_step
+    from gradcache_mlx import cached_loss, cached_step, losses
 
-    kit = Kit("mlx", None, concat=lambda leaves: mx.concatenate(leaves, axis=0))
+    kit = Kit("mlx", None, concat=lambda leaves: mx.concatenate(leaves, axis=0), losses=losses)
 
     class Pool(nn.Module):
         def __init__(self):
@@ -173,9 +173,14 @@ def mlx_kit(weights: np.ndarray) -> Kit:
         scores = scale * q @ p.T
         return mx.mean(mx.logsumexp(scores, axis=1) - mx.diagonal(scores))
 
-    def step(groups, loss=info_nce, **options) -> np.ndarray:
+    def step(groups, loss=info_nce, entry="cached_step", **options) -> np.ndarray:
+        model = Pool()
         tensors = [{k: mx.array(v) for k, v in group.items()} for group in groups]
-        _, grads = cached_step(Pool(), tensors, loss, chunk_size=3, **options)
+        if entry == "cached_loss":
+            _, grads = nn.value_and_grad(model, lambda: cached_loss(
+                model, tensors, loss, chunk_size=3, **options))()
+        else:
+            _, grads = cached_step(model, tensors, loss, chunk_size=3, **options)
         return np.array(grads["table"])
 
     kit.step = step
