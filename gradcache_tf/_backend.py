@@ -103,6 +103,8 @@ class TFBackend(Backend):
         self._known: set[int] | None = None        # ids of all variables found (for the check)
         self._warned = False
         self._keras_draws = 0
+        # inside tf.function: the random streams' values a failed check puts back (see transaction)
+        self._restore_point: tuple | None = None
 
     # -- variables ----------------------------------------------------------------------------------
     def resolve_variables(self) -> None:
@@ -275,15 +277,23 @@ class TFBackend(Backend):
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         # Gradients are returned, so a failed step has nothing to undo there; what it did change is
-        # the random streams pass 1 advanced. Put them back (eagerly: a failed trace runs nothing).
-        eager = tf.executing_eagerly()
-        before = self.random.capture() if eager else None
+        # the random streams pass 1 advanced. Eagerly, put them back on the way out. Inside
+        # tf.function an exception here is a failed trace, which runs nothing; what fails when
+        # the graph runs is a host check, whose failure branch (run_check) assigns the streams
+        # these reads saw -- the graph orders the reads before pass 1's draws and the branch
+        # after them, as it orders every access to one variable in program order.
+        before = self.random.capture()
+        outer, self._restore_point = self._restore_point, None
+        if not tf.executing_eagerly():
+            self._restore_point = before
         try:
             yield
         except BaseException:
-            if before is not None:   # eager: capture() returns a tuple
+            if tf.executing_eagerly():
                 self.random.restore(before)
             raise
+        finally:
+            self._restore_point = outer
 
     # -- checks -------------------------------------------------------------------------------------
     def run_check(self, check: Callable[..., None], *values: Any) -> None:
@@ -298,13 +308,34 @@ class TFBackend(Backend):
                 "check_finite and check_determinism run on the host, which a jit_compile=True "
                 "function cannot call; run the checking step without jit_compile")
         leaves, spec = flatten(values, is_tensor)
+        failures: list[BaseException] = []
 
-        def on_host(*concrete: Any) -> list:
+        def on_host(*concrete: Any) -> bool:
             plain = [int(t) if t.shape.rank == 0 and t.dtype.is_integer else t for t in concrete]
-            check(*unflatten(spec, plain))
-            return []
+            try:
+                check(*unflatten(spec, plain))
+            except GradCacheError as error:
+                failures[:] = [error]
+                return True
+            return False
 
-        tf.py_function(on_host, leaves, Tout=[], name="gradcache_check")
+        def reraise() -> list:
+            raise failures[0]
+
+        # A failure first puts the random streams back where the transaction found them (an
+        # eager step does that on its way out), then fails the graph with the check's message.
+        restore_to = self._restore_point
+
+        def fail() -> tf.Tensor:
+            restored = [] if restore_to is None else [
+                variable.assign(value) for variable, value in zip(self.random.variables, restore_to,
+                                                                  strict=True)]
+            with tf.control_dependencies(restored):
+                tf.py_function(reraise, [], Tout=[], name="gradcache_check_failed")
+            return tf.constant(True)
+
+        failed = tf.py_function(on_host, leaves, Tout=tf.bool, name="gradcache_check")
+        tf.cond(tf.reshape(failed, []), fail, lambda: tf.constant(False))
 
     def to_host(self, leaf: Any) -> Any:
         # inside tf.function a tensor is symbolic: its values exist only when the graph runs

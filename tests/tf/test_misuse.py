@@ -1,0 +1,84 @@
+"""What a failing or wrong call leaves behind in TensorFlow: a failed check inside ``tf.function``
+puts the random streams back (as eagerly). Each case asserts the exception type and that the
+message names the cause. Few traces: each test builds its functions once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradcache_tf
+
+ROWS, DIM = 12, 5
+
+
+class Dropout(tf.Module):
+    """A linear tower with dropout drawn from its own ``tf.random.Generator`` (a replayed stream)
+    and, optionally, a call counter that makes pass 2 differ from pass 1."""
+
+    def __init__(self, drifting: bool = False):
+        super().__init__()
+        rng = np.random.default_rng(0)
+        self.w = tf.Variable(rng.normal(size=(DIM, 3)))
+        self.generator = tf.random.Generator.from_seed(5)
+        self.calls = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self.drifting = drifting
+
+    def __call__(self, x):
+        keep = tf.cast(self.generator.uniform(tf.shape(x), dtype=tf.float64) > 0.3, tf.float64)
+        out = (x * keep / 0.7) @ self.w
+        if self.drifting:
+            out += 1e-3 * self.calls.assign_add(1.0)
+        return out
+
+
+def info_nce(q, p):
+    scores = tf.matmul(q, p, transpose_b=True)
+    labels = tf.range(tf.shape(q)[0])
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, scores))
+
+
+def _pair() -> tuple:
+    rng = np.random.default_rng(1)
+    return tf.constant(rng.normal(size=(ROWS, DIM))), tf.constant(rng.normal(size=(ROWS, DIM)))
+
+
+def _not_finite(q, p):
+    return info_nce(q, p) * np.inf
+
+
+# -- a failed check inside tf.function ------------------------------------------------------------------
+def test_a_failed_check_in_tf_function_puts_the_random_streams_back() -> None:
+    q, p = _pair()
+    encoder, drifting = Dropout(), Dropout(drifting=True)
+
+    @tf.function
+    def step(q, p, check):
+        return gradcache_tf.cached_step(encoder, (q, p), _not_finite if check else info_nce,
+                                        chunk_size=4, check_finite=check)
+
+    @tf.function
+    def loss_step(q, p):
+        with tf.GradientTape() as tape:
+            loss = gradcache_tf.cached_loss(encoder, (q, p), _not_finite, chunk_size=4,
+                                            check_finite=True)
+        return tape.gradient(loss, [encoder.w])
+
+    @tf.function
+    def drifting_step(q, p):   # 3 chunks a group: pass 2's check runs inside the tf.while_loop
+        return gradcache_tf.cached_step(drifting, (q, p), info_nce, chunk_size=4,
+                                        check_determinism=True)
+
+    for call, model, match in ((lambda: step(q, p, True), encoder, "loss is not finite"),
+                               (lambda: loss_step(q, p), encoder, "loss is not finite"),
+                               (drifting_step_call := lambda: drifting_step(q, p), drifting,
+                                r"chunk 0 \(pass 2\).*differs")):
+        before = model.generator.state.numpy()
+        with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+            call()
+        np.testing.assert_array_equal(model.generator.state.numpy(), before)
+    del drifting_step_call
+    before = encoder.generator.state.numpy()
+    step(q, p, False)                  # a step that succeeds advances the stream, once
+    assert not np.array_equal(encoder.generator.state.numpy(), before)
