@@ -242,6 +242,13 @@ class TFBackend(Backend):
             tape.watch([v for v in self.tf_variables if _differentiable(v)])
             target, value = fn(watched)
         gradients = tape.gradient(target, watched + self.tf_variables)
+        if all(gradient is None for gradient in gradients):
+            # as tape.gradient of the full-batch loss would (None for every variable): zeros in
+            # its place would look like a trained step
+            raise GradCacheError(
+                "the loss does not depend on the representations (no gradient reaches them: does "
+                "it stop_gradient them, or compute its value through integer ops such as argmax, "
+                "a comparison or a cast to an integer type?)")
         value_grads = [None if g is None else tf.convert_to_tensor(g)
                        for g in gradients[:len(watched)]]
         direct = gradients[len(watched):]

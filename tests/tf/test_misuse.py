@@ -1,6 +1,7 @@
 """What a failing or wrong call leaves behind in TensorFlow: a failed check inside ``tf.function``
-puts the random streams back (as eagerly). Each case asserts the exception type and that the
-message names the cause. Few traces: each test builds its functions once."""
+puts the random streams back (as eagerly), and a loss with no gradient path is refused. Each case
+asserts the exception type and that the message names the cause. Few traces: each test builds its
+functions once."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import gradcache_tf
+from gradcache import GradCacheError
 
 ROWS, DIM = 12, 5
 
@@ -82,3 +84,32 @@ def test_a_failed_check_in_tf_function_puts_the_random_streams_back() -> None:
     before = encoder.generator.state.numpy()
     step(q, p, False)                  # a step that succeeds advances the stream, once
     assert not np.array_equal(encoder.generator.state.numpy(), before)
+
+
+# -- a loss without a gradient path -------------------------------------------------------------------
+def _detached(q, p):
+    return tf.stop_gradient(info_nce(q, p))
+
+
+def _integer_valued(q, p):
+    return tf.cast(tf.reduce_sum(tf.cast(tf.matmul(q, p, transpose_b=True) > 0, tf.int32)),
+                   tf.float64)
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf.function"])
+def test_a_loss_with_no_gradient_path_is_an_error(graph: bool) -> None:
+    encoder, (q, p) = Dropout(), _pair()
+
+    def step(loss_fn):
+        return gradcache_tf.cached_step(encoder, (q, p), loss_fn, chunk_size=4)
+
+    def loss_step(loss_fn):
+        with tf.GradientTape() as tape:
+            loss = gradcache_tf.cached_loss(encoder, (q, p), loss_fn, chunk_size=4)
+        return tape.gradient(loss, [encoder.w])
+
+    for run in (step, loss_step):
+        for loss_fn in (_detached, _integer_valued):
+            call = tf.function(lambda: run(loss_fn)) if graph else lambda: run(loss_fn)  # noqa: B023
+            with pytest.raises(GradCacheError, match="does not depend on the representations"):
+                call()
