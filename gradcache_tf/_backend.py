@@ -56,6 +56,36 @@ def _weighted(gradient: Any, weight: Any) -> Any:
     return gradient * tf.cast(weight, gradient.dtype)
 
 
+SECOND_ORDER = (
+    "gradcache gives first-order gradients only: pass 1 runs with no tape recording, so a "
+    "gradient of the cached gradient (a gradient penalty, a nested GradientTape) would miss every "
+    "term through the representations. Compute that term without gradient caching")
+
+
+def first_order_only(gradients: list, variables: list) -> list:
+    """``gradients`` (one per variable), made to raise if a recording tape differentiates them.
+
+    An outer tape records pass 2 but not pass 1, so its gradient of these would miss every term
+    through the representations -- silently, or as ``None`` where a gradient exists (a linear
+    encoder's gradient does not depend on its own weights). Each gradient is therefore joined to
+    its variable through ``PreventGradient`` (an identity whose gradient raises ``LookupError``
+    with :data:`SECOND_ORDER`), in a ``tf.where`` that keeps the gradient's values exactly.
+    Without a recording tape they are returned as they are.
+    """
+    if not _record.could_possibly_record():
+        return gradients
+    out: list = []
+    for gradient, variable in zip(gradients, variables, strict=True):
+        if gradient is None:
+            out.append(None)
+            continue
+        prevented = tf.raw_ops.PreventGradient(input=gradient, message=SECOND_ORDER)
+        reached = tf.raw_ops.PreventGradient(input=tf.cast(variable, gradient.dtype),
+                                             message=SECOND_ORDER)
+        out.append(tf.where(tf.zeros_like(gradient, tf.bool), reached, prevented))
+    return out
+
+
 class TFBackend(Backend):
     """Primitives over ``tf.GradientTape``. One instance serves one step.
 
@@ -128,7 +158,9 @@ class TFBackend(Backend):
     def gradients_for_caller(self, grads: list) -> list:
         """The accumulator as a list aligned with the caller's variables; ``None`` where the step
         gave a variable no gradient at all (as ``GradientTape.gradient`` would)."""
-        return [grads[slot] if slot in self.touched else None for slot in self.slots]
+        return first_order_only([grads[slot] if slot in self.touched else None
+                                 for slot in self.slots],
+                                [self.tf_variables[slot] for slot in self.slots])
 
     # -- tensors ------------------------------------------------------------------------------------
     def is_leaf(self, value: Any) -> bool:

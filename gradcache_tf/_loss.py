@@ -19,6 +19,7 @@ from tensorflow.python.eager import tape as tape_lib  # variable_accessed (priva
 
 from gradcache import cached_backward, cached_forward
 from gradcache_tf import _rng
+from gradcache_tf._backend import first_order_only
 from gradcache_tf._step import Setup, errors_through_autograph
 
 if TYPE_CHECKING:
@@ -57,9 +58,13 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
 
     The forward holds, until the gradient is taken, each chunk's random state and the
     representations' gradients (no activations). The gradient can be taken once: a second
-    ``tape.gradient`` through the same loss (a persistent tape) raises ``GradCacheError``. A
-    failure in pass 2 raises from ``tape.gradient``; nothing has been applied then, and eagerly
-    the random streams are where the forward left them.
+    ``tape.gradient`` through the same loss (a persistent tape) raises ``GradCacheError``, and
+    so does a loss with no gradient path (one that stops the representations' gradient or is
+    integer-valued), at the call. A failure in pass 2 raises from ``tape.gradient``; nothing has
+    been applied then, and the random streams are where the forward left them (inside
+    ``tf.function``: for a failed check). The gradient is first-order only: a tape that
+    differentiates it raises ``LookupError``. Do not change the variables between the call and
+    ``tape.gradient``: pass 2 would use the new values (``check_determinism=True`` catches it).
 
     >>> import tensorflow as tf
     >>> from gradcache_tf import cached_loss
@@ -118,8 +123,9 @@ def _cached_loss(encoders: Any, loss_fn: Callable, chunk_size: Any, setup: Setup
             with errors_through_autograph(), backend.transaction():
                 grads = cached_backward(state, factor)
             wanted = [slot_of.get(id(_rng.as_tf_variable(v))) for v in variables or ()]
-            found = [None if slot is None or slot not in backend.touched else grads[slot]
-                     for slot in wanted]
+            found = first_order_only(
+                [None if slot is None or slot not in backend.touched else grads[slot]
+                 for slot in wanted], [_rng.as_tf_variable(v) for v in variables or ()])
             return ([], found) if variables else []
 
         return tf.identity(loss), grad_fn

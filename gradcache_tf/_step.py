@@ -188,8 +188,12 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
 
     Raises:
         GradCacheError: for malformed input (before anything runs), randomness that cannot be
-            replayed, or a failed check. No gradient is returned then, and eagerly the random
-            streams are put back where they were before the step.
+            replayed, a loss with no gradient path, or a failed check (inside ``tf.function``, a
+            ``tf.errors.InvalidArgumentError`` carrying its message). No gradient is returned
+            then, and the random streams are put back where they were before the step (inside
+            ``tf.function``: for a failed check; an error raised by an op of your own at run
+            time ends the graph where it stands). The gradients are first-order only: a
+            recording tape that differentiates them raises ``LookupError``.
 
     >>> import tensorflow as tf
     >>> from gradcache_tf import cached_step

@@ -1,7 +1,8 @@
 """What a failing or wrong call leaves behind in TensorFlow: a failed check inside ``tf.function``
-puts the random streams back (as eagerly), and a loss with no gradient path is refused. Each case
-asserts the exception type and that the message names the cause. Few traces: each test builds its
-functions once."""
+puts the random streams back (as eagerly), a loss with no gradient path is refused, a gradient of
+the cached gradient (a nested tape, a gradient penalty) raises instead of missing terms, and what an
+adversarial pass over ``cached_loss`` found. Each case asserts the exception type and that the
+message names the cause. Few traces: each test builds its functions once."""
 
 from __future__ import annotations
 
@@ -113,3 +114,50 @@ def test_a_loss_with_no_gradient_path_is_an_error(graph: bool) -> None:
             call = tf.function(lambda: run(loss_fn)) if graph else lambda: run(loss_fn)  # noqa: B023
             with pytest.raises(GradCacheError, match="does not depend on the representations"):
                 call()
+
+
+# -- a gradient of the cached gradient ----------------------------------------------------------------
+def test_a_gradient_of_the_cached_gradient_raises_instead_of_missing_terms() -> None:
+    encoder, (q, p) = Dropout(), _pair()
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            loss = gradcache_tf.cached_loss(encoder, (q, p), info_nce, chunk_size=4)
+        (grad,) = inner.gradient(loss, [encoder.w])
+        penalty = tf.reduce_sum(grad ** 2)
+    with pytest.raises(LookupError, match="first-order gradients only"):
+        outer.gradient(penalty, [encoder.w])
+    with tf.GradientTape() as outer:   # a gradient penalty over cached_step
+        _, (grad,) = gradcache_tf.cached_step(encoder, (q, p), info_nce, chunk_size=4)
+        penalty = tf.reduce_sum(grad ** 2)
+    with pytest.raises(LookupError, match="first-order gradients only"):
+        outer.gradient(penalty, [encoder.w])
+    # a persistent tape asked inside its own block still gives the first-order gradient
+    with tf.GradientTape(persistent=True) as tape:
+        loss = gradcache_tf.cached_loss(encoder, (q, p), info_nce, chunk_size=4)
+        (grad,) = tape.gradient(loss, [encoder.w])
+    assert grad.shape == encoder.w.shape
+
+
+# -- cached_loss, tried adversarially -----------------------------------------------------------------
+def test_variables_changed_between_the_call_and_the_gradient_are_caught_by_check_determinism() -> None:
+    encoder, (q, p) = Dropout(), _pair()
+    with tf.GradientTape() as tape:
+        loss = gradcache_tf.cached_loss(encoder, (q, p), info_nce, chunk_size=4,
+                                        check_determinism=True)
+    encoder.w.assign_add(tf.ones_like(encoder.w))   # an optimizer step before the gradient
+    with pytest.raises(GradCacheError, match=r"chunk 0 \(pass 2\).*differs"):
+        tape.gradient(loss, [encoder.w])
+
+
+def test_a_second_gradient_inside_tf_function_is_a_gradcache_error() -> None:
+    encoder, (q, p) = Dropout(), _pair()
+
+    @tf.function
+    def twice(q, p):
+        with tf.GradientTape(persistent=True) as tape:
+            loss = gradcache_tf.cached_loss(encoder, (q, p), info_nce, chunk_size=4)
+        tape.gradient(loss, [encoder.w])
+        return tape.gradient(loss, [encoder.w])
+
+    with pytest.raises(GradCacheError, match="already pulled back"):
+        twice(q, p)
