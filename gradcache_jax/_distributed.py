@@ -66,9 +66,9 @@ def axis_size(axis_name: AxisName) -> int:
         return math.prod(lax.axis_size(axis) for axis in _axes(axis_name))
     except NameError as error:
         raise GradCacheError(
-            f"{axis_name!r} is not a mesh axis bound here: call cached_step(..., "
-            f"distributed={axis_name!r}) inside jax.shard_map over a mesh with that axis, or pass "
-            f"distributed=mesh (or True) to let cached_step shard the batch itself ({error})") from None
+            f"{axis_name!r} is not a mesh axis bound here: with distributed={axis_name!r}, call "
+            f"cached_step (or cached_loss's f) inside jax.shard_map over a mesh with that axis, or "
+            f"pass distributed=mesh (or True) to let it shard the batch itself ({error})") from None
 
 
 class MeshCollective(Collective):
