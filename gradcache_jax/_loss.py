@@ -34,6 +34,7 @@ from gradcache import (
     unflatten,
 )
 from gradcache._chunks import ChunkItems
+from gradcache_jax import _streams
 from gradcache_jax._backend import JaxBackend, is_tensor
 from gradcache_jax._distributed import ShardedJaxBackend, on_mesh
 from gradcache_jax._step import Setup
@@ -106,8 +107,9 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         ``f(params) -> loss``, a scalar.
 
     Raises:
-        GradCacheError: for malformed input, when ``f`` is called; for a gradient asked of the
-            inputs.
+        GradCacheError: for malformed input, when ``f`` is called (a loss that gathers itself
+            outside a distributed step at once); for a gradient asked of the inputs. ``f`` of a
+            Flax NNX module holding ``nnx.Rngs`` advances its streams as :func:`cached_step` does.
 
     >>> import jax, jax.numpy as jnp
     >>> from gradcache_jax import cached_loss
@@ -143,12 +145,14 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             def shard(params: Any, rng: Any, inputs: Any, loss_kwargs: Any) -> Any:
                 return _loss(on_device, params, rng, inputs, loss_kwargs)
 
-            return on_mesh(mesh, axis, shard, params, rng, setup.inputs, loss_kwargs)
+            with _streams.advancing(params):
+                return on_mesh(mesh, axis, shard, params, rng, setup.inputs, loss_kwargs)
 
         return on_devices
 
     def f(params: Any) -> Any:
-        return _loss(run, params, rng, setup.inputs, loss_kwargs)
+        with _streams.advancing(params):   # a Flax NNX module's own random streams, if any
+            return _loss(run, params, rng, setup.inputs, loss_kwargs)
 
     return f
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradcache import Collective, GradCacheError, StepOptions, flatten, map_leaves, run_cached_step
+from gradcache_jax import _streams
 from gradcache_jax._backend import JaxBackend, is_tensor
 from gradcache_jax._distributed import (
     MeshCollective,
@@ -67,7 +68,11 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             the gradients.
         params: the pytree of parameters (a dict, Flax ``nnx.State`` or Linen variables, an
             Equinox module). Its inexact array leaves are differentiated; any other leaf gets
-            ``None`` in ``grads``.
+            ``None`` in ``grads``. A Flax NNX module holding ``nnx.Rngs`` may be passed as it is:
+            each chunk sees its streams reseeded with its own key (``chunk_key`` of the stream's
+            next draw, in both passes: the split/merge route's masks), and after the step each
+            stream has advanced by one draw, in the module you passed (under ``jax.jit``, return
+            it to keep that; ``nnx.jit`` does it for you).
         rng: a key. Chunk ``i`` of group ``g`` receives :func:`chunk_key(rng, g, i) <chunk_key>`,
             the same in both passes, so dropout masks match.
         loss_takes_params: the loss owns parameters (a learnable temperature) kept in ``params``:
@@ -102,8 +107,10 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         ``(loss, grads)``: the scalar loss and the gradients with the structure of ``params``.
 
     Raises:
-        GradCacheError: for malformed input, before anything runs, or a failed eager check; with
-            ``mesh``, for an input group whose rows the devices cannot share evenly.
+        GradCacheError: for malformed input (a loss that gathers itself outside a distributed
+            step, an NNX module closed over by a jitted function), before anything runs; a failed
+            eager check; with ``mesh``, for an input group whose rows the devices cannot share
+            evenly.
 
     >>> import jax, jax.numpy as jnp
     >>> from gradcache_jax import cached_step
@@ -121,7 +128,8 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     setup = Setup(inputs, loss_fn, options, entry="cached_step", axis_name=axis_name, mesh=mesh,
                   loss_takes_params=loss_takes_params,
                   own=("params", "rng", "loss_takes_params", "axis_name", "mesh"))
-    return _step(setup, encoders, loss_fn, chunk_size, params, rng, loss_takes_params)
+    with _streams.advancing(params):   # a Flax NNX module's own random streams, if any
+        return _step(setup, encoders, loss_fn, chunk_size, params, rng, loss_takes_params)
 
 
 def _step(setup: Setup, encoders: Any, loss_fn: Callable, chunk_size: Any, params: Any, rng: Any,
