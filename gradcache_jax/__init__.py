@@ -14,6 +14,7 @@ except ImportError:  # pragma: no cover - exercised only without jax
 
 from gradcache import GradCacheError
 from gradcache_jax._backend import JaxBackend, chunk_key
+from gradcache_jax._check_errors import unwrap_check_errors
 
 # the pieces of a distributed step, for composing one with gradcache.run_cached_step (the plain way
 # is cached_step(distributed=...)), as torch and TF export their collectives
@@ -29,4 +30,5 @@ __all__ = [
     "cached_loss",
     "cached_step",
     "chunk_key",
+    "unwrap_check_errors",
 ]

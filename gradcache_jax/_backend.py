@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 
 from gradcache import Backend, GradCacheError, flatten, unflatten
-from gradcache_jax import _streams
+from gradcache_jax import _check_errors, _streams
 
 
 def chunk_key(rng: Any, group: Any, chunk: Any) -> Any:
@@ -219,9 +219,16 @@ class JaxBackend(Backend):
             # The loss reads its params through loss_params() while it is being differentiated.
             self._loss_params = self.params_with(trainable) if self.loss_takes_params else None
             try:
-                return fn(values)
+                target, value = fn(values)
             finally:
                 self._loss_params = None
+            if not jnp.issubdtype(jnp.result_type(target), jnp.inexact):
+                # jax.grad's own error would tell the user to call jax.vjp, which they did not
+                raise GradCacheError(
+                    f"the loss does not depend on the representations: it returned an integer "
+                    f"value ({jnp.result_type(target)}), which has no gradient (argmax, a "
+                    f"comparison, a count?); return a floating-point loss")
+            return target, value
 
         if self.loss_takes_params:
             (_, value), (value_grads, param_grads) = jax.value_and_grad(
@@ -266,7 +273,8 @@ class JaxBackend(Backend):
         def on_host(*host_leaves: Any) -> None:
             check(*unflatten(spec, list(host_leaves)))
 
-        jax.debug.callback(on_host, *leaves, ordered=self.ordered_checks)
+        # recorded, so that gradcache_jax.unwrap_check_errors can give the failure back as it is
+        jax.debug.callback(_check_errors.on_host(on_host), *leaves, ordered=self.ordered_checks)
 
     def progress_enabled(self) -> bool:
         # A scanned loop body is traced once for all its chunks: a bar would not follow them.

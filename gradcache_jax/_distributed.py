@@ -30,6 +30,7 @@ from jax import lax
 from gradcache import Collective, GradCacheError
 from gradcache_jax import _streams
 from gradcache_jax._backend import JaxBackend, is_tensor
+from gradcache_jax._check_errors import run_unwrapped
 
 AxisName = Any  # a mesh axis name, or a tuple of them (the batch split over several axes)
 
@@ -219,12 +220,14 @@ def _check_divisible(inputs: Sequence, world: int, axis_name: AxisName) -> None:
 
 
 def on_mesh(mesh: Any, axis_name: AxisName, shard_step: Callable, params: Any, rng: Any,
-            inputs: Sequence, loss_kwargs: Any) -> Any:
+            inputs: Sequence, loss_kwargs: Any, *, checked: bool = False) -> Any:
     """Runs ``shard_step(params, rng, inputs, loss_kwargs)`` under ``shard_map`` over ``mesh``.
 
     The inputs' array leaves are split along dimension 0 over ``axis_name``; the params, the key
     and the loss's keyword arrays are replicated; everything that is not an array is closed over.
-    What the step returns is the same on every device.
+    What the step returns is the same on every device. Run eagerly, the ``shard_map`` is a
+    compiled program of gradcache's own: a check failing in it raises its ``GradCacheError``
+    (``checked``: the step runs checks, so wait for its results to surface a failure here).
     """
     world = math.prod(mesh.shape[axis] for axis in _axes(axis_name))
     _check_divisible(inputs, world, axis_name)
@@ -250,4 +253,5 @@ def on_mesh(mesh: Any, axis_name: AxisName, shard_step: Callable, params: Any, r
                 place(input_arrays, split), place(kwarg_arrays, replicated))
     sharded = _shard_map()(body, mesh=mesh, in_specs=(replicated, replicated, split, replicated),
                            out_specs=replicated)
-    return sharded(*args)
+    eager = not isinstance(jnp.zeros(()), jax.core.Tracer)
+    return run_unwrapped(lambda: sharded(*args), wait=checked and eager)

@@ -107,9 +107,11 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         ``f(params) -> loss``, a scalar.
 
     Raises:
-        GradCacheError: for malformed input, when ``f`` is called (a loss that gathers itself
-            outside a distributed step at once); for a gradient asked of the inputs. ``f`` of a
-            Flax NNX module holding ``nnx.Rngs`` advances its streams as :func:`cached_step` does.
+        GradCacheError: for malformed input, when ``f`` is called (a malformed ``rng`` or a loss
+            that gathers itself outside a distributed step at once); for a gradient asked of the
+            inputs; for an integer-valued loss when differentiated. A check failing under
+            ``jit``: see :func:`cached_step` and :func:`unwrap_check_errors`. ``f`` of a Flax NNX
+            module holding ``nnx.Rngs`` advances its streams as :func:`cached_step` does.
 
     >>> import jax, jax.numpy as jnp
     >>> from gradcache_jax import cached_loss
@@ -130,7 +132,7 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     >>> params["w"].shape
     (8, 4)
     """
-    setup = Setup(inputs, loss_fn, options, entry="cached_loss", axis_name=axis_name,
+    setup = Setup(inputs, loss_fn, options, entry="cached_loss", axis_name=axis_name, rng=rng,
                   loss_takes_params=loss_takes_params,
                   own=("rng", "loss_takes_params", "axis_name"))
     loss_kwargs = setup.keywords["loss_kwargs"]
@@ -146,7 +148,8 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                 return _loss(on_device, params, rng, inputs, loss_kwargs)
 
             with _streams.advancing(params):
-                return on_mesh(mesh, axis, shard, params, rng, setup.inputs, loss_kwargs)
+                return on_mesh(mesh, axis, shard, params, rng, setup.inputs, loss_kwargs,
+                               checked=setup.checks())
 
         return on_devices
 

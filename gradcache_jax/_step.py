@@ -99,18 +99,19 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             ``pad_trim`` and ``sort_by_length`` (eagerly only: they read the attention masks,
             whose values a trace does not know), ``check_finite`` and ``check_determinism`` (under
             ``jit`` they run on the host when the values exist and fail the compiled call with a
-            ``jax.errors.JaxRuntimeError`` carrying the message; eagerly the step then runs chunk
-            by chunk in Python and raises ``GradCacheError``), ``determinism_tolerance``,
+            ``jax.errors.JaxRuntimeError`` carrying the message -- :func:`unwrap_check_errors`
+            around the call gives back the ``GradCacheError`` itself; eagerly the step then runs
+            chunk by chunk in Python and raises ``GradCacheError``), ``determinism_tolerance``,
             ``progress`` (eager steps only: under ``jit`` the chunks run inside one program).
 
     Returns:
         ``(loss, grads)``: the scalar loss and the gradients with the structure of ``params``.
 
     Raises:
-        GradCacheError: for malformed input (a loss that gathers itself outside a distributed
-            step, an NNX module closed over by a jitted function), before anything runs; a failed
-            eager check; with ``mesh``, for an input group whose rows the devices cannot share
-            evenly.
+        GradCacheError: for malformed input (a key that is not one JAX key, a loss that gathers
+            itself outside a distributed step, an NNX module closed over by a jitted function),
+            before anything runs; an integer-valued loss; a failed eager check; with ``mesh``, for
+            an input group whose rows the devices cannot share evenly.
 
     >>> import jax, jax.numpy as jnp
     >>> from gradcache_jax import cached_step
@@ -126,7 +127,7 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     (8, 4)
     """
     setup = Setup(inputs, loss_fn, options, entry="cached_step", axis_name=axis_name, mesh=mesh,
-                  loss_takes_params=loss_takes_params,
+                  rng=rng, loss_takes_params=loss_takes_params,
                   own=("params", "rng", "loss_takes_params", "axis_name", "mesh"))
     with _streams.advancing(params):   # a Flax NNX module's own random streams, if any
         return _step(setup, encoders, loss_fn, chunk_size, params, rng, loss_takes_params)
@@ -143,7 +144,7 @@ def _step(setup: Setup, encoders: Any, loss_fn: Callable, chunk_size: Any, param
                                loss_kwargs=loss_kwargs, distributed=setup.axis, **per_device)
 
         return on_mesh(setup.mesh, setup.axis, shard_step, params, rng, setup.inputs,
-                       setup.keywords["loss_kwargs"])
+                       setup.keywords["loss_kwargs"], checked=setup.checks())
     backend = setup.backend(params, setup.device_key(rng))
     loss, grads = run_cached_step(backend, encoders, setup.inputs,
                                   setup.loss_for(backend, differentiate=True),
@@ -154,19 +155,38 @@ def _step(setup: Setup, encoders: Any, loss_fn: Callable, chunk_size: Any, param
     return loss, backend.grads_like_params(grads)
 
 
+def _check_key(rng: Any) -> None:
+    """Raises a GradCacheError unless ``rng`` is ``None`` or one JAX key (typed, or a legacy
+    ``PRNGKey``'s uint32 data), before it reaches an encoder in a form fold_in cannot take."""
+    if rng is None:
+        return
+    dtype, shape = getattr(rng, "dtype", None), getattr(rng, "shape", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    if (typed and shape == ()) or (not typed and dtype == jnp.uint32 and shape is not None
+                                   and len(shape) == 1):
+        return
+    what = (f"a key array of shape {shape} (one key per step: split it outside)" if typed
+            else f"{type(rng).__name__}" + (f" of dtype {dtype} and shape {shape}"
+                                           if dtype is not None else f" {rng!r}"))
+    raise GradCacheError(f"rng must be one JAX key (jax.random.key(seed) or "
+                         f"jax.random.PRNGKey(seed)), got {what}")
+
+
 class Setup:
     """What ``cached_step`` and ``cached_loss`` make of their arguments, in one place.
 
-    The shared options parsed and checked (:class:`gradcache.StepOptions`); ``distributed=`` (and
-    its deprecated spellings) resolved to a mesh to run on (:attr:`mesh`, :attr:`axis`), the axis
+    The shared options parsed and checked (:class:`gradcache.StepOptions`) and the key too;
+    ``distributed=`` (and its deprecated spellings) resolved to a mesh to run on (:attr:`mesh`, :attr:`axis`), the axis
     of the ``shard_map`` the call runs in (:attr:`axis_name`), or a collective of the caller's own;
     numpy input groups made device arrays once; then, per call, the backend for its ``params``
     and key, and the loss as the core calls it.
     """
 
     def __init__(self, inputs: Any, loss_fn: Callable, options: Any, *, entry: str,
-                 own: Sequence[str], axis_name: Any, loss_takes_params: bool, mesh: Any = None):
+                 own: Sequence[str], axis_name: Any, rng: Any, loss_takes_params: bool,
+                 mesh: Any = None):
         step = StepOptions.from_keywords(options, adapter="gradcache_jax", own=own, entry=entry)
+        _check_key(rng)
         given = step.distributed if isinstance(step.distributed, Collective) and not isinstance(
             step.distributed, MeshCollective) else None
         if given is not None and entry == "cached_loss":
@@ -208,6 +228,10 @@ class Setup:
         inner = copy.copy(self)
         inner.mesh, inner.axis_name, inner.axis = None, self.axis, None
         return inner
+
+    def checks(self) -> bool:
+        """Whether the call runs host checks (``check_finite``, ``check_determinism``)."""
+        return bool(self.keywords["check_finite"] or self.keywords["check_determinism"])
 
     def sharded(self) -> bool:
         """Whether this call is one device's part of a step, inside a ``shard_map``."""
