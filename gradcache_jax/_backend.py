@@ -26,6 +26,7 @@ import numpy as np
 from jax import lax
 
 from gradcache import Backend, GradCacheError, flatten, unflatten
+from gradcache_jax import _check_errors, _streams
 
 
 def chunk_key(rng: Any, group: Any, chunk: Any) -> Any:
@@ -110,16 +111,24 @@ class JaxBackend(Backend):
         self._leaves, self._treedef = jax.tree_util.tree_flatten(params)
         self._trainable = [i for i, leaf in enumerate(self._leaves) if _inexact(leaf)]
         self._loss_params: Any = None
+        # Flax NNX random streams inside params: each chunk reseeds them (see _streams)
+        self.streams = _streams.find(params)
+        self._stream_bases = [self.stream_step_key(self._leaves[stream.key_at],
+                                                   self._leaves[stream.count_at])
+                              for stream in self.streams]
 
     # -- parameters ---------------------------------------------------------------------------------
     def trainable(self) -> list:
         """The trainable leaves of ``params``, in flattening order."""
         return [self._leaves[i] for i in self._trainable]
 
-    def params_with(self, trainable: Sequence) -> Any:
-        """``params`` with its trainable leaves replaced by ``trainable`` (to differentiate them)."""
+    def params_with(self, trainable: Sequence, replaced: dict[int, Any] | None = None) -> Any:
+        """``params`` with its trainable leaves replaced by ``trainable`` (to differentiate them),
+        and the leaves at the positions of ``replaced`` by its values (a chunk's stream keys)."""
         leaves = list(self._leaves)
         for i, value in zip(self._trainable, trainable, strict=True):
+            leaves[i] = value
+        for i, value in (replaced or {}).items():
             leaves[i] = value
         return jax.tree_util.tree_unflatten(self._treedef, leaves)
 
@@ -166,25 +175,38 @@ class JaxBackend(Backend):
         return jnp.concatenate(list(leaves), axis=0)
 
     # -- randomness ---------------------------------------------------------------------------------
+    def stream_step_key(self, key: Any, count: Any) -> Any:
+        """An NNX stream's key for this step: its next draw, ``fold_in(key, count)``."""
+        return _streams.fold(key, count)
+
     def rng_capture(self, group: int, chunk: Any) -> Any:
-        if self.rng is None:
-            return None
-        return chunk_key(self.rng, group, chunk)
+        key = None if self.rng is None else chunk_key(self.rng, group, chunk)
+        if not self.streams:
+            return key
+        return key, [_streams.chunk_keys(base, group, chunk) for base in self._stream_bases]
 
     def rng_replay(self, record: Any) -> contextlib.AbstractContextManager:
         # Keys are passed explicitly: replaying means passing the same key, which pullback does.
         return contextlib.nullcontext()
 
     # -- autodiff -----------------------------------------------------------------------------------
-    def _call(self, encoder: Callable, params: Any, chunk: Any, record: Any) -> Any:
+    def _call(self, encoder: Callable, trainable: list, chunk: Any, record: Any) -> Any:
+        # A params tree rebuilt from its leaves, in both passes: both see the same kind of object,
+        # and stateful containers (Flax NNX variables) belong to the current trace. Its NNX
+        # streams, if any, reseeded with the chunk's keys (a new counter per chunk).
+        key, replaced = record, {}
+        if self.streams:
+            key, stream_keys = record
+            for stream, stream_key in zip(self.streams, stream_keys, strict=True):
+                replaced[stream.key_at] = stream_key
+                replaced[stream.count_at] = jnp.zeros_like(self._leaves[stream.count_at])
+        params = self.params_with(trainable, replaced)
         if self.rng is None:
             return encoder(params, chunk)
-        return encoder(params, chunk, record)
+        return encoder(params, chunk, key)
 
     def encode(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable) -> Any:
-        # A params tree rebuilt from its leaves, as pass 2 gives it: both passes see the same kind
-        # of object, and stateful containers (Flax NNX variables) belong to the current trace.
-        return get_rep(self._call(encoder, self.params_with(self.encoder_trainable()), chunk, record))
+        return get_rep(self._call(encoder, self.encoder_trainable(), chunk, record))
 
     def differentiable(self, leaf: Any) -> bool:
         return _inexact(leaf)
@@ -197,9 +219,16 @@ class JaxBackend(Backend):
             # The loss reads its params through loss_params() while it is being differentiated.
             self._loss_params = self.params_with(trainable) if self.loss_takes_params else None
             try:
-                return fn(values)
+                target, value = fn(values)
             finally:
                 self._loss_params = None
+            if not jnp.issubdtype(jnp.result_type(target), jnp.inexact):
+                # jax.grad's own error would tell the user to call jax.vjp, which they did not
+                raise GradCacheError(
+                    f"the loss does not depend on the representations: it returned an integer "
+                    f"value ({jnp.result_type(target)}), which has no gradient (argmax, a "
+                    f"comparison, a count?); return a floating-point loss")
+            return target, value
 
         if self.loss_takes_params:
             (_, value), (value_grads, param_grads) = jax.value_and_grad(
@@ -216,8 +245,7 @@ class JaxBackend(Backend):
         found: list = []
 
         def forward(trainable: list) -> list:
-            leaves, cotangents = outputs(self._call(encoder, self.params_with(trainable), chunk,
-                                                    record))
+            leaves, cotangents = outputs(self._call(encoder, trainable, chunk, record))
             found.append(cotangents)   # pass 2's gradient slices: outer values, not traced here
             return leaves
 
@@ -245,7 +273,8 @@ class JaxBackend(Backend):
         def on_host(*host_leaves: Any) -> None:
             check(*unflatten(spec, list(host_leaves)))
 
-        jax.debug.callback(on_host, *leaves, ordered=self.ordered_checks)
+        # recorded, so that gradcache_jax.unwrap_check_errors can give the failure back as it is
+        jax.debug.callback(_check_errors.on_host(on_host), *leaves, ordered=self.ordered_checks)
 
     def progress_enabled(self) -> bool:
         # A scanned loop body is traced once for all its chunks: a bar would not follow them.

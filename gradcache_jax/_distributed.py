@@ -28,7 +28,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from gradcache import Collective, GradCacheError
+from gradcache_jax import _streams
 from gradcache_jax._backend import JaxBackend, is_tensor
+from gradcache_jax._check_errors import run_unwrapped
 
 AxisName = Any  # a mesh axis name, or a tuple of them (the batch split over several axes)
 
@@ -66,9 +68,9 @@ def axis_size(axis_name: AxisName) -> int:
         return math.prod(lax.axis_size(axis) for axis in _axes(axis_name))
     except NameError as error:
         raise GradCacheError(
-            f"{axis_name!r} is not a mesh axis bound here: call cached_step(..., "
-            f"distributed={axis_name!r}) inside jax.shard_map over a mesh with that axis, or pass "
-            f"distributed=mesh (or True) to let cached_step shard the batch itself ({error})") from None
+            f"{axis_name!r} is not a mesh axis bound here: with distributed={axis_name!r}, call "
+            f"cached_step (or cached_loss's f) inside jax.shard_map over a mesh with that axis, or "
+            f"pass distributed=mesh (or True) to let it shard the batch itself ({error})") from None
 
 
 class MeshCollective(Collective):
@@ -130,14 +132,18 @@ class ShardedJaxBackend(JaxBackend):
     ordered_checks = False  # JAX refuses ordered host callbacks on more than one device
 
     def __init__(self, params: Any, *, axis_name: AxisName, **options: Any):
+        self.axis_name = axis_name   # before the streams' step keys are made (stream_step_key)
         super().__init__(params, **options)
-        self.axis_name = axis_name
         # made here, at the step's trace level, not inside a scanned loop body
         self._varying = [to_varying(leaf, axis_name) for leaf in self.trainable()]
         self._loss_param_grads: Any = None
 
     def encoder_trainable(self) -> list:
         return self._varying
+
+    def stream_step_key(self, key: Any, count: Any) -> Any:
+        # devices must not share masks: as the step key, fold in the device's index
+        return _streams.fold(super().stream_step_key(key, count), lax.axis_index(self.axis_name))
 
     def zero_grads(self) -> tuple:
         return tuple(to_varying(zero, self.axis_name) for zero in super().zero_grads())
@@ -214,12 +220,14 @@ def _check_divisible(inputs: Sequence, world: int, axis_name: AxisName) -> None:
 
 
 def on_mesh(mesh: Any, axis_name: AxisName, shard_step: Callable, params: Any, rng: Any,
-            inputs: Sequence, loss_kwargs: Any) -> tuple[Any, Any]:
+            inputs: Sequence, loss_kwargs: Any, *, checked: bool = False) -> Any:
     """Runs ``shard_step(params, rng, inputs, loss_kwargs)`` under ``shard_map`` over ``mesh``.
 
     The inputs' array leaves are split along dimension 0 over ``axis_name``; the params, the key
     and the loss's keyword arrays are replicated; everything that is not an array is closed over.
-    The step returns ``(loss, grads)``, both the same on every device.
+    What the step returns is the same on every device. Run eagerly, the ``shard_map`` is a
+    compiled program of gradcache's own: a check failing in it raises its ``GradCacheError``
+    (``checked``: the step runs checks, so wait for its results to surface a failure here).
     """
     world = math.prod(mesh.shape[axis] for axis in _axes(axis_name))
     _check_divisible(inputs, world, axis_name)
@@ -245,4 +253,5 @@ def on_mesh(mesh: Any, axis_name: AxisName, shard_step: Callable, params: Any, r
                 place(input_arrays, split), place(kwarg_arrays, replicated))
     sharded = _shard_map()(body, mesh=mesh, in_specs=(replicated, replicated, split, replicated),
                            out_specs=replicated)
-    return sharded(*args)
+    eager = not isinstance(jnp.zeros(()), jax.core.Tracer)
+    return run_unwrapped(lambda: sharded(*args), wait=checked and eager)

@@ -22,26 +22,22 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from gradcache import (
     CachedForward,
-    Collective,
     GradCacheError,
     Rendezvous,
-    StepOptions,
     cached_backward,
     cached_forward,
     flatten,
-    map_leaves,
     unflatten,
 )
 from gradcache._chunks import ChunkItems
+from gradcache_jax import _streams
 from gradcache_jax._backend import JaxBackend, is_tensor
-from gradcache_jax._distributed import MeshCollective, ShardedJaxBackend, on_mesh, resolve_axis
-from gradcache_jax._step import _distribution, _tracing
+from gradcache_jax._distributed import ShardedJaxBackend, on_mesh
+from gradcache_jax._step import Setup
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -111,8 +107,11 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         ``f(params) -> loss``, a scalar.
 
     Raises:
-        GradCacheError: for malformed input, when ``f`` is called; for a gradient asked of the
-            inputs.
+        GradCacheError: for malformed input, when ``f`` is called (a malformed ``rng`` or a loss
+            that gathers itself outside a distributed step at once); for a gradient asked of the
+            inputs; for an integer-valued loss when differentiated. A check failing under
+            ``jit``: see :func:`cached_step` and :func:`unwrap_check_errors`. ``f`` of a Flax NNX
+            module holding ``nnx.Rngs`` advances its streams as :func:`cached_step` does.
 
     >>> import jax, jax.numpy as jnp
     >>> from gradcache_jax import cached_loss
@@ -133,106 +132,72 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     >>> params["w"].shape
     (8, 4)
     """
-    step = StepOptions.from_keywords(options, adapter="gradcache_jax",
-                                     own=("rng", "loss_takes_params", "axis_name"),
-                                     entry="cached_loss")
-    if isinstance(step.distributed, Collective) and not isinstance(step.distributed, MeshCollective):
-        raise GradCacheError(
-            "cached_loss runs distributed over a JAX mesh: distributed=True, a jax.sharding.Mesh, "
-            "or the axis name of the shard_map it runs in. A gradcache.Collective of your own "
-            "(each rank returning its share of the gradient) is for cached_step")
-    mesh, axis_name = _distribution(step.distributed, None, axis_name)
-    if isinstance(inputs, (list, tuple)) and not hasattr(inputs, "_fields"):
-        inputs = type(inputs)(map_leaves(jnp.asarray, group, lambda v: isinstance(v, np.ndarray))
-                              for group in inputs)
-    shared = step.step_keywords()
-    loss_kwargs = shared.pop("loss_kwargs")
-    config = _Config(encoders, loss_fn, chunk_size, loss_takes_params, shared, _tracing)
+    setup = Setup(inputs, loss_fn, options, entry="cached_loss", axis_name=axis_name, rng=rng,
+                  loss_takes_params=loss_takes_params,
+                  own=("rng", "loss_takes_params", "axis_name"))
+    loss_kwargs = setup.keywords["loss_kwargs"]
+    run = _Run(setup, encoders, chunk_size,
+               {name: value for name, value in setup.keywords.items() if name != "loss_kwargs"})
 
-    if mesh is not None:
-        axis = resolve_axis(mesh, axis_name)
+    if setup.mesh is not None:
+        mesh, axis = setup.mesh, setup.axis
+        on_device = dataclasses.replace(run, setup=setup.on_device())
 
         def on_devices(params: Any) -> Any:
             def shard(params: Any, rng: Any, inputs: Any, loss_kwargs: Any) -> Any:
-                return _loss(config, params, rng, inputs, loss_kwargs, axis)
+                return _loss(on_device, params, rng, inputs, loss_kwargs)
 
-            return on_mesh(mesh, axis, shard, params, rng, inputs, loss_kwargs)
+            with _streams.advancing(params):
+                return on_mesh(mesh, axis, shard, params, rng, setup.inputs, loss_kwargs,
+                               checked=setup.checks())
 
         return on_devices
 
     def f(params: Any) -> Any:
-        return _loss(config, params, rng, inputs, loss_kwargs, axis_name)
+        with _streams.advancing(params):   # a Flax NNX module's own random streams, if any
+            return _loss(run, params, rng, setup.inputs, loss_kwargs)
 
     return f
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _Run:
+    """What ``f`` needs to run the two halves: the call's :class:`Setup`, the encoders, the chunk
+    sizes and the core's keywords other than the loss's (those travel as arrays)."""
+
+    setup: Setup
     encoders: Any
-    loss_fn: Callable
     chunk_size: Any
-    loss_takes_params: bool
     options: dict
-    tracing: Callable[..., bool]
 
-    def backend(self, params: Any, rng: Any, axis_name: Any, inputs: Any) -> JaxBackend:
-        if axis_name is not None:
-            return ShardedJaxBackend(params, axis_name=axis_name, rng=rng,
-                                     loss_takes_params=self.loss_takes_params, scan=True,
-                                     concrete=False)
-        traced = self.tracing((params, rng), inputs)
-        scan = traced or not (self.options["progress"] or self.options["check_determinism"])
-        return JaxBackend(params, rng=rng, loss_takes_params=self.loss_takes_params, scan=scan,
-                          concrete=not traced)
-
-    def forward(self, backend: JaxBackend, inputs: Any, loss_kwargs: Any, axis_name: Any, *,
+    def forward(self, backend: JaxBackend, inputs: Any, loss_kwargs: Any, *,
                 differentiate: bool) -> CachedForward:
-        loss_fn = self.loss_fn
-        if self.loss_takes_params:
-            user_loss = loss_fn
-
-            def with_params(*reps: Any, **kwargs: Any) -> Any:
-                # differentiated, the loss reads the params being differentiated; for the loss
-                # alone (no gradient), the params as they are
-                params = backend.loss_params() if differentiate else backend.params
-                return user_loss(params, *reps, **kwargs)
-
-            with_params.gathers_itself = getattr(user_loss, "gathers_itself", False)  # type: ignore[attr-defined]
-            with_params.__wrapped__ = user_loss  # type: ignore[attr-defined]  # checked by the core
-            loss_fn = with_params
-        collective = None if axis_name is None else MeshCollective(axis_name)
-        return cached_forward(backend, self.encoders, inputs, loss_fn, chunk_size=self.chunk_size,
-                              loss_kwargs=loss_kwargs, collective=collective,
-                              differentiate=differentiate, **self.options)
+        return cached_forward(backend, self.encoders, inputs,
+                              self.setup.loss_for(backend, differentiate=differentiate),
+                              chunk_size=self.chunk_size, loss_kwargs=loss_kwargs,
+                              collective=self.setup.collective(), differentiate=differentiate,
+                              **self.options)
 
 
-def _loss(config: _Config, params: Any, rng: Any, inputs: Any, loss_kwargs: Any,
-          axis_name: Any) -> Any:
+def _loss(run: _Run, params: Any, rng: Any, inputs: Any, loss_kwargs: Any) -> Any:
     """``f(params)``: one ``custom_vjp`` function over the arrays of the step's arguments."""
+    setup = run.setup
     param_arrays, param_where, params_back = _arrays(params)
-    key = None
-    if axis_name is not None and rng is not None:
-        from gradcache_jax._distributed import shard_key
-
-        key = shard_key(rng, axis_name)
-    else:
-        key = rng
-    rng_arrays, _, rng_back = _arrays(key)
+    rng_arrays, _, rng_back = _arrays(setup.device_key(rng))
     input_arrays, _, inputs_back = _arrays(inputs)
     kwarg_arrays, _, kwargs_back = _arrays(loss_kwargs)
 
     def build(p: list, r: list) -> JaxBackend:
-        return config.backend(params_back(p), rng_back(r), axis_name, inputs)
+        return setup.backend(params_back(p), rng_back(r), inputs)
 
     @jax.custom_vjp
     def loss_of(p: list, r: list, i: list, k: list) -> Any:
         backend = build(p, r)
-        return config.forward(backend, inputs_back(i), kwargs_back(k), axis_name,
-                              differentiate=False).loss
+        return run.forward(backend, inputs_back(i), kwargs_back(k), differentiate=False).loss
 
     # Symbolic zeros tell the forward rule which arguments are differentiated (an input must not
     # be); JAX does not support them under shard_map, where that check is not made.
-    symbolic = axis_name is None
+    symbolic = not setup.sharded()
 
     def fwd(p: list, r: list, i: list, k: list) -> tuple[Any, Any]:
         if symbolic:
@@ -244,10 +209,8 @@ def _loss(config: _Config, params: Any, rng: Any, inputs: Any, loss_kwargs: Any,
                         f"batch as data), or compute that gradient without gradient caching")
             p, r, i, k = ([primal.value for primal in primals] for primals in (p, r, i, k))
         backend = build(p, r)
-        forward = config.forward(backend, inputs_back(i), kwargs_back(k), axis_name,
-                                 differentiate=True)
+        forward = run.forward(backend, inputs_back(i), kwargs_back(k), differentiate=True)
         return forward.loss, _save(forward, backend, p, r)
-
     def bwd(saved: tuple, upstream: Any) -> tuple:
         p, r, state_leaves, skeleton = saved
         if isinstance(upstream, SymbolicZero):   # nothing flows into the loss: no gradient

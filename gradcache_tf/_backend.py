@@ -56,6 +56,36 @@ def _weighted(gradient: Any, weight: Any) -> Any:
     return gradient * tf.cast(weight, gradient.dtype)
 
 
+SECOND_ORDER = (
+    "gradcache gives first-order gradients only: pass 1 runs with no tape recording, so a "
+    "gradient of the cached gradient (a gradient penalty, a nested GradientTape) would miss every "
+    "term through the representations. Compute that term without gradient caching")
+
+
+def first_order_only(gradients: list, variables: list) -> list:
+    """``gradients`` (one per variable), made to raise if a recording tape differentiates them.
+
+    An outer tape records pass 2 but not pass 1, so its gradient of these would miss every term
+    through the representations -- silently, or as ``None`` where a gradient exists (a linear
+    encoder's gradient does not depend on its own weights). Each gradient is therefore joined to
+    its variable through ``PreventGradient`` (an identity whose gradient raises ``LookupError``
+    with :data:`SECOND_ORDER`), in a ``tf.where`` that keeps the gradient's values exactly.
+    Without a recording tape they are returned as they are.
+    """
+    if not _record.could_possibly_record():
+        return gradients
+    out: list = []
+    for gradient, variable in zip(gradients, variables, strict=True):
+        if gradient is None:
+            out.append(None)
+            continue
+        prevented = tf.raw_ops.PreventGradient(input=gradient, message=SECOND_ORDER)
+        reached = tf.raw_ops.PreventGradient(input=tf.cast(variable, gradient.dtype),
+                                             message=SECOND_ORDER)
+        out.append(tf.where(tf.zeros_like(gradient, tf.bool), reached, prevented))
+    return out
+
+
 class TFBackend(Backend):
     """Primitives over ``tf.GradientTape``. One instance serves one step.
 
@@ -103,6 +133,8 @@ class TFBackend(Backend):
         self._known: set[int] | None = None        # ids of all variables found (for the check)
         self._warned = False
         self._keras_draws = 0
+        # inside tf.function: the random streams' values a failed check puts back (see transaction)
+        self._restore_point: tuple | None = None
 
     # -- variables ----------------------------------------------------------------------------------
     def resolve_variables(self) -> None:
@@ -126,7 +158,9 @@ class TFBackend(Backend):
     def gradients_for_caller(self, grads: list) -> list:
         """The accumulator as a list aligned with the caller's variables; ``None`` where the step
         gave a variable no gradient at all (as ``GradientTape.gradient`` would)."""
-        return [grads[slot] if slot in self.touched else None for slot in self.slots]
+        return first_order_only([grads[slot] if slot in self.touched else None
+                                 for slot in self.slots],
+                                [self.tf_variables[slot] for slot in self.slots])
 
     # -- tensors ------------------------------------------------------------------------------------
     def is_leaf(self, value: Any) -> bool:
@@ -240,6 +274,13 @@ class TFBackend(Backend):
             tape.watch([v for v in self.tf_variables if _differentiable(v)])
             target, value = fn(watched)
         gradients = tape.gradient(target, watched + self.tf_variables)
+        if all(gradient is None for gradient in gradients):
+            # as tape.gradient of the full-batch loss would (None for every variable): zeros in
+            # its place would look like a trained step
+            raise GradCacheError(
+                "the loss does not depend on the representations (no gradient reaches them: does "
+                "it stop_gradient them, or compute its value through integer ops such as argmax, "
+                "a comparison or a cast to an integer type?)")
         value_grads = [None if g is None else tf.convert_to_tensor(g)
                        for g in gradients[:len(watched)]]
         direct = gradients[len(watched):]
@@ -275,15 +316,23 @@ class TFBackend(Backend):
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         # Gradients are returned, so a failed step has nothing to undo there; what it did change is
-        # the random streams pass 1 advanced. Put them back (eagerly: a failed trace runs nothing).
-        eager = tf.executing_eagerly()
-        before = self.random.capture() if eager else None
+        # the random streams pass 1 advanced. Eagerly, put them back on the way out. Inside
+        # tf.function an exception here is a failed trace, which runs nothing; what fails when
+        # the graph runs is a host check, whose failure branch (run_check) assigns the streams
+        # these reads saw -- the graph orders the reads before pass 1's draws and the branch
+        # after them, as it orders every access to one variable in program order.
+        before = self.random.capture()
+        outer, self._restore_point = self._restore_point, None
+        if not tf.executing_eagerly():
+            self._restore_point = before
         try:
             yield
         except BaseException:
-            if before is not None:   # eager: capture() returns a tuple
+            if tf.executing_eagerly():
                 self.random.restore(before)
             raise
+        finally:
+            self._restore_point = outer
 
     # -- checks -------------------------------------------------------------------------------------
     def run_check(self, check: Callable[..., None], *values: Any) -> None:
@@ -298,13 +347,34 @@ class TFBackend(Backend):
                 "check_finite and check_determinism run on the host, which a jit_compile=True "
                 "function cannot call; run the checking step without jit_compile")
         leaves, spec = flatten(values, is_tensor)
+        failures: list[BaseException] = []
 
-        def on_host(*concrete: Any) -> list:
+        def on_host(*concrete: Any) -> bool:
             plain = [int(t) if t.shape.rank == 0 and t.dtype.is_integer else t for t in concrete]
-            check(*unflatten(spec, plain))
-            return []
+            try:
+                check(*unflatten(spec, plain))
+            except GradCacheError as error:
+                failures[:] = [error]
+                return True
+            return False
 
-        tf.py_function(on_host, leaves, Tout=[], name="gradcache_check")
+        def reraise() -> list:
+            raise failures[0]
+
+        # A failure first puts the random streams back where the transaction found them (an
+        # eager step does that on its way out), then fails the graph with the check's message.
+        restore_to = self._restore_point
+
+        def fail() -> tf.Tensor:
+            restored = [] if restore_to is None else [
+                variable.assign(value) for variable, value in zip(self.random.variables, restore_to,
+                                                                  strict=True)]
+            with tf.control_dependencies(restored):
+                tf.py_function(reraise, [], Tout=[], name="gradcache_check_failed")
+            return tf.constant(True)
+
+        failed = tf.py_function(on_host, leaves, Tout=tf.bool, name="gradcache_check")
+        tf.cond(tf.reshape(failed, []), fail, lambda: tf.constant(False))
 
     def to_host(self, leaf: Any) -> Any:
         # inside tf.function a tensor is symbolic: its values exist only when the graph runs

@@ -17,16 +17,15 @@ import tensorflow as tf
 from tensorflow.python.eager import record  # could_possibly_record: is any tape recording?
 from tensorflow.python.eager import tape as tape_lib  # variable_accessed (private, stable)
 
-from gradcache import GradCacheError, StepOptions, cached_backward, cached_forward
+from gradcache import cached_backward, cached_forward
 from gradcache_tf import _rng
-from gradcache_tf._step import _backend_for, _check_static_batch, _collective, as_tensors
+from gradcache_tf._backend import first_order_only
+from gradcache_tf._step import Setup, errors_through_autograph
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from gradcache import StepKeywords
-
-_OWN = ("variables", "training", "optimizer", "random_state", "check_random", "graph_loop")
 
 
 @tf.autograph.experimental.do_not_convert
@@ -59,9 +58,13 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
 
     The forward holds, until the gradient is taken, each chunk's random state and the
     representations' gradients (no activations). The gradient can be taken once: a second
-    ``tape.gradient`` through the same loss (a persistent tape) raises ``GradCacheError``. A
-    failure in pass 2 raises from ``tape.gradient``; nothing has been applied then, and eagerly
-    the random streams are where the forward left them.
+    ``tape.gradient`` through the same loss (a persistent tape) raises ``GradCacheError``, and
+    so does a loss with no gradient path (one that stops the representations' gradient or is
+    integer-valued), at the call. A failure in pass 2 raises from ``tape.gradient``; nothing has
+    been applied then, and the random streams are where the forward left them (inside
+    ``tf.function``: for a failed check). The gradient is first-order only: a tape that
+    differentiates it raises ``LookupError``. Do not change the variables between the call and
+    ``tape.gradient``: pass 2 would use the new values (``check_determinism=True`` catches it).
 
     >>> import tensorflow as tf
     >>> from gradcache_tf import cached_loss
@@ -79,31 +82,21 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     [[8, 4], [4]]
     >>> _ = tf.keras.optimizers.SGD(0.1).apply_gradients(zip(grads, encoder.trainable_variables))
     """
-    try:
-        step = StepOptions.from_keywords(options, adapter="gradcache_tf", own=_OWN,
-                                         entry="cached_loss")
-        return _cached_loss(encoders, inputs, loss_fn, chunk_size, variables, training, optimizer,
-                            random_state, check_random, graph_loop, step)
-    except GradCacheError as error:
-        # see cached_step
-        error.ag_pass_through = True  # type: ignore[attr-defined]
-        raise
+    with errors_through_autograph():
+        setup = Setup(encoders, inputs, loss_fn, options, entry="cached_loss",
+                      variables=variables, training=training, optimizer=optimizer,
+                      random_state=random_state, check_random=check_random, graph_loop=graph_loop)
+        return _cached_loss(encoders, loss_fn, chunk_size, setup)
 
 
-def _cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, chunk_size: Any,
-                 variables: Any, training: Any, optimizer: Any, random_state: Any,
-                 check_random: bool, graph_loop: bool, step: StepOptions) -> tf.Tensor:
-    collective = _collective(step.distributed)
-    inputs = as_tensors(inputs)
-    _check_static_batch(inputs)
-    backend = _backend_for(encoders, loss_fn, variables, training, optimizer, random_state,
-                           check_random, graph_loop, collective)
+def _cached_loss(encoders: Any, loss_fn: Callable, chunk_size: Any, setup: Setup) -> tf.Tensor:
+    backend = setup.backend
 
     def forward(differentiate: bool) -> Any:
         with backend.transaction():
-            return cached_forward(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
-                                  collective=collective, differentiate=differentiate,
-                                  **step.step_keywords())
+            return cached_forward(backend, encoders, setup.inputs, loss_fn, chunk_size=chunk_size,
+                                  collective=setup.collective, differentiate=differentiate,
+                                  **setup.keywords)
 
     if not record.could_possibly_record():   # no tape: an evaluation, the loss alone
         return forward(False).loss
@@ -125,11 +118,14 @@ def _cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, chunk_size:
             if scale is not None:   # in float32 at least: 1 / 2**15 is subnormal in float16
                 wide = tf.float64 if upstream.dtype == tf.float64 else tf.float32
                 factor = tf.cast(upstream, wide) / tf.cast(scale, wide)
-            with backend.transaction():   # eagerly: a failure puts the random streams back
+            # a failure puts the random streams back; it reaches the caller's tape.gradient,
+            # inside tf.function too
+            with errors_through_autograph(), backend.transaction():
                 grads = cached_backward(state, factor)
             wanted = [slot_of.get(id(_rng.as_tf_variable(v))) for v in variables or ()]
-            found = [None if slot is None or slot not in backend.touched else grads[slot]
-                     for slot in wanted]
+            found = first_order_only(
+                [None if slot is None or slot not in backend.touched else grads[slot]
+                 for slot in wanted], [_rng.as_tf_variable(v) for v in variables or ()])
             return ([], found) if variables else []
 
         return tf.identity(loss), grad_fn

@@ -10,7 +10,8 @@ control flow is meant to run once, at trace time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -187,8 +188,12 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
 
     Raises:
         GradCacheError: for malformed input (before anything runs), randomness that cannot be
-            replayed, or a failed check. No gradient is returned then, and eagerly the random
-            streams are put back where they were before the step.
+            replayed, a loss with no gradient path, or a failed check (inside ``tf.function``, a
+            ``tf.errors.InvalidArgumentError`` carrying its message). No gradient is returned
+            then, and the random streams are put back where they were before the step (inside
+            ``tf.function``: for a failed check; an error raised by an op of your own at run
+            time ends the graph where it stands). The gradients are first-order only: a
+            recording tape that differentiates them raises ``LookupError``.
 
     >>> import tensorflow as tf
     >>> from gradcache_tf import cached_step
@@ -203,30 +208,47 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     [[8, 4], [4]]
     >>> _ = tf.keras.optimizers.SGD(0.1).apply_gradients(zip(grads, encoder.trainable_variables))
     """
+    with errors_through_autograph():
+        setup = Setup(encoders, inputs, loss_fn, options, entry="cached_step",
+                      variables=variables, training=training, optimizer=optimizer,
+                      random_state=random_state, check_random=check_random, graph_loop=graph_loop)
+        loss, grads = run_cached_step(setup.backend, encoders, setup.inputs, loss_fn,
+                                      chunk_size=chunk_size, collective=setup.collective,
+                                      **setup.keywords)
+        return loss, setup.backend.gradients_for_caller(grads)
+
+
+@contextlib.contextmanager
+def errors_through_autograph() -> Iterator[None]:
+    """Lets a ``GradCacheError`` raised in the block out of AutoGraph as it is: inside a
+    ``tf.function`` that AutoGraph converts, an exception type it does not know is re-raised as a
+    ``StagingError``; this flag makes it let ours through unchanged."""
     try:
-        step = StepOptions.from_keywords(options, adapter="gradcache_tf", own=(
-            "variables", "training", "optimizer", "random_state", "check_random", "graph_loop"))
-        return _cached_step(encoders, inputs, loss_fn, chunk_size, variables, training, optimizer,
-                            random_state, check_random, graph_loop, step)
+        yield
     except GradCacheError as error:
-        # Inside a tf.function that AutoGraph converts, an exception type it does not know is
-        # re-raised as a StagingError; this flag makes it let ours through unchanged.
         error.ag_pass_through = True  # type: ignore[attr-defined]
         raise
 
 
-def _cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, chunk_size: Any,
+class Setup:
+    """What ``cached_step`` and ``cached_loss`` make of their arguments, in one place: the shared
+    options parsed and checked (:class:`gradcache.StepOptions`, with TensorFlow's own listed in
+    ``own``), the collective ``distributed=`` asks for, numpy input groups made tensors (and their
+    batch sizes checked static inside ``tf.function``), and the step's :class:`TFBackend`."""
+
+    own = ("variables", "training", "optimizer", "random_state", "check_random", "graph_loop")
+
+    def __init__(self, encoders: Any, inputs: Any, loss_fn: Any, options: Any, *, entry: str,
                  variables: Any, training: Any, optimizer: Any, random_state: Any,
-                 check_random: bool, graph_loop: bool,
-                 step: StepOptions) -> tuple[tf.Tensor, list]:
-    collective = _collective(step.distributed)
-    inputs = as_tensors(inputs)
-    _check_static_batch(inputs)
-    backend = _backend_for(encoders, loss_fn, variables, training, optimizer, random_state,
-                           check_random, graph_loop, collective)
-    loss, grads = run_cached_step(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
-                                  collective=collective, **step.step_keywords())
-    return loss, backend.gradients_for_caller(grads)
+                 check_random: bool, graph_loop: bool):
+        step = StepOptions.from_keywords(options, adapter="gradcache_tf", own=self.own,
+                                         entry=entry)
+        self.keywords = step.step_keywords()
+        self.collective = _collective(step.distributed)
+        self.inputs = as_tensors(inputs)
+        _check_static_batch(self.inputs)
+        self.backend = _backend_for(encoders, loss_fn, variables, training, optimizer,
+                                    random_state, check_random, graph_loop, self.collective)
 
 
 def as_tensors(inputs: Any) -> Any:

@@ -17,7 +17,8 @@ from tests.jax.common import batch, info_nce, jit, max_relative_error, tower, to
 
 def test_public_names():
     assert set(gradcache_jax.__all__) == {"GradCacheError", "JaxBackend", "MeshCollective",
-                                        "ShardedJaxBackend", "cached_loss", "cached_step", "chunk_key"}
+                                        "ShardedJaxBackend", "cached_loss", "cached_step", "chunk_key",
+                                        "unwrap_check_errors"}
     assert gradcache_jax.GradCacheError is gradcache.GradCacheError
 
 
