@@ -180,7 +180,7 @@ _DOCS = LossDocs(
     ranks="a mesh axis",
     where="""
         , called inside ``jax.shard_map`` (or as the ``loss_fn`` of ``cached_step(...,
-        mesh=...)`` / ``(..., axis_name=...)``),
+        distributed=mesh)`` / ``(..., distributed="batch")`` inside your own ``shard_map``),
     """,
     communicates="""
         all-gathers ``y`` and reduce-scatters its gradient (``B x d`` numbers each) plus scalars
