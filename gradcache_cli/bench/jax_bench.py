@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from gradcache_cli.bench.model import SCALE, init_weights, time_interleaved, token_batch
 from gradcache_cli.bench.model import sweep as plan_sweep
 from gradcache_jax import cached_step
+from gradcache_jax import losses as tiled_losses
 
 
 def encoder(params: dict, ids: jax.Array) -> jax.Array:
@@ -36,6 +37,10 @@ def info_nce(q: jax.Array, p: jax.Array) -> jax.Array:
 
     scores = SCALE * normalize(q) @ normalize(p).T
     return jnp.mean(jax.nn.logsumexp(scores, axis=1) - jnp.diagonal(scores))
+
+def info_nce_tiled(q: jax.Array, p: jax.Array) -> jax.Array:
+    """The same InfoNCE by the library's tiled loss: no ``B x B`` score matrix is ever held."""
+    return tiled_losses.info_nce(q, p, temperature=1 / SCALE, similarity="cosine")
 
 
 def _steps(chunk: int) -> dict:

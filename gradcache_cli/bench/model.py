@@ -113,13 +113,26 @@ def time_interleaved(steps: Mapping[str, Callable[[], Any]], repeats: int) -> di
     tracing, thread pools); then the steps alternate, so that drift in the machine's load hits
     every step alike -- these machines are shared, and only a ratio measured this way means much.
     """
-    for _ in range(2):
+    return {name: clocks["wall"] for name, clocks in time_clocks(steps, repeats).items()}
+
+
+def time_clocks(steps: Mapping[str, Callable[[], Any]], repeats: int, *,
+                warm_ups: int = 2) -> dict[str, dict[str, float]]:
+    """:func:`time_interleaved` with both clocks: ``{name: {"wall": s, "cpu": s}}``, medians.
+
+    ``cpu`` is this process's CPU time (all its threads) during the step: on shared cores it
+    does not count the time a neighbour held the core, so with one thread per framework it is
+    the steadier figure; wall time beside it shows the waiting (and any extra threads).
+    """
+    for _ in range(warm_ups):
         for step in steps.values():
             step()
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    seconds: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             step()
-            seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in seconds.items()}
+            seconds[name]["cpu"].append(time.process_time() - cpu)
+            seconds[name]["wall"].append(time.perf_counter() - wall)
+    return {name: {clock: statistics.median(values) for clock, values in clocks.items()}
+            for name, clocks in seconds.items()}

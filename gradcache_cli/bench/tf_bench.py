@@ -21,6 +21,7 @@ import tensorflow as tf  # noqa: E402 - the log level must be set before the imp
 import gradcache_tf  # noqa: E402
 from gradcache_cli import tf_memory  # noqa: E402
 from gradcache_cli.bench.model import SCALE, init_weights, time_interleaved, token_batch  # noqa: E402
+from gradcache_tf import losses as tiled_losses  # noqa: E402
 
 
 class Encoder(tf.Module):
@@ -46,6 +47,10 @@ def info_nce(q: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
                                transpose_b=True)
     labels = tf.range(tf.shape(q)[0])
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, scores))
+
+def info_nce_tiled(q: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+    """The same InfoNCE by the library's tiled loss: no ``B x B`` score matrix is ever held."""
+    return tiled_losses.info_nce(q, p, temperature=1 / SCALE, similarity="cosine")
 
 
 def _steps(model: dict, chunk: int) -> dict:

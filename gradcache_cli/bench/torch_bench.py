@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from gradcache_cli.bench.model import SCALE, init_weights, time_interleaved, token_batch
 from gradcache_cli.memory import mentions_memory, rss_growth
 from gradcache_torch import cached_step
+from gradcache_torch import losses as tiled_losses
 
 
 class Encoder(torch.nn.Module):
@@ -39,6 +40,10 @@ class Encoder(torch.nn.Module):
 def info_nce(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     scores = SCALE * F.normalize(q, dim=1) @ F.normalize(p, dim=1).T
     return F.cross_entropy(scores, torch.arange(len(q)))
+
+def info_nce_tiled(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The same InfoNCE by the library's tiled loss: no ``B x B`` score matrix is ever held."""
+    return tiled_losses.info_nce(q, p, temperature=1 / SCALE, similarity="cosine")
 
 
 def _steps(model: dict, chunk: int) -> tuple[Encoder, dict]:
