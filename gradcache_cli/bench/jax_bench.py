@@ -1,7 +1,9 @@
 """The JAX side of ``gradcache bench``: the encoder, the two jitted steps, and their measurement jobs.
 
 The cached step is ``gradcache_jax.cached_step`` under ``jax.jit``; the full-batch step is
-``jax.jit(jax.value_and_grad(...))`` of the same loss on the whole batch. Memory needs no run and no
+``jax.jit(jax.value_and_grad(...))`` of the same loss on the whole batch: the library's tiled
+InfoNCE (``gradcache_jax.losses.info_nce``); ``cached_dense`` is the cached step with the dense
+``B x B`` loss, for contrast. Memory needs no run and no
 fresh process: XLA's own account of the compiled program
 (``jax.jit(step).lower(...).compile().memory_analysis()``) is exact, so one child sweeps every
 batch size by compiling alone. Imported only in a child process (:mod:`gradcache_cli.bench.child`).
@@ -14,9 +16,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gradcache_cli.bench.model import SCALE, init_weights, time_interleaved, token_batch
+from gradcache_cli.bench.model import SCALE, TIMED, init_weights, time_interleaved, token_batch
 from gradcache_cli.bench.model import sweep as plan_sweep
 from gradcache_jax import cached_step
+from gradcache_jax import losses as tiled_losses
 
 
 def encoder(params: dict, ids: jax.Array) -> jax.Array:
@@ -37,16 +40,23 @@ def info_nce(q: jax.Array, p: jax.Array) -> jax.Array:
     scores = SCALE * normalize(q) @ normalize(p).T
     return jnp.mean(jax.nn.logsumexp(scores, axis=1) - jnp.diagonal(scores))
 
+def info_nce_tiled(q: jax.Array, p: jax.Array) -> jax.Array:
+    """The same InfoNCE by the library's tiled loss: no ``B x B`` score matrix is ever held."""
+    return tiled_losses.info_nce(q, p, temperature=1 / SCALE, similarity="cosine")
+
 
 def _steps(chunk: int) -> dict:
     """Fresh jitted steps, ``(params, q, p) -> (loss, grads)``."""
     def cached(params: dict, q: jax.Array, p: jax.Array) -> Any:
+        return cached_step(encoder, (q, p), info_nce_tiled, chunk_size=chunk, params=params)
+
+    def cached_dense(params: dict, q: jax.Array, p: jax.Array) -> Any:
         return cached_step(encoder, (q, p), info_nce, chunk_size=chunk, params=params)
 
     def full(params: dict, q: jax.Array, p: jax.Array) -> Any:
-        return jax.value_and_grad(lambda w: info_nce(encoder(w, q), encoder(w, p)))(params)
+        return jax.value_and_grad(lambda w: info_nce_tiled(encoder(w, q), encoder(w, p)))(params)
 
-    return {"cached": jax.jit(cached), "full": jax.jit(full)}
+    return {"cached": jax.jit(cached), "cached_dense": jax.jit(cached_dense), "full": jax.jit(full)}
 
 
 def _params(model: dict) -> dict:
@@ -75,7 +85,8 @@ def sweep(payload: dict) -> dict:
         return {**found, "fits": found["bytes"] <= budget}
 
     results = plan_sweep(measure, chunk=chunk, max_batch=payload["max_batch"],
-                         extra_doublings=payload["extra_doublings"])
+                         extra_doublings=payload["extra_doublings"],
+                         contrast=payload.get("contrast", ()))
     # JSON object keys are strings; the parent turns them back into batch sizes.
     return {"version": jax.__version__, "platform": jax.devices()[0].platform,
             "results": {kind: {str(b): r for b, r in found.items()}
@@ -94,7 +105,7 @@ def time(payload: dict) -> dict:
         def run(step: Any, q: Any = q, p: Any = p) -> Any:
             return lambda: jax.block_until_ready(step(params, q, p))
 
-        medians = time_interleaved({name: run(step) for name, step in steps.items()},
+        medians = time_interleaved({name: run(steps[name]) for name in TIMED},
                                    payload["repeats"])
         rows_out.append({"batch": rows, "chunk": chunk, **medians})
     return {"version": jax.__version__, "platform": jax.devices()[0].platform, "rows": rows_out}

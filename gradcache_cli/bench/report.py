@@ -1,8 +1,8 @@
 """The output of ``gradcache bench``: the machine's description, the markdown tables and the plots.
 
 ``write`` turns the measurements gathered by :mod:`gradcache_cli.bench.runner` into ``results.md``
-(the machine, the settings, a memory table with one ``cached`` and one ``full`` row per backend, a
-step-time table), ``results.json`` (everything, for scripts) and PNG plots: ``memory.png`` with one
+(the machine, the settings, a memory table with one ``cached`` and one ``full`` row per backend --
+and a ``cached_dense`` row where the dense-loss contrast was measured -- and a step-time table), ``results.json`` (everything, for scripts) and PNG plots: ``memory.png`` with one
 log-log panel per backend, and ``memory-<backend>.png`` for each alone. Matplotlib is imported only
 when plotting, with the Agg backend, so no display is needed.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gradcache._distribution import DISTRIBUTION
-from gradcache_cli.bench.model import describe
+from gradcache_cli.bench.model import KINDS, describe
 
 MIB = 1 << 20
 NAMES = {"torch": "PyTorch", "jax": "JAX", "tf": "TensorFlow"}
@@ -112,12 +112,20 @@ def memory_table(plan: dict, found: dict[str, dict]) -> list[str]:
         if not results:
             notes.append(f"- {NAMES[backend]}: no result ({entry['memory'].get('error')})")
             continue
-        for kind in ("cached", "full"):
+        for kind in [kind for kind in KINDS if kind in results]:
             by_batch = results.get(kind, {})
             lines.append(f"| {backend} | {kind} | " +
                          " | ".join(_cell(by_batch.get(b), budget) for b in batches) + " |")
         notes.append(f"- {NAMES[backend]}: {METHODS[entry['memory']['method']]}. "
                      + _summary(results, budget))
+    if any("cached_dense" in entry["memory"].get("results", {}) for entry in found.values()):
+        notes.append("- `cached` and `full` use the library's tiled InfoNCE "
+                     "(`losses.info_nce`, no `B x B` score matrix held); `cached_dense` is the "
+                     "same cached step with the dense loss, whose scores grow with the square of "
+                     "the batch.")
+    else:
+        notes.append("- `cached` and `full` use the library's tiled InfoNCE "
+                     "(`losses.info_nce`, no `B x B` score matrix held).")
     return lines + [""] + notes
 
 
@@ -200,7 +208,7 @@ def plot(plan: dict, found: dict[str, dict], out: Path) -> list[Path]:
     figure, axes = plt.subplots(1, len(drawn), figsize=(5.2 * len(drawn), 4.2), squeeze=False)
     for axis, (backend, results) in zip(axes[0], drawn.items()):
         _panel(axis, backend, results, plan, found[backend]["memory"]["method"])
-    figure.suptitle("Peak memory of one step: cached vs full batch", fontsize=12)
+    figure.suptitle("Peak memory of one step: cached vs full batch (tiled InfoNCE)", fontsize=12)
     figure.tight_layout()
     written.append(out / "memory.png")
     figure.savefig(written[-1], dpi=110)
@@ -219,15 +227,17 @@ def _panel(axis: Any, backend: str, results: dict, plan: dict, method: str) -> N
     from matplotlib.ticker import FuncFormatter
 
     budget = plan["budget"] / MIB
-    styles = {"cached": dict(color="tab:blue", marker="o", label=f"cached step (chunk "
+    styles = {"cached": dict(color="tab:blue", marker="o", label=f"cached step, tiled loss (chunk "
                                                                 f"{plan['chunk']})"),
-              "full": dict(color="tab:red", marker="s", label="full-batch step")}
-    for kind in ("full", "cached"):
+              "cached_dense": dict(color="tab:grey", marker="^", linestyle=":",
+                                   label="cached step, dense B x B loss"),
+              "full": dict(color="tab:red", marker="s", label="full-batch step, tiled loss")}
+    for kind in [kind for kind in ("full", "cached_dense", "cached") if kind in results]:
         measured = sorted((b, r["bytes"] / MIB, r["bytes"] <= plan["budget"])
                           for b, r in results.get(kind, {}).items() if r.get("bytes") is not None)
         if measured:
             batches, mib, _ = zip(*measured)
-            axis.plot(batches, mib, linestyle="-", **styles[kind])
+            axis.plot(batches, mib, **{"linestyle": "-", **styles[kind]})
             over = [(b, m) for b, m, fits in measured if not fits]
             if over:  # measured, but above the budget: a hollow marker
                 axis.plot(*zip(*over), linestyle="none", marker=styles[kind]["marker"],

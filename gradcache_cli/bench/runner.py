@@ -38,12 +38,14 @@ BACKENDS = {"torch": ("torch", "gradcache_torch", "PyTorch"),
 
 # Defaults, full run and --quick. The full run's budget stops every backend's full-batch step at
 # batch 512 or 1024 of the default model, so that the whole run takes about five minutes on two
-# cores; the cached step goes two doublings further.
+# cores; the cached step goes two doublings further. "contrast": the cached step with the dense
+# loss beside the tiled one (memory only); --quick leaves it out, to stay a smoke run of seconds.
 SETTINGS: dict[str, dict[str, Any]] = {
     "full": {"model": DEFAULT, "chunk": 64, "budget_mib": 384, "max_batch": 1 << 16,
-             "extra_doublings": 2, "time_chunks": (8,), "repeats": 5},
+             "extra_doublings": 2, "time_chunks": (8,), "repeats": 5,
+             "contrast": ["cached_dense"]},
     "quick": {"model": QUICK, "chunk": 16, "budget_mib": 64, "max_batch": 64,
-              "extra_doublings": 1, "time_chunks": (4,), "repeats": 3},
+              "extra_doublings": 1, "time_chunks": (4,), "repeats": 3, "contrast": []},
 }
 MIB = 1 << 20
 
@@ -176,7 +178,7 @@ def _progress(backend: str):
                                                             "  (over the budget)")
         else:
             figure = f"  {result.get('note') or result.get('error') or 'no result'}"
-        _say(f"  {backend:<5} {kind:<6} batch {batch:>6}: {figure}")
+        _say(f"  {backend:<5} {kind:<12} batch {batch:>6}: {figure}")
     return show
 
 
@@ -187,12 +189,13 @@ def measure_memory(backend: str, plan: dict) -> dict:
     show = _progress(backend)
     if backend == "jax":
         answer = run_child({**common, "job": "sweep", "max_batch": plan["max_batch"],
-                            "extra_doublings": plan["extra_doublings"]}, timeout=1200)
+                            "extra_doublings": plan["extra_doublings"],
+                            "contrast": plan["contrast"]}, timeout=1200)
         if "results" not in answer:
             return {"error": answer.get("error", "no result"), "results": {}}
         results = {kind: {int(batch): found for batch, found in by_batch.items()}
                    for kind, by_batch in answer["results"].items()}
-        for kind in ("full", "cached"):
+        for kind in ("full", "cached", *plan["contrast"]):
             for batch, found in sorted(results.get(kind, {}).items()):
                 show(kind, batch, found)
         return {"results": results, "method": "xla", "version": answer.get("version")}
@@ -201,7 +204,8 @@ def measure_memory(backend: str, plan: dict) -> dict:
         return run_child({**common, "job": "memory", "kind": kind, "batch": batch}, timeout=900)
 
     results = sweep(measure, chunk=plan["chunk"], max_batch=plan["max_batch"],
-                    extra_doublings=plan["extra_doublings"], progress=show)
+                    extra_doublings=plan["extra_doublings"], progress=show,
+                    contrast=plan["contrast"])
     methods = {found.get("method", "rss") for by_batch in results.values()
                for found in by_batch.values() if found.get("bytes") is not None}
     return {"results": results, "method": methods.pop() if len(methods) == 1 else "rss"}

@@ -1,7 +1,9 @@
 """The TensorFlow side of ``gradcache bench``: the encoder, the two steps, their measurement jobs.
 
 Both steps run inside ``tf.function`` and return ``(loss, grads)``: the cached one is
-``gradcache_tf.cached_step``, the full-batch one a ``GradientTape`` over the whole batch. The
+``gradcache_tf.cached_step``, the full-batch one a ``GradientTape`` over the whole batch, both with
+the library's tiled InfoNCE (``gradcache_tf.losses.info_nce``); ``cached_dense`` is the cached step
+with the dense ``B x B`` loss, for contrast. The
 encoder is a ``tf.Module`` holding plain variables (no Keras, whose import would double each probe's
 start-up). A ``tf.function`` traces once per input shape, so each probe warms up at the very batch
 it measures: the trace and graph optimisation are then paid before the measured step. Memory is
@@ -20,7 +22,14 @@ import tensorflow as tf  # noqa: E402 - the log level must be set before the imp
 
 import gradcache_tf  # noqa: E402
 from gradcache_cli import tf_memory  # noqa: E402
-from gradcache_cli.bench.model import SCALE, init_weights, time_interleaved, token_batch  # noqa: E402
+from gradcache_cli.bench.model import (  # noqa: E402
+    SCALE,
+    TIMED,
+    init_weights,
+    time_interleaved,
+    token_batch,
+)
+from gradcache_tf import losses as tiled_losses  # noqa: E402
 
 
 class Encoder(tf.Module):
@@ -47,21 +56,29 @@ def info_nce(q: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     labels = tf.range(tf.shape(q)[0])
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, scores))
 
+def info_nce_tiled(q: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+    """The same InfoNCE by the library's tiled loss: no ``B x B`` score matrix is ever held."""
+    return tiled_losses.info_nce(q, p, temperature=1 / SCALE, similarity="cosine")
+
 
 def _steps(model: dict, chunk: int) -> dict:
     encoder = Encoder(model)
 
     @tf.function
     def cached(q: tf.Tensor, p: tf.Tensor) -> Any:
+        return gradcache_tf.cached_step(encoder, (q, p), info_nce_tiled, chunk_size=chunk)
+
+    @tf.function
+    def cached_dense(q: tf.Tensor, p: tf.Tensor) -> Any:
         return gradcache_tf.cached_step(encoder, (q, p), info_nce, chunk_size=chunk)
 
     @tf.function
     def full(q: tf.Tensor, p: tf.Tensor) -> Any:
         with tf.GradientTape() as tape:
-            loss = info_nce(encoder(q), encoder(p))
+            loss = info_nce_tiled(encoder(q), encoder(p))
         return loss, tape.gradient(loss, encoder.trainable_variables)
 
-    return {"cached": cached, "full": full}
+    return {"cached": cached, "cached_dense": cached_dense, "full": full}
 
 
 def _run_once(step: Any, q: tf.Tensor, p: tf.Tensor) -> None:
@@ -113,7 +130,7 @@ def time(payload: dict) -> dict:
         def run(step: Any, q: Any = q, p: Any = p) -> Any:
             return lambda: _run_once(step, q, p)
 
-        medians = time_interleaved({name: run(step) for name, step in steps.items()},
+        medians = time_interleaved({name: run(steps[name]) for name in TIMED},
                                    payload["repeats"])
         rows_out.append({"batch": rows, "chunk": chunk, **medians})
     return {"version": tf.__version__, "rows": rows_out}

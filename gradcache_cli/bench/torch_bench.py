@@ -1,7 +1,9 @@
 """The PyTorch side of ``gradcache bench``: the encoder, the two steps, and their measurement jobs.
 
 The cached step is ``gradcache_torch.cached_step``; the full-batch step is the plain
-``info_nce(model(q), model(p)).backward()`` it replaces. Both leave the parameter gradients in
+``info_nce(model(q), model(p)).backward()`` it replaces. Both use the library's tiled InfoNCE
+(``gradcache_torch.losses.info_nce``); ``cached_dense`` is the cached step with the dense
+``B x B`` loss, for contrast. Both leave the parameter gradients in
 ``.grad``. Imported only in a child process (:mod:`gradcache_cli.bench.child`), since it imports
 torch.
 """
@@ -13,9 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradcache_cli.bench.model import SCALE, init_weights, time_interleaved, token_batch
+from gradcache_cli.bench.model import SCALE, TIMED, init_weights, time_interleaved, token_batch
 from gradcache_cli.memory import mentions_memory, rss_growth
 from gradcache_torch import cached_step
+from gradcache_torch import losses as tiled_losses
 
 
 class Encoder(torch.nn.Module):
@@ -40,18 +43,25 @@ def info_nce(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     scores = SCALE * F.normalize(q, dim=1) @ F.normalize(p, dim=1).T
     return F.cross_entropy(scores, torch.arange(len(q)))
 
+def info_nce_tiled(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The same InfoNCE by the library's tiled loss: no ``B x B`` score matrix is ever held."""
+    return tiled_losses.info_nce(q, p, temperature=1 / SCALE, similarity="cosine")
+
 
 def _steps(model: dict, chunk: int) -> tuple[Encoder, dict]:
     torch.manual_seed(0)
     encoder = Encoder(model)
 
     def cached(q: torch.Tensor, p: torch.Tensor) -> None:
+        cached_step(encoder, (q, p), info_nce_tiled, chunk_size=chunk)
+
+    def cached_dense(q: torch.Tensor, p: torch.Tensor) -> None:
         cached_step(encoder, (q, p), info_nce, chunk_size=chunk)
 
     def full(q: torch.Tensor, p: torch.Tensor) -> None:
-        info_nce(encoder(q), encoder(p)).backward()
+        info_nce_tiled(encoder(q), encoder(p)).backward()
 
-    return encoder, {"cached": cached, "full": full}
+    return encoder, {"cached": cached, "cached_dense": cached_dense, "full": full}
 
 
 def _batch(model: dict, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +109,7 @@ def time(payload: dict) -> dict:
                 step(q, p)
             return once
 
-        medians = time_interleaved({name: run(step) for name, step in steps.items()},
+        medians = time_interleaved({name: run(steps[name]) for name in TIMED},
                                    payload["repeats"])
         rows_out.append({"batch": rows, "chunk": chunk, **medians})
     return {"version": torch.__version__.split("+")[0], "threads": torch.get_num_threads(),

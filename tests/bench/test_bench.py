@@ -116,7 +116,23 @@ def test_the_sweep_stops_the_full_step_at_the_budget_and_goes_two_doublings_furt
     assert sorted(found["full"]) == [64, 128, 256, 512]  # 512 rows is over: measured, then stop
     assert not found["full"][512]["fits"]
     assert sorted(found["cached"]) == [64, 128, 256, 512, 1024, 2048]
+    assert set(found) == {"cached", "full"}  # no contrast asked for
     assert sorted(sweep(measure, chunk=64, max_batch=128, extra_doublings=2)["cached"]) == [64, 128]
+
+
+def test_a_contrast_kind_follows_the_cached_batches_until_it_no_longer_fits():
+    per_row = {"full": 1.0, "cached": 0.01, "cached_dense": 0.2}  # MiB per row
+    budget = 300
+
+    def measure(kind, batch):
+        mib = per_row[kind] * batch + 1
+        return {"bytes": int(mib * MIB), "fits": mib <= budget}
+
+    found = sweep(measure, chunk=64, max_batch=1 << 16, extra_doublings=2,
+                  contrast=["cached_dense"])
+    assert sorted(found["cached"]) == [64, 128, 256, 512, 1024, 2048]
+    assert sorted(found["cached_dense"]) == [64, 128, 256, 512, 1024, 2048]
+    assert not found["cached_dense"][2048]["fits"] and found["cached_dense"][1024]["fits"]
 
 
 def test_the_sweep_stops_when_the_cached_step_no_longer_fits():
@@ -135,6 +151,9 @@ def test_the_report_marks_steps_over_the_budget_and_steps_that_did_not_fit(tmp_p
     results = {"cached": {64: {"bytes": 20 * MIB, "fits": True},
                           128: {"bytes": 21 * MIB, "fits": True},
                           256: {"bytes": 22 * MIB, "fits": True}},
+               "cached_dense": {64: {"bytes": 20 * MIB, "fits": True},
+                                128: {"bytes": 30 * MIB, "fits": True},
+                                256: {"bytes": 60 * MIB, "fits": True}},
                "full": {64: {"bytes": 60 * MIB, "fits": True},
                         128: {"bytes": 120 * MIB, "fits": False}}}
     found = {"torch": {"memory": {"results": results, "method": "rss"},
@@ -148,6 +167,7 @@ def test_the_report_marks_steps_over_the_budget_and_steps_that_did_not_fit(tmp_p
     text = report.write(plan, found, machine, skipped=["jax"])
     assert "| torch | full | 60.0 | 120.0 (over) | – |" in text
     assert "| torch | cached | 20.0 | 21.0 | 22.0 |" in text
+    assert "| torch | cached_dense | 20.0 | 30.0 | 60.0 |" in text and "dense loss" in text
     assert "| tf | full | did not fit | – | – |" in text
     assert "| torch | 512 | 64 | 1000 | 1300 | 1.30 |" in text
     assert "error: exit 1: boom" in text and "Skipped (not installed): jax" in text
