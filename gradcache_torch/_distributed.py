@@ -15,7 +15,7 @@ whichever call made the collective.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -198,19 +198,23 @@ class GradientSync:
     #: the all-reduce bucket, as DDP's default
     BUCKET_BYTES = 25 * 2**20
 
-    def __init__(self, modules: Iterable[tuple[Any, Any]]):
+    def __init__(self, modules: Iterable[tuple[Any, Any, Collection[str]]]):
+        """``modules``: ``(module, process group, names of the parameters DDP ignores)``; an
+        ignored parameter (``_ddp_params_and_buffers_to_ignore``) keeps this rank's own gradient,
+        as under DDP."""
         self.groups: list[tuple[Any, list[torch.nn.Parameter]]] = []
         seen: set[int] = set()
         #: parameters of modules that make sparse gradients (``nn.Embedding(sparse=True)``),
         #: told by the module as DDP tells them, so that every rank agrees whatever it touched
         self.sparse: set[int] = set()
         modules = list(modules)
-        for module, _ in modules:
+        for module, _, _ in modules:
             for sub in module.modules():
                 if isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and sub.sparse:
                     self.sparse.update(id(p) for p in sub.parameters(recurse=False))
-        for module, group in modules:
-            params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
+        for module, group, ignored in modules:
+            params = [p for name, p in module.named_parameters()
+                      if p.requires_grad and id(p) not in seen and name not in ignored]
             seen.update(id(p) for p in params)
             if params:
                 self.groups.append((group, params))
@@ -310,8 +314,10 @@ def _dense(grad: torch.Tensor) -> torch.Tensor:
     return grad.to_dense() if grad.is_sparse else grad
 
 
-def broadcast_buffers(module: Any, group: Any) -> None:
-    """Rank 0's buffers to every rank, as DDP does before each forward (``broadcast_buffers``)."""
+def broadcast_buffers(module: Any, group: Any, ignored: Collection[str] = ()) -> None:
+    """Rank 0's buffers to every rank, as DDP does before each forward (``broadcast_buffers``),
+    but those DDP ignores (named in ``ignored``)."""
     source = 0 if group is None else dist.get_global_rank(group, 0)
-    for buffer in module.buffers():
-        dist.broadcast(buffer.data, src=source, group=group)
+    for name, buffer in module.named_buffers():
+        if name not in ignored:
+            dist.broadcast(buffer.data, src=source, group=group)

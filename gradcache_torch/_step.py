@@ -265,7 +265,7 @@ def _default_get_rep(encoders: Any, inputs: Any, get_rep: Any) -> Any:
 
 
 def _ddp_agreement(encoders: Any) -> tuple[Rendezvous | None, list]:
-    """The agreement and the averaged ``(module, group)`` pairs of a step without
+    """The agreement and the averaged ``(module, group, ignored names)`` of a step without
     ``distributed=`` whose encoders include DDP-wrapped modules; ``(None, [])`` where DDP's own
     reduction stays.
 
@@ -292,14 +292,14 @@ def _ddp_agreement(encoders: Any) -> tuple[Rendezvous | None, list]:
     group = wrapped[0].process_group
     for ddp in wrapped:   # as DDP's forward would (every chunk now bypasses it)
         if ddp.broadcast_buffers and any(True for _ in ddp.module.buffers()):
-            broadcast_buffers(ddp.module, group)
+            broadcast_buffers(ddp.module, group, ddp.parameters_to_ignore)
     return (Rendezvous(TorchCollective(group), planned=1),
-            [(ddp.module, group) for ddp in wrapped])
+            [(ddp.module, group, ddp.parameters_to_ignore) for ddp in wrapped])
 
 
 def _distribute(encoders: Any, loss_fn: Any, distributed: Any) -> tuple[Collective, list]:
-    """The collective of a distributed step and the ``(module, group)`` pairs whose gradients the
-    adapter averages (DDP and unwrapped modules: :class:`GradientSync`).
+    """The collective of a distributed step and the ``(module, group, ignored names)`` whose
+    gradients the adapter averages (DDP and unwrapped modules: :class:`GradientSync`).
 
     A :class:`gradcache.Collective` that is not a :class:`TorchCollective` (your own transport, or
     ``gradcache.testing.ThreadCollective``) is used as it is: each rank's ``.grad`` then receives
@@ -320,11 +320,12 @@ def _distribute(encoders: Any, loss_fn: Any, distributed: Any) -> tuple[Collecti
         if fsdp_units(encoder):
             sharded = True   # FSDP2 reduce-scatters its own gradients
         elif is_ddp(encoder):
-            averaged.append((encoder.module, encoder.process_group))
+            averaged.append((encoder.module, encoder.process_group, encoder.parameters_to_ignore))
             if encoder.broadcast_buffers and any(True for _ in encoder.module.buffers()):
-                broadcast_buffers(encoder.module, encoder.process_group)
+                broadcast_buffers(encoder.module, encoder.process_group,
+                                  encoder.parameters_to_ignore)
         elif isinstance(encoder, torch.nn.Module):
-            averaged.append((encoder, group))
+            averaged.append((encoder, group, ()))
         else:
             raise GradCacheError(
                 f"distributed=... needs every encoder to be a torch.nn.Module (DDP, FSDP2 or plain) "

@@ -323,7 +323,8 @@ def hostile(rank: int) -> dict:
     """What the adversarial pass found on two ranks: a rank refusing a step before it began (a
     bad option, gradients off) left the others waiting at their first agreement until the
     timeout; a Ctrl-C between the two collectives of an agreement's exchange aborted the process
-    (gloo) and fed the other garbage; sparse gradients broke the step's own average."""
+    (gloo) and fed the other garbage; sparse gradients broke the step's own average, which also
+    averaged the parameters DDP ignores (and broadcast its ignored buffers)."""
     out: dict = {}
     q, p = rank_batch(rank)
     quick = dist.new_group(backend="gloo", timeout=timedelta(seconds=5))
@@ -354,6 +355,20 @@ def hostile(rank: int) -> dict:
     bag = Bag()
     cached_step(DistributedDataParallel(bag), bag_ids(rank), info_nce, chunk_size=2)
     out["sparse"] = bag.embedding.weight.grad
+
+    # what DDP ignores (_ddp_params_and_buffers_to_ignore) is neither averaged nor broadcast
+    torch.manual_seed(0)
+    tower = Tower().double()
+    tower.register_buffer("seen", torch.full((1,), float(rank)))
+    tower._ddp_params_and_buffers_to_ignore = ["b.weight", "b.bias", "seen"]
+    model = DistributedDataParallel(tower)
+    cached_step(model, (q, p), info_nce, chunk_size=3)
+    cached = [param.grad.clone() for param in tower.parameters()]
+    out["ignored_buffer"] = float(tower.seen)
+    tower.zero_grad(set_to_none=True)
+    info_nce(model(q), model(p)).backward()
+    out["ignored_as_ddp"] = [torch.allclose(got, param.grad, rtol=1e-10, atol=1e-12)
+                             for got, param in zip(cached, tower.parameters())]
     return out
 
 
@@ -452,6 +467,10 @@ def test_hostile_calls_end_at_once_with_every_gradient_as_it_was(two_ranks) -> N
                 in out["ctrl_c"], out["ctrl_c"]
         assert out["ctrl_c_kept"]
         assert out["ctrl_c_next"] == results[0]["ctrl_c_next"]
+
+    for rank, out in enumerate(results):
+        assert out["ignored_as_ddp"] == [True] * 4, out["ignored_as_ddp"]
+        assert out["ignored_buffer"] == rank
 
     bag = Bag()
     for rank in range(WORLD):   # DDP's average of each rank's local loss
