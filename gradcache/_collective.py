@@ -12,7 +12,9 @@ Multi-process engines can hang when one rank raises and the others wait in a col
 pass 2, and before pass 1 where encoders communicate in every call): a rank that fails -- any
 exception, ``KeyboardInterrupt`` included -- takes part in the next agreement with its error
 instead, so every rank raises at the same point and no gradient is applied anywhere -- the adapter
-synchronises gradients only after the last agreement. Every agreement carries the step's number
+synchronises gradients only after the last agreement. A Ctrl-C during an agreement's exchange is
+held until the exchange is over (and, with an agreement still ahead, reported there), so that it
+never splits an exchange made of several collectives. Every agreement carries the step's number
 (counted per collective, per process group on torch) and its stage, so that ranks which fell out
 of step (one abandoned a step without reaching its agreements) raise instead of taking another
 step's payload for this one's. SPMD engines (one program over all devices) fail as a whole and
@@ -21,7 +23,10 @@ need none.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from gradcache._errors import GradCacheError, add_location_note
@@ -147,6 +152,8 @@ class Rendezvous:
         self.planned = planned   # agreements every rank will reach in a step that succeeds
         self.done = 0
         self.step = 0
+        #: a Ctrl-C that arrived during an exchange with an agreement still ahead: reported there
+        self.held: tuple[int, Any] | None = None
         if self.active and collective is not None:
             counter = collective.step_counter()
             counter.value += 1
@@ -158,25 +165,38 @@ class Rendezvous:
         collective = self.collective
         if not self.active or collective is None:
             return [payload] * (collective.world_size if collective else 1)
-        reports = collective.exchange((self.step, stage, None, payload))
-        self.done += 1
-        strays = self._strays(reports, stage)
-        if strays:
-            self.failed = True
-            raise GradCacheError(
-                f"the ranks are out of step: {strays}; this rank ({collective.rank}) is at "
-                f"{_where(self.step, stage)}. A rank left an earlier step without reaching its "
-                f"agreements (an exception caught between steps, a call on some ranks only); "
-                f"every rank stopped and no gradient was applied (the ranks' next steps meet "
-                f"again)")
-        failures = [(rank, report[2]) for rank, report in enumerate(reports)
-                    if report[2] is not None]
-        if failures:
-            self.failed = True
-            rank, error = failures[0]
-            raise GradCacheError(
-                f"rank {rank} failed ({error}); every rank stopped ({stage}) and no gradient was "
-                f"applied")
+        # a Ctrl-C held at the previous agreement is raised here: the caller's fail() reports it
+        self._deliver_held()
+        caught: list[tuple[int, Any]] = []
+        try:
+            with _interrupts_held(caught):
+                reports = collective.exchange((self.step, stage, None, payload))
+            self.done += 1
+            strays = self._strays(reports, stage)
+            if strays:
+                self.failed = True
+                raise GradCacheError(
+                    f"the ranks are out of step: {strays}; this rank ({collective.rank}) is at "
+                    f"{_where(self.step, stage)}. A rank left an earlier step without reaching "
+                    f"its agreements (an exception caught between steps, a call on some ranks "
+                    f"only); every rank stopped and no gradient was applied (the ranks' next "
+                    f"steps meet again)")
+            failures = [(rank, report[2]) for rank, report in enumerate(reports)
+                        if report[2] is not None]
+            if failures:
+                self.failed = True
+                rank, error = failures[0]
+                raise GradCacheError(
+                    f"rank {rank} failed ({error}); every rank stopped ({stage}) and no gradient "
+                    f"was applied")
+        finally:
+            if caught:
+                # the others carry on into the step's collectives: with an agreement ahead this
+                # rank does too and reports the interrupt there; else (or if the step failed
+                # here) it is raised now
+                self.held = caught[0]
+                if self.failed or self.done >= self.planned:
+                    self._deliver_held()
         return [report[3] for report in reports]
 
     def fail(self, error: BaseException) -> None:
@@ -190,16 +210,36 @@ class Rendezvous:
         if not self.active or collective is None or self.failed or self.done >= self.planned:
             return
         self.failed = True
+        caught: list[tuple[int, Any]] = []
         try:
-            reports = collective.exchange((self.step, None, _describe(error), None))
+            with _interrupts_held(caught):
+                reports = collective.exchange((self.step, None, _describe(error), None))
         except Exception as transport:  # the transport itself broke: the original error matters more
             add_location_note(error, f"gradcache: could not tell the other ranks "
                                      f"({_describe(transport)})")
             return
+        finally:
+            # a Ctrl-C held from an agreement, or caught during this report: raised now (once
+            # the others know), unless what is being reported is one already
+            if caught and self.held is None:
+                self.held = caught[0]
+            if not isinstance(error, KeyboardInterrupt):
+                self._deliver_held()
+            self.held = None
         strays = self._strays(reports, None)
         if strays:
             add_location_note(error, f"gradcache: the ranks were out of step when this rank "
                                      f"reported this error at step {self.step}: {strays}")
+
+    def _deliver_held(self) -> None:
+        """Runs the ``SIGINT`` handler for a Ctrl-C held from an exchange (Python's raises
+        ``KeyboardInterrupt``)."""
+        if self.held is None:
+            return
+        held, self.held = self.held, None
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(*held)
 
     def _strays(self, reports: list[Any], stage: str | None) -> str:
         """The ranks whose report belongs to another step or stage, worded; empty when none.
@@ -222,6 +262,29 @@ class Rendezvous:
             counter = self.collective.step_counter()
             counter.value = max(counter.value, furthest)
         return "; ".join(strays)
+
+
+@contextlib.contextmanager
+def _interrupts_held(caught: list[tuple[int, Any]]) -> Iterator[None]:
+    """Holds back a Ctrl-C (``SIGINT``) that arrives during the block: it is appended to
+    ``caught`` (as ``(signum, frame)``) for the caller to act on, instead of raising inside.
+
+    An exchange may be several collectives (torch's ``all_gather_object``: the sizes, then the
+    data), and a rank waits for the slowest in the first, so that is where a Ctrl-C most likely
+    lands: a ``KeyboardInterrupt`` raised between them would leave this rank out of the second,
+    and its report of the interrupt would meet the others' second collective (gloo aborts the
+    process, the others read garbage). Python runs signal handlers in the main thread only:
+    elsewhere, or under a handler that is not Python's, the block runs as it is.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(handler):
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def _short(value: Any) -> str:

@@ -436,11 +436,12 @@ def _loss_only(backend: Backend, collective: Collective | None, rendezvous: Rend
                checked_loss: CheckedLoss, reps: list) -> Any:
     """The loss of the (global) batch, with no gradient: an evaluation step."""
     if collective is not None:
+        # no pass 2, so no meeting after it: this one is the last (known before it is reached)
+        rendezvous.planned -= 1
         counts = _agreed_counts(backend, collective, rendezvous, reps)
         if not checked_loss.gathers_itself:
             reps = [_tree.map_leaves(lambda leaf, c=c: collective.all_gather_rows(leaf, c), rep,
                                      backend.is_leaf) for rep, c in zip(reps, counts)]
-        rendezvous.planned -= 1   # no pass 2, so no meeting after it
     return backend.detach(checked_loss(*reps))
 
 

@@ -7,9 +7,10 @@ what is the same in every framework around these (flattening, the branches, zero
 Every tensor whose ``.grad`` a step may touch is remembered before the first write -- the object
 and a copy of its values -- so that a failing step puts every one back in place: the same object
 with the same values (code holding ``.grad``, or views of one flat buffer, sees no partial sum).
-A reentrant checkpoint's parameters are outside the graph until its backward recomputes the block,
-so the recomputation is watched too; a loss that calls ``backward()`` itself is refused before it
-writes. Distributed wrappers
+The parameters of module encoders and losses are remembered before anything runs, other tensors
+when the graph reaches them; a reentrant checkpoint's parameters are outside the graph until its
+backward recomputes the block, so the recomputation is watched too; a loss or an encoder that
+calls ``backward()`` itself is refused before it writes. Distributed wrappers
 synchronise on the last chunk that uses them only -- DDP is bypassed for the others (for all of
 them in a distributed step, whose adapter averages DDP's gradients itself), FSDP2 has its gradient
 sync switched off for them -- so gradients are reduced once per module per step. No control flow
@@ -27,6 +28,7 @@ from typing import Any, TypeGuard
 import torch
 
 from gradcache import Backend, GradCacheError, _padding, _tree, call_with_convention
+from gradcache._errors import add_location_note
 from gradcache_torch import _rng
 from gradcache_torch._distributed import fsdp_units
 
@@ -83,51 +85,100 @@ class _WatchedRecompute:
 
 
 class _RefuseBackward:
-    """Active while the loss runs: a ``backward()`` the loss calls itself would write ``.grad``
-    before the step remembers what to restore, and the step then differentiates the loss again.
+    """Active while the user's code runs inside a step -- an encoder's call, the loss: a
+    ``backward()`` there would write ``.grad`` before the step remembers what to restore (and
+    the step then differentiates the same graph again), so it is refused before it writes.
 
-    ``Tensor.backward`` and ``torch.autograd.backward`` are replaced only while some thread runs a
-    loss (counted under a lock, so that concurrent steps install and remove them once), and the
-    replacements refuse only in the thread that runs it; every other call passes straight through.
-    Unlike a ``TorchFunctionMode``, nothing is added to the loss's own operations.
+    What every backward reaches is replaced -- ``torch.autograd._engine_run_backward`` where
+    this torch has it (since 2.3; torch's own ``torch.compiler`` replaces it the same way), so
+    that ``Tensor.backward``, ``torch.autograd.backward`` and any name bound to them earlier are
+    all seen, while ``torch.autograd.grad`` (which writes no ``.grad``) passes; else the two
+    public functions. It is replaced only while some thread runs such code (counted under a lock,
+    so that concurrent steps install and remove it once), and refuses only in the thread that
+    runs it; every other call passes straight through. Unlike a ``TorchFunctionMode``, nothing is
+    added to the user's own operations. A backward the user's code runs in a thread of its own is
+    not seen.
     """
 
     _lock = threading.Lock()
     _users = 0
-    _originals: tuple[Any, Any] | None = None
+    _originals: list[tuple[Any, str, Any]] = []
     _inside = threading.local()
+
+    def __init__(self, who: str):
+        self.who = who   # "the loss", "the encoder": what the refusal names
+
+    @classmethod
+    def running(cls) -> str | None:
+        """What user code of a step this thread is inside (``"the loss"``...), or ``None``."""
+        stack = getattr(cls._inside, "stack", None)
+        return stack[-1] if stack else None
 
     def __enter__(self) -> _RefuseBackward:
         cls = _RefuseBackward
         with cls._lock:
             if cls._users == 0:
-                cls._originals = (torch.Tensor.backward, torch.autograd.backward)
-                torch.Tensor.backward = _refused(cls._originals[0])  # type: ignore[method-assign]
-                torch.autograd.backward = _refused(cls._originals[1])
+                cls._originals = [(owner, name, getattr(owner, name))
+                                  for owner, name, _ in _backward_entries()]
+                for owner, name, refusing in _backward_entries():
+                    setattr(owner, name, refusing(getattr(owner, name)))
             cls._users += 1
-        cls._inside.depth = getattr(cls._inside, "depth", 0) + 1
+        if not hasattr(cls._inside, "stack"):
+            cls._inside.stack = []
+        cls._inside.stack.append(self.who)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         cls = _RefuseBackward
-        cls._inside.depth -= 1
+        cls._inside.stack.pop()
         with cls._lock:
             cls._users -= 1
-            if cls._users == 0 and cls._originals is not None:
-                torch.Tensor.backward, torch.autograd.backward = cls._originals  # type: ignore[method-assign]
-                cls._originals = None
+            if cls._users == 0:
+                for owner, name, original in cls._originals:
+                    setattr(owner, name, original)
+                cls._originals = []
+
+
+def _backward_entries() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
+    """``(owner, attribute, wrapper)`` for what :class:`_RefuseBackward` replaces."""
+    if callable(getattr(torch.autograd, "_engine_run_backward", None)):
+        return [(torch.autograd, "_engine_run_backward", _refused_accumulation)]
+    return [(torch.Tensor, "backward", _refused), (torch.autograd, "backward", _refused)]
+
+
+def _refusal(who: str) -> GradCacheError:
+    if who == "the encoder":
+        return GradCacheError(
+            "the encoder calls backward() itself: the step pulls the gradients back through it "
+            "(pass 2), so a backward inside it would write .grad outside the rollback (and once "
+            "per chunk and pass); compute an auxiliary loss in loss_fn instead")
+    return GradCacheError(
+        f"{who} calls backward() itself: the step differentiates the loss (as loss.backward() "
+        f"would, with every gradient written once), so a backward inside it would write .grad "
+        f"twice and outside the rollback; return the loss instead")
 
 
 def _refused(original: Callable) -> Callable:
     @functools.wraps(original)
     def backward(*args: Any, **kwargs: Any) -> Any:
-        if getattr(_RefuseBackward._inside, "depth", 0):
-            raise GradCacheError(
-                "the loss calls backward() itself: the step differentiates the loss (as "
-                "loss.backward() would, with every gradient written once), so a backward inside "
-                "it would write .grad twice and outside the rollback; return the loss instead")
+        who = _RefuseBackward.running()
+        if who is not None:
+            raise _refusal(who)
         return original(*args, **kwargs)
     return backward
+
+
+def _refused_accumulation(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def run_backward(*args: Any, **kwargs: Any) -> Any:
+        # (outputs, grad_outputs, keep_graph, create_graph, inputs, allow_unreachable,
+        # accumulate_grad): backward accumulates into .grad, torch.autograd.grad does not
+        accumulates = kwargs.get("accumulate_grad", args[6] if len(args) > 6 else True)
+        who = _RefuseBackward.running()
+        if who is not None and accumulates:
+            raise _refusal(who)
+        return original(*args, **kwargs)
+    return run_backward
 
 
 def _unwrap_distributed(encoder: Any) -> Any:
@@ -145,6 +196,27 @@ def owning_module(encoder: Any) -> torch.nn.Module | None:
         return encoder
     owner = getattr(encoder, "__self__", None)
     return _unwrap_distributed(owner) if isinstance(owner, torch.nn.Module) else None
+
+
+def trained_parameters(encoders: Any, loss_fn: Any) -> list[torch.Tensor]:
+    """The parameters that require grad of every encoder that is a module (or a module's method,
+    DDP unwrapped) and of a loss that is one.
+
+    A step remembers their ``.grad`` before anything runs (``TorchBackend(protect=...)``), so that
+    code which touches them outside the step's own backward -- a forward that zeroes or adds to
+    its gradients, in pass 1 or before pass 2's walk of the graph -- is rolled back too. Other
+    tensors are remembered when the graph reaches them. Malformed ``encoders`` give none here
+    (the core refuses them).
+    """
+    listed = list(encoders) if isinstance(encoders, (list, tuple)) else [encoders]
+    found: dict[int, torch.Tensor] = {}
+    for candidate in [*listed, loss_fn]:
+        module = owning_module(candidate)
+        if module is not None:
+            for parameter in module.parameters():
+                if parameter.requires_grad:
+                    found.setdefault(id(parameter), parameter)
+    return list(found.values())
 
 
 def is_sentence_transformer(encoder: Any) -> bool:
@@ -208,6 +280,7 @@ class TorchBackend(Backend):
         self._owned: dict[int, torch.Tensor] = {}
         # id -> (tensor, None if its .grad was None, else (that .grad object, a copy of its values))
         self._saved: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        self._copies: dict[int, torch.Tensor] = {}   # id(.grad object) -> its values, copied once
         self._initial = list(protect)
         self._unsynced: dict[int, Any] = {}   # FSDP2 modules whose gradient sync this step turned off
         self._units: dict[int, list] = {}      # encoder -> its FSDP2 units
@@ -233,7 +306,9 @@ class TorchBackend(Backend):
     # -- autodiff -----------------------------------------------------------------------------------
     def encode(self, encoder: Any, chunk: Any, record: Any, get_rep: Callable) -> Any:
         with torch.no_grad():
-            return get_rep(call_encoder(_unwrap_distributed(encoder), chunk))
+            with _RefuseBackward("the encoder"):
+                output = call_encoder(_unwrap_distributed(encoder), chunk)
+            return get_rep(output)
 
     def trains(self, encoder: Any) -> bool:
         # a module whose parameters all have requires_grad=False is a frozen tower (LiT's image
@@ -262,7 +337,7 @@ class TorchBackend(Backend):
         leaves = [value.detach().requires_grad_() for value in values]
         mine = {id(leaf) for leaf in leaves}
         with torch.enable_grad():
-            with _RefuseBackward():
+            with _RefuseBackward("the loss"):
                 target, value = fn(leaves)
             if not target.requires_grad:
                 # as loss.backward() would: a loss without a graph gives no gradient, and zeros
@@ -270,14 +345,24 @@ class TorchBackend(Backend):
                 raise GradCacheError(
                     "the loss does not depend on the representations (it returned a tensor "
                     "without a graph: does it detach them, or run under torch.no_grad()?)")
+            # (cached_loss differentiates with torch.autograd.grad: no reentrant checkpoint)
+            watch = None if self.defer_loss_grads else self._watch_recompute
+            reached = list(_graph_leaves([target], watch))
+            if leaves and not any(id(tensor) in mine for tensor in reached):
+                # a graph through the loss's own parameters only (or a fresh leaf): loss.backward()
+                # would leave the encoders' .grad as it was, pass 2 would write zeros there
+                raise GradCacheError(
+                    "the loss does not depend on the representations (no gradient reaches them "
+                    "from the tensor it returned: does it read them through .data or .detach(), "
+                    "or only its own parameters?)")
+            owned = [tensor for tensor in reached if id(tensor) not in mine]
             if not self.defer_loss_grads:
                 # the loss's own parameters get their .grad here: remember them for a rollback
-                self._remember_graph([target], exclude=mine)
+                self._remember(owned)
                 torch.autograd.backward(target)
                 return value, [leaf.grad for leaf in leaves], grads
             # cached_loss: the loss-owned gradients wait in the accumulator for the backward,
             # which scales them by the incoming gradient; no .grad is written now
-            owned = [t for t in _graph_leaves([target]) if id(t) not in mine]
             found = torch.autograd.grad(target, leaves + owned, allow_unused=True)
         grads = dict(grads or {})
         for tensor, grad in zip(owned, found[len(leaves):]):
@@ -312,7 +397,9 @@ class TorchBackend(Backend):
             unit.set_requires_gradient_sync(final_use, recurse=False)
             self._unsynced[id(unit)] = unit
         with torch.enable_grad():
-            leaves, cotangents = outputs(call_encoder(module, chunk))
+            with _RefuseBackward("the encoder"):
+                output = call_encoder(module, chunk)
+            leaves, cotangents = outputs(output)
             pairs = [(r, g) for r, g in zip(leaves, cotangents) if g is not None and r.requires_grad]
             if not pairs:
                 raise GradCacheError(
@@ -334,8 +421,15 @@ class TorchBackend(Backend):
         for tensor in tensors:
             if id(tensor) not in self._saved:
                 grad = tensor.grad
-                self._saved[id(tensor)] = (tensor, None if grad is None
-                                           else (grad, grad.detach().clone()))
+                if grad is None:
+                    self._saved[id(tensor)] = (tensor, None)
+                    continue
+                # one .grad object held by two tensors is copied once, when the first is
+                # remembered: the second may be remembered after a write through the first
+                values = self._copies.get(id(grad))
+                if values is None:
+                    values = self._copies[id(grad)] = grad.detach().clone()
+                self._saved[id(tensor)] = (tensor, (grad, values))
 
     def _remember_graph(self, roots: Sequence[torch.Tensor], exclude: Any = ()) -> None:
         """Remembers every tensor a backward from ``roots`` writes, those inside reentrant
@@ -347,30 +441,47 @@ class TorchBackend(Backend):
         if not isinstance(node.run_function, _WatchedRecompute):
             node.run_function = _WatchedRecompute(node.run_function, self._remember_graph)
 
-    def _restore(self) -> None:
+    def _restore(self) -> list[str]:
         """Every remembered ``.grad`` back as it was: the same object, its values copied back in
-        place (a view of a flat buffer writes through to it); ``None`` again where it was."""
+        place (a view of a flat buffer writes through to it); ``None`` again where it was.
+        A tensor that cannot be put back does not stop the others: what went wrong is returned,
+        for a note on the error that is propagating."""
+        problems = []
         with torch.no_grad():
             for tensor, held in self._saved.values():
-                if held is None:
-                    tensor.grad = None
-                    continue
-                grad, values = held
-                grad.copy_(values)
-                if tensor.grad is not grad:
-                    tensor.grad = grad
+                try:
+                    if held is None:
+                        tensor.grad = None
+                        continue
+                    grad, values = held
+                    try:
+                        grad.copy_(values)
+                    except RuntimeError:
+                        # not writable in place (an expanded tensor): nothing wrote into it then
+                        # either, as backward accumulates in place
+                        pass
+                    if tensor.grad is not grad:
+                        tensor.grad = grad
+                except Exception as error:
+                    problems.append(f"gradcache: could not restore the .grad of a tensor of "
+                                    f"shape {tuple(tensor.shape)} ({type(error).__name__}: "
+                                    f"{error})")
+        return problems
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         self._saved.clear()
+        self._copies.clear()
         self._remember(self._initial)
         try:
             yield
-        except BaseException:
-            self._restore()
+        except BaseException as error:
+            for problem in self._restore():
+                add_location_note(error, problem)
             raise
         finally:
             self._saved.clear()
+            self._copies.clear()
             for unit in self._unsynced.values():   # FSDP2's default, for the caller's own steps
                 unit.set_requires_gradient_sync(True, recurse=False)
             self._unsynced.clear()

@@ -15,7 +15,7 @@ whichever call made the collective.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -191,17 +191,30 @@ class GradientSync:
     with nothing written; :meth:`restore` then puts the caller's very objects back, untouched.
     Bypassing DDP entirely, rather than letting it synchronise in the last chunk, keeps the step
     exact when a parameter is not used by that chunk (a second tower, a loss-owned temperature
-    inside the module), which DDP would otherwise leave unreduced without a word.
+    inside the module), which DDP would otherwise leave unreduced without a word. Sparse gradients
+    (``nn.Embedding(sparse=True)``) get one sparse all-reduce each and stay sparse, as with DDP.
     """
 
     #: the all-reduce bucket, as DDP's default
     BUCKET_BYTES = 25 * 2**20
 
-    def __init__(self, modules: Iterable[tuple[Any, Any]]):
+    def __init__(self, modules: Iterable[tuple[Any, Any, Collection[str]]]):
+        """``modules``: ``(module, process group, names of the parameters DDP ignores)``; an
+        ignored parameter (``_ddp_params_and_buffers_to_ignore``) keeps this rank's own gradient,
+        as under DDP."""
         self.groups: list[tuple[Any, list[torch.nn.Parameter]]] = []
         seen: set[int] = set()
-        for module, group in modules:
-            params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
+        #: parameters of modules that make sparse gradients (``nn.Embedding(sparse=True)``),
+        #: told by the module as DDP tells them, so that every rank agrees whatever it touched
+        self.sparse: set[int] = set()
+        modules = list(modules)
+        for module, _, _ in modules:
+            for sub in module.modules():
+                if isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and sub.sparse:
+                    self.sparse.update(id(p) for p in sub.parameters(recurse=False))
+        for module, group, ignored in modules:
+            params = [p for name, p in module.named_parameters()
+                      if p.requires_grad and id(p) not in seen and name not in ignored]
             seen.update(id(p) for p in params)
             if params:
                 self.groups.append((group, params))
@@ -234,19 +247,25 @@ class GradientSync:
     def _average(self, group: Any, params: list) -> list[torch.Tensor | None]:
         """The mean over ranks of each parameter's step gradient (``None`` where no rank has one)."""
         world = dist.get_world_size(group)
+        means: list[torch.Tensor | None] = [None] * len(params)
+        sparse = [index for index, parameter in enumerate(params) if id(parameter) in self.sparse]
+        if sparse:
+            self._average_sparse(group, params, sparse, means)
         buckets: dict[tuple, list[list[int]]] = {}
         for index, parameter in enumerate(params):
+            if id(parameter) in self.sparse:
+                continue
             runs = buckets.setdefault((parameter.dtype, parameter.device), [[]])
             size = sum(params[i].numel() for i in runs[-1]) * parameter.element_size()
             if runs[-1] and size + parameter.numel() * parameter.element_size() > self.BUCKET_BYTES:
                 runs.append([])
             runs[-1].append(index)
-        means: list[torch.Tensor | None] = [None] * len(params)
         for runs in buckets.values():
             for run in runs:
                 # one all-reduce per bucket; its tail counts the ranks that touched each parameter,
                 # so that a parameter no rank used keeps its gradient (None stays None)
-                grads = [params[i].grad if params[i].grad is not None
+                # (a sparse gradient from a module not known to make them is averaged densely)
+                grads = [_dense(params[i].grad) if params[i].grad is not None
                          else torch.zeros_like(params[i]) for i in run]
                 touched = torch.tensor([float(params[i].grad is not None) for i in run],
                                        dtype=grads[0].dtype, device=grads[0].device)
@@ -264,9 +283,41 @@ class GradientSync:
                         means[i] = part.view_as(params[i])
         return means
 
+    @staticmethod
+    def _average_sparse(group: Any, params: list, indices: list[int],
+                        means: list[torch.Tensor | None]) -> None:
+        """The sparse gradients' means, one sparse all-reduce per parameter (as DDP reduces them:
+        the rows no rank touched are never sent), and one all-reduce of who touched which."""
+        world = dist.get_world_size(group)
+        first = params[indices[0]]
+        touched = torch.tensor([float(params[i].grad is not None) for i in indices],
+                               dtype=torch.float64, device=first.device)
+        dist.all_reduce(touched, group=group)
+        for i, count in zip(indices, touched.tolist()):
+            parameter = params[i]
+            if not count:
+                continue
+            grad = parameter.grad
+            if grad is None:   # this rank did not touch it: no rows of its own
+                grad = torch.sparse_coo_tensor(
+                    torch.empty((1, 0), dtype=torch.long, device=parameter.device),
+                    parameter.new_empty((0, *parameter.shape[1:])), parameter.shape)
+            grad = grad.coalesce() if grad.is_sparse else grad.to_sparse(1)
+            work = dist.all_reduce(grad, group=group, async_op=True)
+            assert work is not None
+            work.wait()
+            parameter.grad = None
+            means[i] = work.get_future().value()[0] / world
 
-def broadcast_buffers(module: Any, group: Any) -> None:
-    """Rank 0's buffers to every rank, as DDP does before each forward (``broadcast_buffers``)."""
+
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    return grad.to_dense() if grad.is_sparse else grad
+
+
+def broadcast_buffers(module: Any, group: Any, ignored: Collection[str] = ()) -> None:
+    """Rank 0's buffers to every rank, as DDP does before each forward (``broadcast_buffers``),
+    but those DDP ignores (named in ``ignored``)."""
     source = 0 if group is None else dist.get_global_rank(group, 0)
-    for buffer in module.buffers():
-        dist.broadcast(buffer.data, src=source, group=group)
+    for name, buffer in module.named_buffers():
+        if name not in ignored:
+            dist.broadcast(buffer.data, src=source, group=group)

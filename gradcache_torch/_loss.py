@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradcache import CachedForward, GradCacheError, _tree, cached_backward, cached_forward
-from gradcache_torch._backend import TorchBackend, owning_module
+from gradcache_torch._backend import TorchBackend, owning_module, trained_parameters
 from gradcache_torch._step import _Setup
 
 if TYPE_CHECKING:
@@ -76,13 +76,15 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     >>> encoder.weight.grad.shape
     torch.Size([4, 8])
     """
-    if "scaler" in options:
-        raise GradCacheError(
-            "cached_loss takes no scaler: call scaler.scale(loss).backward() on the loss it "
-            "returns, and the scale reaches every gradient through backward")
+    def refuse_early() -> None:
+        if "scaler" in options:
+            raise GradCacheError(
+                "cached_loss takes no scaler: call scaler.scale(loss).backward() on the loss it "
+                "returns, and the scale reaches every gradient through backward")
+
     differentiate = torch.is_grad_enabled()   # False under no_grad and inference_mode
     setup = _Setup(encoders, inputs, loss_fn, options, entry="cached_loss",
-                   differentiate=differentiate)
+                   differentiate=differentiate, checks=refuse_early)
     try:
         input_leaves = [leaf for leaf in _tree.flatten(inputs, _is_tensor)[0]]
         if differentiate and any(leaf.requires_grad for leaf in input_leaves):
@@ -90,7 +92,8 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             raise GradCacheError(
                 "an input tensor requires grad, but cached_loss differentiates the parameters "
                 "only (its gradient would be missing); detach the inputs, or use cached_step")
-        backend = TorchBackend(bypass_ddp=setup.bypass_ddp, defer_loss_grads=True)
+        backend = TorchBackend(bypass_ddp=setup.bypass_ddp, defer_loss_grads=True,
+                               protect=trained_parameters(encoders, loss_fn))
         autocast = _autocast_state()
         forward = cached_forward(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
                                  collective=setup.collective, differentiate=differentiate,

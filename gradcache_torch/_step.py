@@ -20,7 +20,12 @@ from gradcache import (
     cached_backward,
     cached_forward,
 )
-from gradcache_torch._backend import TorchBackend, is_sentence_transformer
+from gradcache_torch._backend import (
+    TorchBackend,
+    _RefuseBackward,
+    is_sentence_transformer,
+    trained_parameters,
+)
 from gradcache_torch._distributed import (
     GradientSync,
     TorchCollective,
@@ -101,7 +106,9 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     Raises:
         GradCacheError: for malformed input (before anything runs), a call under
             ``torch.no_grad()``/``torch.inference_mode()`` (use :func:`gradcache_torch.cached_loss`
-            for an evaluation loss), a loss that calls ``backward()`` itself, or a failed check.
+            for an evaluation loss), a loss or an encoder that calls ``backward()`` itself, a
+            call inside the loss of another step, a loss that reads no representation, or a
+            failed check.
             Any error (a ``KeyboardInterrupt`` too) leaves every ``.grad`` exactly as it was before
             the call, in place: the same tensor objects with the same values.
 
@@ -115,18 +122,25 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     >>> encoder.weight.grad.shape
     torch.Size([4, 8])
     """
-    if not torch.is_grad_enabled():
-        # an evaluation between steps (a trainer's eval loop) would add its batch's gradient
-        # to the next step: refuse before anything runs
-        context = "torch.inference_mode()" if torch.is_inference_mode_enabled() else "torch.no_grad()"
-        raise GradCacheError(
-            f"cached_step ran under {context}: it writes gradients into .grad, which gradients "
-            f"off cannot mean; for an evaluation loss use gradcache_torch.cached_loss (under "
-            f"{context} it computes the loss alone), or call cached_step with gradients enabled")
-    if scaler is not None and not callable(getattr(scaler, "scale", None)):
-        raise GradCacheError(f"scaler must be a torch.amp.GradScaler (with scale()), got {scaler!r}")
-    setup = _Setup(encoders, inputs, loss_fn, options, entry="cached_step", own=("scaler",))
-    backend = TorchBackend(scaler=scaler, bypass_ddp=setup.bypass_ddp)
+    def refuse_early() -> None:
+        if not torch.is_grad_enabled():
+            # an evaluation between steps (a trainer's eval loop) would add its batch's gradient
+            # to the next step: refuse before anything runs
+            context = ("torch.inference_mode()" if torch.is_inference_mode_enabled()
+                       else "torch.no_grad()")
+            raise GradCacheError(
+                f"cached_step ran under {context}: it writes gradients into .grad, which "
+                f"gradients off cannot mean; for an evaluation loss use "
+                f"gradcache_torch.cached_loss (under {context} it computes the loss alone), or "
+                f"call cached_step with gradients enabled")
+        if scaler is not None and not callable(getattr(scaler, "scale", None)):
+            raise GradCacheError(
+                f"scaler must be a torch.amp.GradScaler (with scale()), got {scaler!r}")
+
+    setup = _Setup(encoders, inputs, loss_fn, options, entry="cached_step", own=("scaler",),
+                   checks=refuse_early)
+    backend = TorchBackend(scaler=scaler, bypass_ddp=setup.bypass_ddp,
+                           protect=trained_parameters(encoders, loss_fn))
     sync = setup.gradient_sync()
     try:
         with backend.transaction():
@@ -152,8 +166,23 @@ class _Setup:
     and the DDP modules' gradients are averaged afterwards, as DDP would have averaged them."""
 
     def __init__(self, encoders: Any, inputs: Any, loss_fn: Any, options: Mapping[str, Any], *,
-                 entry: str, own: Sequence[str] = (), differentiate: bool = True):
-        step = StepOptions.from_keywords(options, adapter="gradcache_torch", own=own, entry=entry)
+                 entry: str, own: Sequence[str] = (), differentiate: bool = True,
+                 checks: Callable[[], None] | None = None):
+        running = _RefuseBackward.running()
+        if differentiate and running is not None:
+            # the same code on every rank: nobody waits for this one
+            raise GradCacheError(
+                f"{entry} was called inside {running} of another gradient-cached step: its "
+                f"pass 2 would write .grad outside that step's rollback; call it outside and "
+                f"add the losses, or under torch.no_grad() for its value alone")
+        try:
+            if checks is not None:
+                checks()
+            step = StepOptions.from_keywords(options, adapter="gradcache_torch", own=own,
+                                             entry=entry)
+        except GradCacheError as error:
+            _tell_other_ranks(encoders, loss_fn, options, error, differentiate)
+            raise
         self.keywords = step.step_keywords()
         self.keywords["get_rep"] = _default_get_rep(encoders, inputs, step.get_rep)
         self.collective: Collective | None = None
@@ -189,6 +218,31 @@ class _Setup:
             sync.restore()
 
 
+def _tell_other_ranks(encoders: Any, loss_fn: Any, options: Mapping[str, Any],
+                      error: BaseException, differentiate: bool) -> None:
+    """A rank that refuses a step before it began (a bad option, gradients off) reports its
+    error to the ranks that did begin it, which would otherwise wait for it at their first
+    agreement until the process group's timeout (30 minutes by default).
+
+    It takes the step's part up to that agreement -- the same buffer broadcasts, one step
+    counted -- and reports there, as a rank failing later in the step does. Nothing is told where
+    the step would have no agreement (``distributed=False``, no DDP, an evaluation under DDP) or
+    where ``distributed=`` itself is malformed (then nobody knows the step's ranks)."""
+    distributed = options.get("distributed")
+    try:
+        if distributed is None and differentiate:
+            agreement, _ = _ddp_agreement(encoders)
+        elif distributed is not None and distributed is not False:
+            collective, _ = _distribute(encoders, loss_fn, distributed)
+            agreement = Rendezvous(collective, planned=1)
+        else:
+            return
+    except Exception:   # the error being raised says more than why the others were not told
+        return
+    if agreement is not None:
+        agreement.fail(error)
+
+
 def _sentence_embedding(output: Any) -> Any:
     return output["sentence_embedding"]
 
@@ -211,7 +265,7 @@ def _default_get_rep(encoders: Any, inputs: Any, get_rep: Any) -> Any:
 
 
 def _ddp_agreement(encoders: Any) -> tuple[Rendezvous | None, list]:
-    """The agreement and the averaged ``(module, group)`` pairs of a step without
+    """The agreement and the averaged ``(module, group, ignored names)`` of a step without
     ``distributed=`` whose encoders include DDP-wrapped modules; ``(None, [])`` where DDP's own
     reduction stays.
 
@@ -238,14 +292,14 @@ def _ddp_agreement(encoders: Any) -> tuple[Rendezvous | None, list]:
     group = wrapped[0].process_group
     for ddp in wrapped:   # as DDP's forward would (every chunk now bypasses it)
         if ddp.broadcast_buffers and any(True for _ in ddp.module.buffers()):
-            broadcast_buffers(ddp.module, group)
+            broadcast_buffers(ddp.module, group, ddp.parameters_to_ignore)
     return (Rendezvous(TorchCollective(group), planned=1),
-            [(ddp.module, group) for ddp in wrapped])
+            [(ddp.module, group, ddp.parameters_to_ignore) for ddp in wrapped])
 
 
 def _distribute(encoders: Any, loss_fn: Any, distributed: Any) -> tuple[Collective, list]:
-    """The collective of a distributed step and the ``(module, group)`` pairs whose gradients the
-    adapter averages (DDP and unwrapped modules: :class:`GradientSync`).
+    """The collective of a distributed step and the ``(module, group, ignored names)`` whose
+    gradients the adapter averages (DDP and unwrapped modules: :class:`GradientSync`).
 
     A :class:`gradcache.Collective` that is not a :class:`TorchCollective` (your own transport, or
     ``gradcache.testing.ThreadCollective``) is used as it is: each rank's ``.grad`` then receives
@@ -266,11 +320,12 @@ def _distribute(encoders: Any, loss_fn: Any, distributed: Any) -> tuple[Collecti
         if fsdp_units(encoder):
             sharded = True   # FSDP2 reduce-scatters its own gradients
         elif is_ddp(encoder):
-            averaged.append((encoder.module, encoder.process_group))
+            averaged.append((encoder.module, encoder.process_group, encoder.parameters_to_ignore))
             if encoder.broadcast_buffers and any(True for _ in encoder.module.buffers()):
-                broadcast_buffers(encoder.module, encoder.process_group)
+                broadcast_buffers(encoder.module, encoder.process_group,
+                                  encoder.parameters_to_ignore)
         elif isinstance(encoder, torch.nn.Module):
-            averaged.append((encoder, group))
+            averaged.append((encoder, group, ()))
         else:
             raise GradCacheError(
                 f"distributed=... needs every encoder to be a torch.nn.Module (DDP, FSDP2 or plain) "

@@ -98,3 +98,62 @@ def test_a_failure_the_transport_cannot_carry_keeps_the_original_error_with_a_no
         Rendezvous(Broken(), planned=2).fail(error)
         assert error.__notes__ == [
             "gradcache: could not tell the other ranks (ConnectionError: peer gone)"]
+
+
+class _Interrupted(Collective):
+    """One rank whose exchanges record what they sent; the ``at``-th is interrupted by a real
+    ``SIGINT`` while it runs (as a Ctrl-C lands while a rank waits for the others)."""
+
+    agrees = True
+    world_size = 1
+
+    def __init__(self, at: int):
+        self.at, self.sent = at, []
+
+    def exchange(self, payload):
+        import signal
+        self.sent.append(payload)
+        if len(self.sent) == self.at:
+            signal.raise_signal(signal.SIGINT)   # its handler runs on the next bytecode
+        return [payload]
+
+
+def test_a_ctrl_c_inside_an_exchange_is_reported_at_the_next_agreement() -> None:
+    # raised inside the exchange, it would split a multi-collective exchange (torch's
+    # all_gather_object) and leave this rank's report to meet the others' next collective
+    collective = _Interrupted(at=1)
+    rendezvous = Rendezvous(collective, planned=2)
+    assert rendezvous.agree("after pass 1", "payload") == ["payload"]   # held, the step goes on
+    try:
+        rendezvous.agree("after pass 2")
+    except KeyboardInterrupt as error:
+        rendezvous.fail(error)   # as the schedule does
+    else:
+        raise AssertionError("the held Ctrl-C was not raised at the next agreement")
+    assert [sent[1:3] for sent in collective.sent] == [("after pass 1", None),
+                                                       (None, "KeyboardInterrupt")]
+
+
+def test_a_ctrl_c_inside_the_last_agreement_is_raised_after_it() -> None:
+    collective = _Interrupted(at=1)
+    rendezvous = Rendezvous(collective, planned=1)
+    try:
+        rendezvous.agree("after pass 2")
+    except KeyboardInterrupt as error:
+        rendezvous.fail(error)   # nothing left to tell: no second exchange
+    else:
+        raise AssertionError("the Ctrl-C was lost")
+    assert len(collective.sent) == 1 and rendezvous.done == 1
+
+
+def test_a_held_ctrl_c_is_raised_when_the_rank_fails_otherwise() -> None:
+    collective = _Interrupted(at=1)
+    rendezvous = Rendezvous(collective, planned=2)
+    rendezvous.agree("after pass 1")
+    try:
+        rendezvous.fail(RuntimeError("pass 2 broke"))   # reported first, then the interrupt
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the held Ctrl-C was lost")
+    assert collective.sent[-1][2] == "RuntimeError: pass 2 broke"

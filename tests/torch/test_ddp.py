@@ -17,6 +17,7 @@ costs seconds).
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 
 import pytest
@@ -45,7 +46,7 @@ def local_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def worker(rank: int, world: int) -> dict:
-    return {"local": local_loss(rank), "failures": failures(rank)}
+    return {"local": local_loss(rank), "failures": failures(rank), "hostile": hostile(rank)}
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +275,103 @@ def failures(rank: int) -> dict:
     return out
 
 
+def interrupted_mid_exchange(original, call, *args, **kwargs):
+    """A real Ctrl-C (SIGINT) on this rank after the first of all_gather_object's two
+    collectives: where a rank waiting at an agreement for the slower one receives it."""
+    import os
+    import signal
+    result = original(*args, **kwargs)
+    if call == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    return result
+
+
+class PatchedGather(Patched):
+    """``all_gather`` as ``all_gather_object`` calls it (a global of ``distributed_c10d``)."""
+
+    def __enter__(self):
+        import torch.distributed.distributed_c10d as c10d
+        self.module, self.original = c10d, c10d.all_gather
+
+        def patched(*args, **kwargs):
+            self.calls += 1
+            return self.replacement(self.original, self.calls, *args, **kwargs)
+        c10d.all_gather = patched
+        return self
+
+    def __exit__(self, *exc):
+        self.module.all_gather = self.original
+
+
+def bag_ids(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(200 + rank)
+    return (torch.randint(0, 20, (4, 3), generator=generator),
+            torch.randint(0, 20, (4, 3), generator=generator))
+
+
+class Bag(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = torch.nn.Embedding(20, 4, sparse=True).double()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(ids).mean(1)
+
+
+def hostile(rank: int) -> dict:
+    """What the adversarial pass found on two ranks: a rank refusing a step before it began (a
+    bad option, gradients off) left the others waiting at their first agreement until the
+    timeout; a Ctrl-C between the two collectives of an agreement's exchange aborted the process
+    (gloo) and fed the other garbage; sparse gradients broke the step's own average, which also
+    averaged the parameters DDP ignores (and broadcast its ignored buffers)."""
+    out: dict = {}
+    q, p = rank_batch(rank)
+    quick = dist.new_group(backend="gloo", timeout=timedelta(seconds=5))
+    def refused_on_rank_1(case: str, model: DistributedDataParallel) -> None:
+        if case == "option":
+            bad = {"loss_kwargs": 5} if rank == 1 else {}
+            cached_step(model, (q, p), info_nce, chunk_size=3, distributed=quick, **bad)
+            return
+        with torch.no_grad() if rank == 1 else contextlib.nullcontext():
+            cached_step(model, (q, p), info_nce, chunk_size=3)
+
+    for case in ("option", "no_grad"):
+        model = bucket_views(quick)
+        saved = snapshot(list(model.parameters()))
+        out[case] = outcome(lambda case=case, model=model: refused_on_rank_1(case, model))
+        out[f"{case}_kept"] = untouched(saved)
+
+    model = bucket_views()
+    saved = snapshot(list(model.parameters()))
+    with PatchedGather(interrupted_mid_exchange if rank == 1
+                       else lambda original, call, *a, **k: original(*a, **k)):
+        out["ctrl_c"] = outcome(lambda: cached_step(model, (q, p), info_nce, chunk_size=3,
+                                                    distributed=True))
+    out["ctrl_c_kept"] = untouched(saved)
+    out["ctrl_c_next"] = float(cached_step(model, (q, p), info_nce, chunk_size=3,
+                                           distributed=True))
+
+    bag = Bag()
+    cached_step(DistributedDataParallel(bag), bag_ids(rank), info_nce, chunk_size=2)
+    out["sparse"] = bag.embedding.weight.grad
+
+    # what DDP ignores (_ddp_params_and_buffers_to_ignore) is neither averaged nor broadcast
+    torch.manual_seed(0)
+    tower = Tower().double()
+    tower.register_buffer("seen", torch.full((1,), float(rank)))
+    tower._ddp_params_and_buffers_to_ignore = ["b.weight", "b.bias", "seen"]
+    model = DistributedDataParallel(tower)
+    cached_step(model, (q, p), info_nce, chunk_size=3)
+    cached = [param.grad.clone() for param in tower.parameters()]
+    out["ignored_buffer"] = float(tower.seen)
+    tower.zero_grad(set_to_none=True)
+    info_nce(model(q), model(p)).backward()
+    out["ignored_as_ddp"] = [torch.allclose(got, param.grad, rtol=1e-10, atol=1e-12)
+                             for got, param in zip(cached, tower.parameters())]
+    return out
+
+
 def test_ddp_gradients_equal_the_averaged_full_batch_gradients(two_ranks) -> None:
     results = [out["local"] for out in two_ranks]
     torch.manual_seed(0)
@@ -350,3 +448,35 @@ def test_failures_end_at_once_with_every_gradient_as_it_was(two_ranks) -> None:
             # (rank 0's message shows that the agreement ended it, not the group's timeout)
             assert out[f"ddp_{entry}_kept"], entry
 
+
+
+def test_hostile_calls_end_at_once_with_every_gradient_as_it_was(two_ranks) -> None:
+    results = [out["hostile"] for out in two_ranks]
+    for rank, out in enumerate(results):
+        for case, cause in (("option", "GradCacheError: loss_kwargs must be a mapping"),
+                            ("no_grad", "GradCacheError: cached_step ran under torch.no_grad()")):
+            if rank == 1:
+                assert out[case].startswith(cause), out[case]
+            else:   # told at its first agreement, not by the group's 5 s timeout
+                assert f"rank 1 failed ({cause}" in out[case], out[case]
+            assert out[f"{case}_kept"], case
+        if rank == 1:
+            assert out["ctrl_c"] == "KeyboardInterrupt: ", out["ctrl_c"]
+        else:   # rank 1 held it through the step's collectives and reported it at the next meeting
+            assert "rank 1 failed (KeyboardInterrupt); every rank stopped (after pass 2)" \
+                in out["ctrl_c"], out["ctrl_c"]
+        assert out["ctrl_c_kept"]
+        assert out["ctrl_c_next"] == results[0]["ctrl_c_next"]
+
+    for rank, out in enumerate(results):
+        assert out["ignored_as_ddp"] == [True] * 4, out["ignored_as_ddp"]
+        assert out["ignored_buffer"] == rank
+
+    bag = Bag()
+    for rank in range(WORLD):   # DDP's average of each rank's local loss
+        q, p = bag_ids(rank)
+        (info_nce(bag(q), bag(p)) / WORLD).backward()
+    for out in results:
+        assert out["sparse"].is_sparse
+        torch.testing.assert_close(out["sparse"].to_dense(), bag.embedding.weight.grad.to_dense(),
+                                   rtol=1e-10, atol=1e-12)
