@@ -5,6 +5,7 @@ another step's payload for this one's."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from gradcache import Collective, GradCacheError, Rendezvous, run_cached_step
 from gradcache.testing import LinearEncoder, NumpyBackend, NumpyInfoNCE, run_ranks
@@ -100,6 +101,16 @@ def test_a_failure_the_transport_cannot_carry_keeps_the_original_error_with_a_no
             "gradcache: could not tell the other ranks (ConnectionError: peer gone)"]
 
 
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler, as a script run from a terminal has it: a pytest-xdist worker
+    ignores SIGINT (its controller handles Ctrl-C), under which a Ctrl-C never happens at all."""
+    import signal
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 class _Interrupted(Collective):
     """One rank whose exchanges record what they sent; the ``at``-th is interrupted by a real
     ``SIGINT`` while it runs (as a Ctrl-C lands while a rank waits for the others)."""
@@ -118,7 +129,7 @@ class _Interrupted(Collective):
         return [payload]
 
 
-def test_a_ctrl_c_inside_an_exchange_is_reported_at_the_next_agreement() -> None:
+def test_a_ctrl_c_inside_an_exchange_is_reported_at_the_next_agreement(python_sigint_handler) -> None:
     # raised inside the exchange, it would split a multi-collective exchange (torch's
     # all_gather_object) and leave this rank's report to meet the others' next collective
     collective = _Interrupted(at=1)
@@ -134,7 +145,7 @@ def test_a_ctrl_c_inside_an_exchange_is_reported_at_the_next_agreement() -> None
                                                        (None, "KeyboardInterrupt")]
 
 
-def test_a_ctrl_c_inside_the_last_agreement_is_raised_after_it() -> None:
+def test_a_ctrl_c_inside_the_last_agreement_is_raised_after_it(python_sigint_handler) -> None:
     collective = _Interrupted(at=1)
     rendezvous = Rendezvous(collective, planned=1)
     try:
@@ -146,7 +157,7 @@ def test_a_ctrl_c_inside_the_last_agreement_is_raised_after_it() -> None:
     assert len(collective.sent) == 1 and rendezvous.done == 1
 
 
-def test_a_held_ctrl_c_is_raised_when_the_rank_fails_otherwise() -> None:
+def test_a_held_ctrl_c_is_raised_when_the_rank_fails_otherwise(python_sigint_handler) -> None:
     collective = _Interrupted(at=1)
     rendezvous = Rendezvous(collective, planned=2)
     rendezvous.agree("after pass 1")

@@ -342,6 +342,10 @@ def hostile(rank: int) -> dict:
         out[case] = outcome(lambda case=case, model=model: refused_on_rank_1(case, model))
         out[f"{case}_kept"] = untouched(saved)
 
+    import signal
+    # a process started from a pytest-xdist worker inherits its ignored SIGINT: a terminal's
+    # Ctrl-C reaches a training script with Python's own handler, so this scenario installs it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     model = bucket_views()
     saved = snapshot(list(model.parameters()))
     with PatchedGather(interrupted_mid_exchange if rank == 1
