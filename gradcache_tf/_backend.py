@@ -9,7 +9,10 @@ accumulator that the step returns. Random state is snapshotted and replayed thro
 
 Inside ``tf.function`` the full chunks of a group are iterated by one ``tf.while_loop`` (see
 :meth:`TFBackend.loop_equal_chunks`; the core runs a shorter last chunk by itself), so the traced
-program holds a fixed number of copies of the encoder whatever the number of chunks. No control
+program holds a fixed number of copies of the encoder whatever the number of chunks. Chunks run
+by themselves (fewer than three, a shorter last one, ``graph_loop=False``) are ordered by a control
+dependency instead: each chunk's pass-2 forward waits for the previous chunk's backward, so memory
+holds one chunk's activations at a time there too (see :func:`_after`). No control
 flow of the algorithm lives here: the loop primitive runs whatever body the core hands it, and the
 core writes the loss's and the pullback's skeletons around this module's tape.
 """
@@ -291,6 +294,7 @@ class TFBackend(Backend):
     def vjp(self, encoder: Any, chunk: Any, record: Any, outputs: Callable, grads: Any, *,
             final_use: bool) -> tuple[list, Any]:
         del final_use  # see reads_final_use
+        chunk = _after(grads, chunk)
         with tf.GradientTape(watch_accessed_variables=self.check_variables is not None) as tape:
             tape.watch([v for v in self.tf_variables if _differentiable(v)])
             leaves, cotangents = outputs(self._call(encoder, chunk))
@@ -400,7 +404,7 @@ class TFBackend(Backend):
         other and memory holds one chunk's activations) covers chunks ``1..count-1``. With the
         core's shorter last chunk, the program holds at most three copies of the body, whatever
         the number of chunks. Eagerly, or with fewer than three chunks, it declines: the core's
-        chunk-by-chunk loop is as good.
+        chunk-by-chunk loop is as good (:meth:`vjp` orders those chunks, see :func:`_after`).
         """
         if not self.graph_loop or tf.executing_eagerly() or count < 3:
             return None
@@ -428,6 +432,28 @@ class TFBackend(Backend):
         stacked = [array.stack() for array in arrays]
         rows_out = [_merge_leading(s, count * size) for s in stacked[:len(out0)]]
         return list(carry), rows_out, stacked[len(out0):]
+
+
+def _after(grads: Sequence[Any], chunk: Any) -> Any:
+    """``chunk``, but inside ``tf.function`` only once the gradients ``grads`` add up are computed.
+
+    Pass 2's chunks run one by one outside the ``tf.while_loop`` (a group of one or two chunks,
+    a shorter last chunk, ``graph_loop=False``, a ``split_fn``): nothing else orders chunk ``i +
+    1``'s forward after chunk ``i``'s backward, and TensorFlow's executor runs ready ops as it
+    likes, so it may hold both chunks' activations at once -- with two chunks, as much as the
+    full-batch step. (Chunk 0, traced before the loop, and the loop's first chunk are such a pair
+    too.) The accumulated gradients are the previous chunk's backward: a control dependency on them
+    keeps one chunk's activations alive at a time. Eagerly, ops run in order.
+    """
+    if tf.executing_eagerly():
+        return chunk
+    done = [g for g in grads if isinstance(g, tf.Tensor)]
+    if not done:
+        return chunk
+    leaves, spec = flatten(chunk, is_tensor)
+    with tf.control_dependencies(done):
+        return unflatten(spec, [tf.identity(leaf) if isinstance(leaf, tf.Tensor) else leaf
+                                for leaf in leaves])
 
 
 def _rows_at(leaf: tf.Tensor, start: tf.Tensor, size: int) -> tf.Tensor:

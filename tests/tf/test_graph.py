@@ -176,3 +176,61 @@ def test_xla_on_cpu_warns_about_keras_random_in_the_loop(keras) -> None:
 
 def _mean_dot(q, p):
     return tf.reduce_mean(tf.matmul(q, p, transpose_b=True))
+
+
+class MarkingEncoder(tf.Module):
+    """``x @ W`` whose graph names where each call's forward starts and its backward ends.
+
+    Call ``n``'s input passes through an op named ``forward_call{n}``; the gradient of ``W`` it
+    produces passes through one named ``backward_call{n}`` (only pass 2's calls have one).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.w = tf.Variable(tf.reshape(tf.range(15, dtype=tf.float64), (3, 5)) / 10.0)
+        self.calls = 0
+
+    def __call__(self, x):
+        self.calls += 1
+        call = self.calls
+
+        @tf.custom_gradient
+        def marked(w):
+            return tf.identity(w), lambda dw: tf.identity(dw, name=f"backward_call{call}")
+
+        return tf.tanh(tf.identity(x, name=f"forward_call{call}") @ marked(self.w))
+
+
+def _ancestors(graph_def, name: str) -> set[str]:
+    """Every node ``name`` depends on, through data and control edges."""
+    inputs = {node.name: [i.lstrip("^").split(":")[0] for i in node.input] for node in graph_def.node}
+    seen, todo = set(), [name]
+    while todo:
+        for parent in inputs[todo.pop()]:
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    return seen
+
+
+@pytest.mark.parametrize("batch", [4, 8, 10])  # 1 chunk, 2 chunks, 2 chunks and a shorter one
+def test_chunks_run_by_themselves_hold_one_chunks_activations(batch: int) -> None:
+    # Pass 2's chunks outside the tf.while_loop are separate subgraphs: unless each chunk's
+    # forward depends on the previous chunk's backward, the executor may run both forwards first
+    # and hold two chunks' activations (at two chunks, as much as the full-batch step).
+    encoder = MarkingEncoder()
+    rows = tf.reshape(tf.range(batch * 3, dtype=tf.float64), (batch, 3)) / 30.0
+    step = tf.function(lambda q, p: gradcache_tf.cached_step(encoder, (q, p), _mean_dot, chunk_size=4))
+    graph_def = step.get_concrete_function(rows, rows[::-1]).graph.as_graph_def()
+    marks: dict[str, dict[int, str]] = {"forward": {}, "backward": {}}
+    for node in graph_def.node:
+        kind, _, call = node.name.rpartition("/")[2].partition("_call")
+        if kind in marks and call.isdigit():
+            marks[kind][int(call)] = node.name
+    pass2 = sorted(marks["backward"])
+    assert len(pass2) == 2 * -(-batch // 4)  # every chunk of both towers, none in a loop
+    for before, after in zip(pass2, pass2[1:]):
+        assert marks["backward"][before] in _ancestors(graph_def, marks["forward"][after]), (
+            f"pass 2's call {after} may start before call {before}'s backward is done")
+    _, grads = step(rows, rows[::-1])
+    assert np.all(np.isfinite(grads[0].numpy()))
