@@ -59,14 +59,22 @@ def test_two_processes_ddp_global_batch_equals_one_process(tmp_path) -> None:
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                str(EXAMPLES / "accelerate_train.py"), "--check", "--save", str(saved)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)     # torchrun and both ranks
-        output, _ = process.communicate()
-        pytest.fail(f"2-process run did not finish in 150 s:\n{output[-4000:]}")
+    # About 1 run in 12 (on this session's base commit too) a rank aborts in torch's gloo teardown
+    # ("terminate called without an active exception") after the script has checked and saved
+    # everything: that run is tried once more, and the second must end cleanly.
+    for attempt in range(2):
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            output, _ = process.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)     # torchrun and both ranks
+            output, _ = process.communicate()
+            pytest.fail(f"2-process run did not finish in 150 s:\n{output[-4000:]}")
+        teardown_abort = ("terminate called without an active exception" in output
+                          and "largest relative difference" in output)
+        if process.returncode == 0 or not teardown_abort or attempt == 1:
+            break
     assert process.returncode == 0, output[-4000:]
     assert "2 process(es): largest relative difference" in output, output[-4000:]
 
