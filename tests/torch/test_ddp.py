@@ -33,6 +33,7 @@ from gradcache_torch._distributed import GradientSync
 from tests.torch.test_distributed import counting, global_reference
 from tests.torch.test_distributed import local_batch as rank_batch
 from tests.torch.test_features import Tower, info_nce
+from tests.torch.test_hostile import Bag
 
 pytestmark = pytest.mark.slow
 
@@ -307,16 +308,6 @@ def bag_ids(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(200 + rank)
     return (torch.randint(0, 20, (4, 3), generator=generator),
             torch.randint(0, 20, (4, 3), generator=generator))
-
-
-class Bag(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embedding = torch.nn.Embedding(20, 4, sparse=True).double()
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(ids).mean(1)
 
 
 def hostile(rank: int) -> dict:

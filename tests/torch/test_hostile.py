@@ -216,7 +216,9 @@ def test_one_grad_object_shared_by_two_parameters_is_restored() -> None:
     _assert_as_held([first.weight, second.weight], held)
 
 
-class _Bag(torch.nn.Module):
+class Bag(torch.nn.Module):
+    """An embedding bag with sparse gradients (shared with test_ddp.py's two-rank cases)."""
+
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
@@ -236,7 +238,7 @@ def _ids() -> tuple[torch.Tensor, torch.Tensor]:
 def test_sparse_gradients_are_averaged_by_the_step(single_rank_group, wrapped: str) -> None:
     # DDP supports sparse gradients (nn.Embedding(sparse=True)); so must the step's own average
     from torch.nn.parallel import DistributedDataParallel
-    bag = _Bag()
+    bag = Bag()
     q, p = _ids()
     if wrapped == "ddp":
         cached_step(DistributedDataParallel(bag), (q, p), _loss, chunk_size=2)
