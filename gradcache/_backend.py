@@ -169,6 +169,20 @@ class Backend:
         raise NotImplementedError
 
     # -- optional primitives with defaults ------------------------------------------------------------
+    def encode_keeping_graph(self, encoder: Any, chunk: Any, record: Any,
+                             get_rep: Callable) -> Any:
+        """Pass 1 for the step's first chunk: ``get_rep(encoder(chunk))`` *with* its graph, or ``None``.
+
+        The core asks once per step, for the first chunk of the first group it will pull back
+        (which pass 2 pulls back first, so that graph is never held beside another). A backend
+        that returns a representation whose leaves carry their graph saves that chunk's
+        re-encoding: pass 2 hands :meth:`vjp` an encoder that returns this representation (and
+        ``get_rep`` the identity), so the backend's own ``vjp`` pulls back through it -- its random
+        state is trivially pass 1's. The core detaches it for the loss. The default declines
+        (``None``): the chunk is encoded by :meth:`encode` and re-encoded in pass 2.
+        """
+        return None
+
     def zero_grads(self) -> Any:
         """The empty gradient accumulator (``None`` for in-place backends)."""
         return None

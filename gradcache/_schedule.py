@@ -69,6 +69,31 @@ def _identity(value: Any) -> Any:
     return value
 
 
+@dataclass
+class KeptGraph:
+    """The first chunk that pass 2 pulls back, encoded in pass 1 with its graph (when the backend
+    keeps it: :meth:`gradcache.Backend.encode_keeping_graph`). Pass 2 pulls back through it
+    instead of re-encoding that chunk, first, and lets it go."""
+
+    group: int
+    rep: Any = None
+
+    def holds(self, group: int, chunk: Chunk) -> bool:
+        """Whether ``chunk`` of ``group`` is the kept one (chunk 0, run by itself)."""
+        return group == self.group and isinstance(chunk.index, int) and chunk.index == 0
+
+
+class _KeptOutput:
+    """An "encoder" that returns the kept representation, whatever it is called with: what pass 2
+    hands the backend's ``vjp`` for the kept chunk, so that it pulls back through pass 1's graph."""
+
+    def __init__(self, rep: Any):
+        self.rep = rep
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.rep
+
+
 def _takes_inputs(get_rep: Callable) -> bool:
     """Whether ``get_rep`` takes the chunk's inputs after the output (``get_rep(output, inputs)``,
     for pooling over an attention mask): it accepts two positional arguments."""
@@ -285,13 +310,15 @@ class CachedForward:
     rendezvous: Rendezvous
     bar: _Progress
     consumed: bool = False
+    kept: KeptGraph | None = None
 
     def close(self) -> None:
-        """Releases what the forward holds for the backward (progress bar included); the state
-        can then no longer be pulled back. Idempotent."""
+        """Releases what the forward holds for the backward (progress bar and the kept graph
+        included); the state can then no longer be pulled back. Idempotent."""
         self.bar.close()
         self.consumed = True
         self.reps, self.records, self.rep_grads = [], [], []
+        self.kept = None
 
 
 def run_cached_step(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: Callable, *,
@@ -401,10 +428,15 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
     track = backend.progress_enabled() and progress
     total = sum((1 if g.frozen or not differentiate else 2) * g.num_chunks for g in groups)
     bar = _Progress(track, total)
+    # The first chunk pass 2 pulls back may keep its graph from pass 1 (saving its re-encoding;
+    # pass 2 pulls it back first, so no other graph is held beside it). Not for an evaluation
+    # (nothing is pulled back) nor with check_determinism (it would compare the chunk with itself).
+    trained = [group.index for group in groups if not group.frozen]
+    kept = KeptGraph(trained[0]) if differentiate and trained and not check_determinism else None
     try:
         reps, records = [], []
         for group in groups:
-            rep, record = _pass_one(backend, group, bar)
+            rep, record = _pass_one(backend, group, bar, kept)
             reps.append(rep)
             records.append(record)
         # after pass 1: lazily built layers (Keras) have made their variables by now
@@ -426,7 +458,8 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
         raise
     forward = CachedForward(backend, groups, reps if check_determinism else [None] * len(reps),
                             records, rep_grads, loss, grads, check_determinism,
-                            determinism_tolerance, rendezvous, bar)
+                            determinism_tolerance, rendezvous, bar,
+                            kept=kept if kept is not None and kept.rep is not None else None)
     if not differentiate:
         forward.close()   # nothing to pull back: release the records at once
     return forward
@@ -479,7 +512,7 @@ def cached_backward(forward: CachedForward, upstream: Any = None) -> Any:
             if group.frozen:
                 continue
             grads = _pass_two(backend, group, rep, rep_grad, record, grads,
-                              forward.determinism_tolerance, forward.bar)
+                              forward.determinism_tolerance, forward.bar, forward)
         forward.rendezvous.agree("after pass 2")
     except BaseException as error:
         forward.rendezvous.fail(error)
@@ -681,12 +714,20 @@ def _chunk_rows(backend: Backend, chunk: Any) -> int | None:
     return backend.batch_size(leaves[0]) if leaves else None
 
 
-def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress) -> tuple[Any, ChunkItems]:
+def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress,
+              kept: KeptGraph | None = None) -> tuple[Any, ChunkItems]:
     def body(carry: Any, chunk: Chunk, rows: Any, item: Any) -> tuple[Any, tuple[Any, Any]]:
         inputs = item if group.pre_split is not None else rows
         try:
             record = backend.rng_capture(group.index, chunk.index)
-            rep = backend.encode(group.encoder, inputs, record, group.picker(inputs))
+            rep = None
+            if kept is not None and kept.holds(group.index, chunk):
+                kept.rep = backend.encode_keeping_graph(group.encoder, inputs, record,
+                                                        group.picker(inputs))
+                if kept.rep is not None:
+                    rep = _tree.map_leaves(backend.detach, kept.rep, backend.is_leaf)
+            if rep is None:
+                rep = backend.encode(group.encoder, inputs, record, group.picker(inputs))
         except GradCacheError as error:
             raise GradCacheError(f"{where(group.index, chunk.label, 'pass 1')}: {error}") from None
         except Exception as error:
@@ -725,7 +766,8 @@ def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress) -> tuple[Any, 
 
 
 def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, records: ChunkItems,
-              grads: Any, tolerance: float, bar: _Progress) -> Any:
+              grads: Any, tolerance: float, bar: _Progress,
+              forward: CachedForward | None = None) -> Any:
     def body(grads: Any, chunk: Chunk, rows: Any, item: Any) -> tuple[Any, tuple[Any, Any]]:
         inputs, grad_chunk, rep_chunk = rows
         if group.pre_split is not None:
@@ -734,10 +776,16 @@ def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, recor
             record = item
         # a plain bool: the core runs a group's last chunk by itself when the backend reads this
         final_use = group.last_for_encoder and chunk.last
+        encoder, get_rep = group.encoder, group.picker(inputs)
+        kept = forward.kept if forward is not None else None
+        if kept is not None and kept.holds(group.index, chunk):
+            # pass 1 kept this chunk's graph: pull back through it instead of re-encoding
+            assert forward is not None
+            encoder, get_rep = _KeptOutput(kept.rep), _identity
+            forward.kept = None   # the graph goes with this backward
         try:
-            grads, recomputed = pullback(backend, group.encoder, inputs, record,
-                                         group.picker(inputs), grad_chunk, grads,
-                                         final_use=final_use)
+            grads, recomputed = pullback(backend, encoder, inputs, record, get_rep, grad_chunk,
+                                         grads, final_use=final_use)
         except GradCacheError as error:
             raise GradCacheError(f"{where(group.index, chunk.label, 'pass 2')}: {error}") from None
         except Exception as error:

@@ -189,6 +189,10 @@ def _unwrap_distributed(encoder: Any) -> Any:
     return encoder
 
 
+def _distributed_initialised() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def owning_module(encoder: Any) -> torch.nn.Module | None:
     """The module an encoder is (DDP unwrapped) or whose bound method it is, else ``None``."""
     encoder = _unwrap_distributed(encoder)
@@ -308,6 +312,19 @@ class TorchBackend(Backend):
         with torch.no_grad():
             with _RefuseBackward("the encoder"):
                 output = call_encoder(_unwrap_distributed(encoder), chunk)
+            return get_rep(output)
+
+    def encode_keeping_graph(self, encoder: Any, chunk: Any, record: Any,
+                             get_rep: Callable) -> Any:
+        # Declined wherever a forward may take part in gradient synchronisation (DDP's forward
+        # prepares its reducer for the backward that follows, FSDP2 units choose per chunk whether
+        # to reduce-scatter; a plain function may call either): with a process group initialised
+        # pass 2 re-encodes every chunk as before, each forward right before its own backward.
+        if _distributed_initialised():
+            return None
+        with torch.enable_grad():
+            with _RefuseBackward("the encoder"):
+                output = call_encoder(encoder, chunk)
             return get_rep(output)
 
     def trains(self, encoder: Any) -> bool:

@@ -111,7 +111,8 @@ class Fault:
 
     ``where="encoder"``: the encoder raises on its ``call``-th call, counting from 1 over both
     passes and every group (calls ``1 .. num_chunks`` are pass 1, the rest pass 2; the last one is
-    pass 2's last chunk). ``where="loss"``: the loss raises after computing its value (``call`` is
+    pass 2's last chunk; a backend that keeps the first chunk's graph calls it once fewer in pass
+    2: :func:`encoder_calls`). ``where="loss"``: the loss raises after computing its value (``call`` is
     unused). ``interrupt``: the error is a ``KeyboardInterrupt`` -- a ``BaseException``, as Ctrl-C
     raises it -- instead of a ``RuntimeError``. A harness wraps its encoders and loss so that they
     call :meth:`encoder_called` and :meth:`loss_called` (which raise at the fault), or does the same
@@ -161,6 +162,9 @@ class Harness(Protocol):
     #: any of "nested_input", "nested_output", "dropout", "float32", "learnable_scale",
     #: "separate_encoders", "rng_state", "cached_loss"
     features: frozenset
+    #: (optional, default False) the backend keeps the first chunk's graph from pass 1
+    #: (:meth:`gradcache.Backend.encode_keeping_graph`): pass 2 calls the encoder once fewer
+    keeps_first_graph: bool
 
     def run(self, spec: ProblemSpec, mode: str) -> Result:
         """Runs the problem: ``"cached"`` (the adapter's cached_step), ``"cached_loss"`` (the
@@ -253,13 +257,20 @@ def _check_failure(harness: Harness, spec: ProblemSpec, fault: Fault, mode: str)
 
 
 @st.composite
-def faults(draw: Any, spec: ProblemSpec) -> Fault:
-    """Any fault in a step over ``spec``: one encoder call of either pass, or the loss; either
-    exception type."""
+def faults(draw: Any, spec: ProblemSpec, calls: int | None = None) -> Fault:
+    """Any fault in a step over ``spec``: one of its ``calls`` encoder calls (either pass; default
+    two per chunk), or the loss; either exception type."""
     interrupt = draw(st.booleans())
     if draw(st.integers(0, 4)) == 0:
         return Fault("loss", interrupt=interrupt)
-    return Fault("encoder", draw(st.integers(1, 2 * spec.num_chunks)), interrupt)
+    return Fault("encoder", draw(st.integers(1, calls or 2 * spec.num_chunks)), interrupt)
+
+
+def encoder_calls(harness: Any, spec: ProblemSpec) -> int:
+    """The encoder calls of one step over ``spec``: one per chunk in each pass, less the first
+    chunk's in pass 2 where the harness says its backend keeps that graph from pass 1
+    (``keeps_first_graph``, :meth:`gradcache.Backend.encode_keeping_graph`)."""
+    return 2 * spec.num_chunks - int(bool(getattr(harness, "keeps_first_graph", False)))
 
 
 #: the named points of a step :meth:`BackendContract.test_every_fault_point_leaves_state_untouched`
@@ -267,14 +278,16 @@ def faults(draw: Any, spec: ProblemSpec) -> Fault:
 FAULT_POINTS = ("pass-1", "pass-2", "last-chunk", "loss")
 
 
-def fault_at(point: str, num_chunks: int, interrupt: bool = False) -> Fault:
-    """The fault at a named point of a step over ``num_chunks`` chunks: ``"pass-1"`` (the first
-    encoder call), ``"pass-2"`` (the first call of pass 2), ``"last-chunk"`` (pass 2's last call)
-    or ``"loss"``."""
+def fault_at(point: str, num_chunks: int, interrupt: bool = False,
+             calls: int | None = None) -> Fault:
+    """The fault at a named point of a step over ``num_chunks`` chunks and ``calls`` encoder calls
+    (default two per chunk): ``"pass-1"`` (the first encoder call), ``"pass-2"`` (the first call
+    of pass 2), ``"last-chunk"`` (pass 2's last call) or ``"loss"``."""
     if point == "loss":
         return Fault("loss", interrupt=interrupt)
-    calls = {"pass-1": 1, "pass-2": num_chunks + 1, "last-chunk": 2 * num_chunks}
-    return Fault("encoder", calls[point], interrupt)
+    total = calls or 2 * num_chunks
+    at = {"pass-1": 1, "pass-2": min(num_chunks + 1, total), "last-chunk": total}
+    return Fault("encoder", at[point], interrupt)
 
 
 #: ``(mode, point, interrupt)``: every point in both modes, the exception alternating so that each
@@ -409,7 +422,7 @@ class BackendContract:
         @st.composite
         def failing_specs(draw: Any) -> tuple[ProblemSpec, Fault]:
             spec = draw(problem_specs(self._features()))
-            return spec, draw(faults(spec))
+            return spec, draw(faults(spec, encoder_calls(self.harness, spec)))
 
         @self._property(failing_specs(), "test_failure_leaves_gradients_untouched",
                         max(4, self.max_examples // 4))
@@ -424,7 +437,7 @@ class BackendContract:
         @st.composite
         def failing_specs(draw: Any) -> tuple[ProblemSpec, Fault]:
             spec = draw(problem_specs(self._features()))
-            return spec, draw(faults(spec))
+            return spec, draw(faults(spec, encoder_calls(self.harness, spec)))
 
         @self._property(failing_specs(), "test_cached_loss_failure_leaves_gradients_untouched",
                         max(4, self.max_examples // 4))
@@ -445,7 +458,8 @@ class BackendContract:
         spec = ProblemSpec(batch_sizes=(3, 2), chunk_sizes=(2, 2), dim_in=3, dim_out=2,
                            shared_encoder="separate_encoders" not in features,
                            learnable_scale="learnable_scale" in features)
-        _check_failure(self.harness, spec, fault_at(point, spec.num_chunks, interrupt), mode)
+        _check_failure(self.harness, spec, fault_at(point, spec.num_chunks, interrupt,
+                                                     encoder_calls(self.harness, spec)), mode)
 
     # -- errors -----------------------------------------------------------------------------------------
     def _pair(self, rows: tuple[int, ...] = (4, 4), dim: int = 3) -> tuple:

@@ -78,6 +78,7 @@ class TorchHarness:
     name = "torch"
     features = frozenset({"nested_input", "nested_output", "dropout", "float32", "learnable_scale",
                           "separate_encoders", "rng_state", "cached_loss"})
+    keeps_first_graph = True   # the first chunk pass 2 pulls back keeps its graph from pass 1
 
     def build(self, spec: ProblemSpec) -> tuple[list, list, ContractLoss]:
         arrays = spec.arrays()
