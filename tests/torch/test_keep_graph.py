@@ -1,0 +1,115 @@
+"""The first chunk's graph kept from pass 1 (issue 14): one encoder call fewer, gradients unchanged.
+
+``gradcache_torch`` encodes the first chunk that pass 2 pulls back with its graph in pass 1 and
+pulls back through it (first) instead of re-encoding it. These tests count the encoder's calls
+where it applies and where it must not (``check_determinism``, a frozen first group, an initialised
+process group, an evaluation), check the gradients against the full batch with dropout (the kept
+chunk's randomness is pass 1's own), and check that the graph is let go at pass 2's first pullback.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradcache import cached_backward, cached_forward
+from gradcache_torch import TorchBackend, cached_loss, cached_step
+
+
+def _loss(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    scores = q @ p.T
+    return torch.nn.functional.cross_entropy(scores, torch.arange(len(q)))
+
+
+class Counted(torch.nn.Module):
+    """A small encoder with dropout that counts its calls and the calls made with a graph."""
+
+    def __init__(self, dropout: float = 0.0, requires_grad: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                                       torch.nn.Dropout(dropout), torch.nn.Linear(8, 3)).double()
+        self.net.requires_grad_(requires_grad)
+        self.calls = 0
+        self.with_graph = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.with_graph += torch.is_grad_enabled()
+        return self.net(x)
+
+
+def _pair(rows: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return tuple(torch.randn(rows, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+
+
+@pytest.mark.parametrize("entry", ["cached_step", "cached_loss"])
+def test_one_chunk_is_encoded_once_and_gradients_match_the_full_batch(entry: str) -> None:
+    encoder = Counted(dropout=0.3)
+    q, p = _pair()
+    torch.manual_seed(5)
+    if entry == "cached_step":
+        loss = cached_step(encoder, (q, p), _loss, chunk_size=2)
+    else:
+        loss = cached_loss(encoder, (q, p), _loss, chunk_size=2)
+        loss.backward()
+    # 3 chunks per group: 6 calls in pass 1, 5 in pass 2 (the first chunk's graph was kept)
+    assert (encoder.calls, encoder.with_graph) == (11, 6)
+    cached = [param.grad.clone() for param in encoder.parameters()]
+
+    # the full batch, chunk by chunk with a graph, under the same random stream in the same
+    # order as pass 1 drew it (dropout masks per chunk)
+    encoder.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    reps = [torch.cat([encoder(chunk) for chunk in group.split(2)]) for group in (q, p)]
+    expected = _loss(*reps)
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-12, atol=0)
+    for got, param in zip(cached, encoder.parameters()):
+        torch.testing.assert_close(got, param.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_check_determinism_re_encodes_every_chunk() -> None:
+    encoder = Counted()
+    cached_step(encoder, _pair(), _loss, chunk_size=2, check_determinism=True)
+    assert encoder.calls == 12   # kept, the first chunk would be compared with itself
+
+
+def test_a_frozen_first_group_keeps_the_first_trained_group_s_chunk() -> None:
+    frozen, trained = Counted(requires_grad=False), Counted()
+    cached_step([frozen, trained], _pair(), _loss, chunk_size=2)
+    assert (frozen.calls, frozen.with_graph) == (3, 0)
+    assert (trained.calls, trained.with_graph) == (5, 3)
+
+
+def test_evaluation_keeps_no_graph() -> None:
+    encoder = Counted()
+    with torch.no_grad():
+        cached_loss(encoder, _pair(), _loss, chunk_size=2)
+    assert (encoder.calls, encoder.with_graph) == (6, 0)
+
+
+def test_the_kept_graph_is_let_go_at_pass_two_and_on_release() -> None:
+    encoder = Counted()
+    forward = cached_forward(TorchBackend(), encoder, _pair(), _loss, chunk_size=2)
+    assert forward.kept is not None and forward.kept.rep.requires_grad
+    cached_backward(forward)
+    assert forward.kept is None and encoder.calls == 11
+    forward = cached_forward(TorchBackend(), encoder, _pair(), _loss, chunk_size=2)
+    forward.close()   # released without a backward: the graph goes too
+    assert forward.kept is None
+
+
+def test_with_a_process_group_every_chunk_is_re_encoded() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        encoder = Counted()
+        cached_step(encoder, _pair(), _loss, chunk_size=2)
+    finally:
+        dist.destroy_process_group()
+    # a forward may take part in DDP's or FSDP2's synchronisation: each stays by its backward
+    assert encoder.calls == 12
