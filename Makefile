@@ -6,8 +6,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Test files run on this many worker processes (pytest-xdist), a whole file per worker so that a
 # file's shared subprocesses and compiled steps are made once; 0 runs them in this process.
+# The 15 slowest tests are listed at the end: where the CI budget (~12 min on 2 cores) goes.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 .PHONY: test test-deep test-pythons demo bench docs lint clean
 
