@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradcache_cli.bench.model import DEFAULT, QUICK, time_clocks, token_batch  # noqa: E402
-from gradcache_cli.bench.runner import child_env  # noqa: E402
+from gradcache_cli.bench.runner import child_env, json_answer  # noqa: E402
 
 BACKENDS = ("torch", "jax", "tf")
 MODULES = {"torch": "torch", "jax": "jax", "tf": "tensorflow"}
@@ -194,16 +193,8 @@ def run_backend(backend: str, model: dict, rows: int, chunks: list[int], repeats
     """Runs :func:`child` in a fresh process with one CPU thread; ``{"error": why}`` if it fails."""
     payload = json.dumps({"backend": backend, "model": model, "rows": rows, "chunks": chunks,
                           "repeats": repeats})
-    try:
-        done = subprocess.run([sys.executable, __file__, "--child", payload], capture_output=True,
-                              text=True, timeout=timeout, env=child_env(1))
-    except subprocess.TimeoutExpired:
-        return {"error": f"no result within {timeout:.0f} s"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    return {"error": f"exit {done.returncode}: "
-                     f"{(done.stderr.strip().splitlines() or ['no output'])[-1][:200]}"}
+    return json_answer([sys.executable, __file__, "--child", payload], env=child_env(1),
+                       timeout=timeout)
 
 
 def table(found: dict[str, dict], chunks: list[int]) -> list[str]:

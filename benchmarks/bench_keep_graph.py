@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradcache_cli import memory  # noqa: E402
 from gradcache_cli.bench.model import DEFAULT, QUICK, time_clocks, token_batch  # noqa: E402
-from gradcache_cli.bench.runner import child_env  # noqa: E402
+from gradcache_cli.bench.runner import child_env, json_answer  # noqa: E402
 
 MODES = ("keep", "reencode")
 
@@ -73,14 +72,11 @@ def child(mode: str, model: dict, rows: int, chunks: list[int], repeats: int) ->
 def run_child(mode: str, model: dict, rows: int, chunks: list[int], repeats: int) -> dict:
     payload = json.dumps({"mode": mode, "model": model, "rows": rows, "chunks": chunks,
                           "repeats": repeats})
-    env = {**memory.fixed_mmap_env(), **child_env(1)}
-    done = subprocess.run([sys.executable, __file__, "--child", payload], capture_output=True,
-                          text=True, timeout=1800, env=env)
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError(f"child failed (exit {done.returncode}): "
-                       f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    answer = json_answer([sys.executable, __file__, "--child", payload], env=child_env(1),
+                         timeout=1800)
+    if "error" in answer:
+        raise RuntimeError(f"the {mode} child failed: {answer['error']}")
+    return answer
 
 
 def main(argv: list[str] | None = None) -> int:

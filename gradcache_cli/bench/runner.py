@@ -146,6 +146,20 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
+def json_answer(command: list[str], *, env: dict[str, str], timeout: float) -> dict:
+    """Runs ``command`` (a child that prints its answer as its last JSON line) and returns that
+    answer; ``{"error": why, "returncode": n}`` if it prints none or runs past ``timeout``."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {timeout:.0f} s", "returncode": None}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    return {"error": f"exit {done.returncode}: {tail}", "returncode": done.returncode}
+
+
 def run_child(payload: dict, *, timeout: float) -> dict:
     """Runs one job in a fresh ``python -m gradcache_cli.bench.child`` and returns its JSON answer.
 
@@ -153,17 +167,13 @@ def run_child(payload: dict, *, timeout: float) -> dict:
     (an abort from ``std::bad_alloc``, the kernel's OOM killer) also says ``"fits": False``.
     """
     command = [sys.executable, "-m", "gradcache_cli.bench.child", json.dumps(payload)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              env=child_env(payload.get("threads", 0)))
-    except subprocess.TimeoutExpired:
-        return {"bytes": None, "fits": False, "error": f"no result within {timeout:.0f} s"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-    out_of_memory = done.returncode in (-9, 137) or mentions_memory(RuntimeError(tail))
-    return {"bytes": None, "fits": False, "error": f"exit {done.returncode}: {tail}",
+    answer = json_answer(command, env=child_env(payload.get("threads", 0)), timeout=timeout)
+    if "error" not in answer:
+        return answer
+    code = answer.pop("returncode")
+    out_of_memory = code in (-9, 137) or (code is not None
+                                           and mentions_memory(RuntimeError(answer["error"])))
+    return {"bytes": None, "fits": False, **answer,
             **({"note": "allocation failed"} if out_of_memory else {})}
 
 
