@@ -298,6 +298,7 @@ def mixed_precision(results: Results, sizes: Sizes, device: Device) -> None:
     model.zero_grad(set_to_none=True)
     full_step(model, q, p)
     reference = gradients(model)  # float32, full batch
+
     def both(dtype: Any, scale: float | None) -> dict:
         found = {}
         for form in ("cached", "full"):
@@ -404,7 +405,8 @@ def memory_curve(results: Results, sizes: Sizes, device: Device) -> None:
         if not full_on:
             further -= 1
             if further < 0:
-                stop = f"the cached step went {sizes.memory_further} size(s) past the full step's last"
+                stop = (f"the cached step went {sizes.memory_further} size(s) past the one where "
+                        f"the full step {'was last run' if sizes.memory_full_cap else 'ran out'}")
                 break
         rows *= 2
     results.table(["batch / group", "sequences", "full peak (MiB)", "cached peak (MiB)",
@@ -439,7 +441,7 @@ def step_time(results: Results, sizes: Sizes, device: Device) -> None:
                   f"warm-up, interleaved, synchronised.\n")
     results.table(["chunk", "chunks / group", "cached (ms)", "plain (ms)", "cached / plain"], table)
     results.write("A cached step runs every chunk forward twice and backward once: about 4/3 of a "
-                  "plain step's work, less whatever small chunks lose in GPU utilisation.")
+                  "plain step's work, plus whatever small chunks lose in GPU utilisation.")
 
 
 # -- 5. the tiled InfoNCE headline -----------------------------------------------------------------------
