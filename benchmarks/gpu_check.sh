@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
-# The tiled-loss headline on one GPU (issue 5): one complete torch cached_step with the tiled
-# InfoNCE at B = 1,048,576, d = 128, where one dense B x B float32 matrix alone would take 4 TiB.
-# Prints its time and peak allocated GPU memory against the floor (representations + gradients).
-# Run from the repository root on a machine whose python3 has CUDA torch:
-#     bash benchmarks/gpu_check.sh            (about a minute or two on an H100/H200)
+# The GPU check (issue 14) on one CUDA GPU: the CUDA random-state replay tests, bf16 and
+# fp16 + GradScaler cached steps against full batch, the memory curve of a BERT-base-size encoder
+# (cached vs full until full runs out of memory), cached / plain step time at chunk 32-256, one
+# tiled InfoNCE cached step at B = 1,048,576, and the JAX cached step and tiled loss on the GPU.
+# All of it is benchmarks/gpu_check.py (see its docstring); this wrapper checks for CUDA, sets the
+# paths and keeps the run under a time limit. It writes one results file, $OUT/gpu_check.md, and
+# the run's log next to it ($OUT defaults to benchmarks/results). About 5-8 minutes on an H200.
+# Run from anywhere, on a machine whose python3 has CUDA torch (JAX with CUDA for section 6):
+#     bash benchmarks/gpu_check.sh
+#     OUT=/tmp/check bash benchmarks/gpu_check.sh
+# Without a GPU, `python3 benchmarks/gpu_check.py --smoke` runs the CPU parts at tiny sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# the library and gradcache_cli (bench_losses.py reads memory through gradcache_cli.memory)
+# the library, gradcache_cli and the benchmarks it reuses come from this checkout
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
-# a warm-up size first: shows the scaling and catches problems in seconds
-python3 benchmarks/bench_losses.py --headline --device cuda --rows 131072 --chunk 65536
-python3 benchmarks/bench_losses.py --headline --device cuda --rows 1048576 --chunk 65536
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
+# a hard stop short of 10 minutes: each section appends to the results file as it finishes, so a
+# run cut short still returns every section it finished
+timeout --signal=INT --kill-after=15 "${GPU_CHECK_LIMIT:-570}" \
+    "$PYTHON" benchmarks/gpu_check.py --out "$OUT/gpu_check.md" "$@" 2>&1 | tee "$OUT/gpu_check.log"

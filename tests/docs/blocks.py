@@ -14,7 +14,8 @@ the line just before its fence (invisible on GitHub and on the site):
   train step it wrote, checks the gradients it produced);
 * ``in=tests/<file>.py``: that test file runs it, where its framework or processes are set up
   already (several JAX devices, TF replicas, sentence-transformers);
-* ``gpu``: needs CUDA, and is skipped (with that reason) where there is none;
+* ``gpu``: needs CUDA, and is skipped (with that reason) where there is none; its test carries
+  the ``cuda`` marker, which ``benchmarks/gpu_check.sh`` runs;
 * ``skip=<reason>``: not run, for the reason given (several hosts, one GPU per process); the
   reason runs to the end of the comment.
 

@@ -16,6 +16,9 @@ from tests.docs import blocks
 
 LOCAL = [chain for page in blocks.PAGES if page.name not in blocks.PAGE_RUNNERS
          for chain in blocks.chains(page) if "in" not in chain[0].options]
+# the GPU blocks carry the `cuda` marker: benchmarks/gpu_check.sh selects them with `-m cuda`
+LOCAL_PARAMS = [pytest.param(chain, marks=pytest.mark.cuda)
+                if any("gpu" in block.options for block in chain) else chain for chain in LOCAL]
 
 
 def test_every_block_is_run_somewhere_or_says_why_not():
@@ -48,7 +51,18 @@ def test_every_block_is_run_somewhere_or_says_why_not():
     assert tally["run here"] + tally["run elsewhere"] > 3 * (tally["skipped"] + tally["gpu"])
 
 
-@pytest.mark.parametrize("chain", LOCAL, ids=blocks.chain_id)
+def test_every_setup_a_block_names_exists():
+    """Checked here for all blocks, because a block that runs only elsewhere (on a GPU: no CI
+    run) would otherwise find a misspelt setup only there (torch.md's GPU block did)."""
+    from tests.docs import setups
+
+    for block in blocks.all_blocks():
+        for option in ("setup", "then"):
+            for name in filter(None, (n.strip() for n in block.options.get(option, "").split(","))):
+                assert callable(getattr(setups, name, None)), f"{block}: no setups.{name}"
+
+
+@pytest.mark.parametrize("chain", LOCAL_PARAMS, ids=blocks.chain_id)
 def test_block_runs(chain, tmp_path, monkeypatch):
     head = chain[0].options
     if "skip" in head:
