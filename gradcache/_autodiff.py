@@ -9,7 +9,8 @@ Those steps live here. A backend supplies only what its framework does its own w
 gradient of a function of a list of tensors (:meth:`~gradcache.Backend.value_and_grad`, where
 torch scales by its ``GradScaler`` and TensorFlow holds its tape and variables), the VJP of an
 encoder at its parameters (:meth:`~gradcache.Backend.vjp`, where torch handles DDP and FSDP2), and
-``differentiable``, ``zeros_like``, ``detach`` and ``scale_loss``.
+where the defaults do not fit its tensors ``differentiable``, ``zeros_like``, ``detach`` and
+``scale_loss``.
 """
 
 from __future__ import annotations

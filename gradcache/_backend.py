@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from gradcache import _tree
+
 
 @dataclass(frozen=True)
 class ChunkPlan:
@@ -103,14 +105,21 @@ class Backend:
     #: Short name used in messages and in dispatch (``"torch"``, ``"jax"``, ``"tf"``, ``"numpy"``).
     name: str = "backend"
 
-    # -- tensors (required) --------------------------------------------------------------------
+    # -- tensors (required; shape has a default) -----------------------------------------------
     def is_leaf(self, value: Any) -> bool:
         """True when ``value`` is a tensor of this backend (a leaf of nested inputs and outputs)."""
         raise NotImplementedError
 
     def shape(self, leaf: Any) -> tuple:
-        """The static shape of a tensor as a tuple (entries may be ``None`` when unknown)."""
-        raise NotImplementedError
+        """The static shape of a tensor as a tuple (entries may be ``None`` when unknown).
+
+        The default reads ``tuple(leaf.shape)``, as every framework's tensors spell it; a shape
+        that cannot be listed -- a graph tensor of unknown rank, whose shape raises ``ValueError``
+        when iterated (TensorFlow) -- is one row count that is not known, ``(None,)``."""
+        try:
+            return tuple(leaf.shape)
+        except ValueError:
+            return (None,)
 
     def slice_rows(self, leaf: Any, start: int, stop: int) -> Any:
         """Rows ``start:stop`` of a tensor along its first dimension (default: ``leaf[start:stop]``)."""
@@ -247,8 +256,19 @@ class Backend:
         return None
 
     def differentiable(self, leaf: Any) -> bool:
-        """Whether a tensor has a gradient: floating point or complex (default: by numpy dtype)."""
-        return bool(np.issubdtype(np.asarray(leaf).dtype, np.inexact))
+        """Whether a tensor has a gradient: its dtype is floating point or complex.
+
+        The default reads the name of ``leaf.dtype``, which every framework takes from numpy's --
+        ``float16``, ``bfloat16``, ``float8_e4m3fn``, ``complex64`` as opposed to ``int32``,
+        ``bool``, ``qint8`` -- whether it spells it ``float32`` (numpy, JAX, a ``tf.DType``'s
+        ``name``) or ``torch.float32`` / ``mlx.core.float32`` (its ``str``). Override it if your
+        framework names a dtype otherwise."""
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            dtype = np.asarray(leaf).dtype
+        name = getattr(dtype, "name", None)
+        name = name if isinstance(name, str) else str(dtype)
+        return "float" in name or "complex" in name
 
     def zeros_like(self, leaf: Any) -> Any:
         """Zeros of a tensor's shape and dtype: the gradient of what the loss does not read."""
@@ -274,8 +294,28 @@ class Backend:
         return True
 
     def progress_enabled(self) -> bool:
-        """Whether a progress bar can follow the chunks (false while tracing a compiled loop)."""
+        """Whether a progress bar can follow the chunks, when their values are concrete.
+
+        The core shows a bar only where :meth:`to_host` reads the step's inputs (see
+        :func:`values_known`): while a step is traced (``jit``, ``tf.function``) no backend needs
+        to say so here. Override it where values are concrete but the chunks still do not run one
+        by one in Python (JAX's ``lax.scan`` run eagerly: its body is traced once for all of
+        them). Default: true."""
         return True
+
+
+def values_known(backend: Backend, tree: Any) -> bool:
+    """Whether the values of ``tree``'s tensors exist now rather than being traced: whether
+    :meth:`Backend.to_host` reads its first tensor (rows ``0:0`` of it, so that nothing is copied).
+    True when it has no tensor.
+    """
+    leaves, _ = _tree.flatten(tree, backend.is_leaf)
+    if not leaves:
+        return True
+    leaf = leaves[0]
+    if backend.shape(leaf):
+        leaf = backend.slice_rows(leaf, 0, 0)
+    return backend.to_host(leaf) is not None
 
 
 def call_with_convention(encoder: Callable, chunk: Any, is_leaf: Callable[[Any], bool]) -> Any:

@@ -22,7 +22,7 @@ import numpy as np
 
 from gradcache import _padding, _tree
 from gradcache._autodiff import loss_and_rep_grads, pullback
-from gradcache._backend import Backend, ChunkPlan
+from gradcache._backend import Backend, ChunkPlan, values_known
 from gradcache._chunks import Chunk, ChunkItems, loop_length, run_chunks
 from gradcache._collective import Collective, Rendezvous
 from gradcache._errors import GradCacheError, add_location_note, where
@@ -425,7 +425,7 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
             "this loss gathers every rank's rows itself and returns the gradient of the global "
             "loss, so it needs a distributed step: pass distributed=... (without it, averaging "
             "wrappers would leave the gradients a factor world-size too small)")
-    track = backend.progress_enabled() and progress
+    track = progress and backend.progress_enabled() and values_known(backend, inputs)
     total = sum((1 if g.frozen or not differentiate else 2) * g.num_chunks for g in groups)
     bar = _Progress(track, total)
     # The first chunk pass 2 pulls back may keep its graph from pass 1 (saving its re-encoding;

@@ -168,9 +168,6 @@ class JaxBackend(Backend):
     def is_leaf(self, value: Any) -> bool:
         return is_tensor(value)
 
-    def shape(self, leaf: Any) -> tuple:
-        return tuple(leaf.shape)
-
     def concat_rows(self, leaves: Sequence[Any]) -> Any:
         return jnp.concatenate(list(leaves), axis=0)
 

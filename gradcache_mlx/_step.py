@@ -98,9 +98,6 @@ class MLXBackend(Backend):
     def is_leaf(self, value: Any) -> bool:
         return isinstance(value, mx.array)
 
-    def shape(self, leaf: Any) -> tuple:
-        return tuple(leaf.shape)
-
     def concat_rows(self, leaves: Sequence[Any]) -> Any:
         return mx.concatenate(list(leaves), axis=0)
 
@@ -110,9 +107,6 @@ class MLXBackend(Backend):
     def to_host(self, leaf: Any) -> Any:
         # numpy has no bfloat16: read it as float32
         return np.asarray(leaf.astype(mx.float32) if leaf.dtype == mx.bfloat16 else leaf)
-
-    def differentiable(self, leaf: Any) -> bool:
-        return bool(mx.issubdtype(leaf.dtype, mx.inexact))
 
     def zeros_like(self, leaf: Any) -> Any:
         return mx.zeros_like(leaf)

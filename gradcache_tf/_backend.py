@@ -169,11 +169,6 @@ class TFBackend(Backend):
     def is_leaf(self, value: Any) -> bool:
         return is_tensor(value)
 
-    def shape(self, leaf: Any) -> tuple:
-        if leaf.shape.rank is None:
-            return (None,)
-        return tuple(leaf.shape)
-
     def concat_rows(self, leaves: Sequence[Any]) -> Any:
         return tf.concat(list(leaves), axis=0)
 
@@ -254,14 +249,8 @@ class TFBackend(Backend):
             return True
         return bool(encoder.trainable_variables) or not encoder.variables
 
-    def differentiable(self, leaf: Any) -> bool:
-        return _differentiable(leaf)
-
     def zeros_like(self, leaf: Any) -> Any:
         return tf.zeros_like(leaf)
-
-    def detach(self, leaf: Any) -> Any:
-        return tf.stop_gradient(leaf)
 
     def scale_loss(self, value: Any) -> Any:
         # the optimizer's scale as a factor in the value's own dtype: a loss, or a gradient a loss
@@ -390,9 +379,6 @@ class TFBackend(Backend):
         return tf.gather(leaf, index)
 
     # -- iteration ----------------------------------------------------------------------------------
-    def progress_enabled(self) -> bool:
-        return tf.executing_eagerly()
-
     def loop_equal_chunks(self, body: Callable, carry: list, rows: list, count: int, size: int,
                           items: list | None) -> tuple[list, list, list] | None:
         """A ``tf.while_loop`` over ``count`` chunks of ``size`` rows inside ``tf.function``.

@@ -215,7 +215,9 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         loss, grads = run_cached_step(setup.backend, encoders, setup.inputs, loss_fn,
                                       chunk_size=chunk_size, collective=setup.collective,
                                       **setup.keywords)
-        return loss, setup.backend.gradients_for_caller(grads)
+        # TF tensors carry no graph, but a tape recording around the step saw the loss computed
+        # from a loss's own variables: the loss is a value, as everywhere (its gradient is in grads)
+        return tf.stop_gradient(loss), setup.backend.gradients_for_caller(grads)
 
 
 @contextlib.contextmanager

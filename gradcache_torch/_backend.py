@@ -294,9 +294,6 @@ class TorchBackend(Backend):
     def is_leaf(self, value: Any) -> bool:
         return _is_tensor(value)
 
-    def shape(self, leaf: torch.Tensor) -> tuple:
-        return tuple(leaf.shape)
-
     def concat_rows(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat(list(leaves), dim=0)
 
@@ -336,9 +333,6 @@ class TorchBackend(Backend):
             return True
         flags = [p.requires_grad for p in module.parameters()]
         return not flags or any(flags)
-
-    def differentiable(self, leaf: torch.Tensor) -> bool:
-        return leaf.is_floating_point() or leaf.is_complex()
 
     def zeros_like(self, leaf: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(leaf)
@@ -504,11 +498,8 @@ class TorchBackend(Backend):
             self._unsynced.clear()
             self._units.clear()
 
-    # -- host values and row order -------------------------------------------------------------------
+    # -- host values ---------------------------------------------------------------------------------
     def to_host(self, leaf: torch.Tensor) -> Any:
         if leaf.dtype in (torch.bfloat16, torch.float16):   # numpy has no bfloat16
             leaf = leaf.float()
         return leaf.detach().cpu().numpy()
-
-    def take_rows(self, leaf: torch.Tensor, index: Any) -> torch.Tensor:
-        return leaf[torch.as_tensor(index, device=leaf.device)]

@@ -269,3 +269,17 @@ def test_half_precision_gradients_are_summed_in_float32():
     # one bf16 rounding of the sum is 2^-8 relative (0.0026 seen); the sum of 64 chunks taken in
     # bf16 was 0.013-0.02 off
     assert error <= 0.006 * mx.max(mx.abs(expected["weight"])).item()
+
+
+def test_the_backend_defaults_read_mlx_arrays() -> None:
+    """``shape`` and ``differentiable`` are the core's defaults on MLX: they must agree with MLX's
+    own notions, for every dtype MLX has."""
+    from types import SimpleNamespace
+
+    backend = gradcache.Backend()
+    dtypes = {value for value in vars(mx).values() if isinstance(value, mx.Dtype)}
+    assert len(dtypes) > 10
+    for dtype in dtypes:
+        assert backend.differentiable(SimpleNamespace(dtype=dtype)) == bool(
+            mx.issubdtype(dtype, mx.inexact)), dtype
+    assert backend.shape(mx.zeros((4, 3))) == (4, 3) and backend.shape(mx.array(1.0)) == ()

@@ -234,3 +234,65 @@ def test_chunks_run_by_themselves_hold_one_chunks_activations(batch: int) -> Non
             f"pass 2's call {after} may start before call {before}'s backward is done")
     _, grads = step(rows, rows[::-1])
     assert np.all(np.isfinite(grads[0].numpy()))
+
+
+# -- progress ---------------------------------------------------------------------------------------
+class RecordingBar:
+    """Stands in for tqdm: records what the core reports."""
+
+    made: list = []
+
+    def __init__(self, total: int, **_: object):
+        self.total, self.count = total, 0
+        RecordingBar.made.append(self)
+
+    def set_description(self, text: str, refresh: bool = True) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        self.count += n
+
+    def close(self) -> None:
+        pass
+
+
+def test_progress_follows_an_eager_step_and_is_off_inside_tf_function(monkeypatch) -> None:
+    """The core shows a bar only where the backend reads the inputs' values (``to_host``):
+    eagerly, not while ``tf.function`` traces the step (the bar would count the trace)."""
+    tqdm_auto = pytest.importorskip("tqdm.auto")
+    monkeypatch.setattr(tqdm_auto, "tqdm", RecordingBar)
+    RecordingBar.made = []
+    encoder, inputs, loss_fn, _ = _problem(batch=8)
+    gradcache_tf.cached_step(encoder, inputs, loss_fn, chunk_size=4, progress=True)
+    (bar,) = RecordingBar.made
+    assert bar.total == bar.count == 8   # 2 chunks x 2 groups x 2 passes
+    RecordingBar.made = []
+    step = tf.function(lambda q, p: gradcache_tf.cached_step(encoder, (q, p), loss_fn, chunk_size=4,
+                                                             progress=True))
+    step(*inputs)
+    assert RecordingBar.made == []
+
+
+def test_the_backend_defaults_read_tf_tensors() -> None:
+    """``shape`` and ``differentiable`` are the core's defaults on TensorFlow: they must agree
+    with TensorFlow's own notions, for every dtype and for a graph tensor of unknown rank."""
+    from types import SimpleNamespace
+
+    backend = gradcache_tf.TFBackend([], random=gradcache_tf.RandomSources([]))
+    dtypes = {value for value in vars(tf.dtypes).values() if isinstance(value, tf.DType)}
+    assert len(dtypes) > 15
+    for dtype in dtypes:
+        assert backend.differentiable(SimpleNamespace(dtype=dtype)) == (
+            dtype.is_floating or dtype.is_complex), dtype
+    assert backend.differentiable(tf.zeros(2, tf.bfloat16))
+    assert not backend.differentiable(tf.zeros(2, tf.int32))
+    shapes = []
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32), tf.TensorSpec([None, 3])])
+    def traced(unknown_rank, unknown_rows):
+        shapes.extend([backend.shape(unknown_rank), backend.shape(unknown_rows)])
+        return unknown_rows
+
+    traced(tf.zeros(2), tf.zeros((2, 3)))
+    assert shapes == [(None,), (None, 3)]
+    assert backend.shape(tf.zeros((4, 3))) == (4, 3) and backend.shape(tf.constant(1.0)) == ()

@@ -138,6 +138,26 @@ def test_a_gradient_of_the_cached_gradient_raises_instead_of_missing_terms() -> 
     assert grad.shape == encoder.w.shape
 
 
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf.function"])
+def test_the_loss_cached_step_returns_carries_no_gradient_to_an_outer_tape(graph: bool) -> None:
+    """The loss is a value, as in torch: a tape recording around the step differentiates neither the
+    encoder (its representations came from pass 1, which no tape records) nor a loss's own
+    temperature through it -- that gradient is in the step's gradients already."""
+    encoder, (q, p) = Dropout(), _pair()
+    temperature = tf.Variable(2.0, dtype=q.dtype)
+
+    def scaled(q, p):
+        return info_nce(q, p) * temperature
+
+    def run():
+        with tf.GradientTape() as outer:
+            loss, _ = gradcache_tf.cached_step(encoder, (q, p), scaled, chunk_size=4,
+                                               variables=[encoder.w, temperature])
+        return outer.gradient(loss, [encoder.w, temperature])
+
+    assert (tf.function(run) if graph else run)() == [None, None]
+
 # -- cached_loss, tried adversarially -----------------------------------------------------------------
 def test_variables_changed_between_the_call_and_the_gradient_are_caught_by_check_determinism() -> None:
     encoder, (q, p) = Dropout(), _pair()

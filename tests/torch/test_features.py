@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 from collections import UserDict
 from dataclasses import dataclass
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,14 @@ from torch.utils.checkpoint import checkpoint
 import gradcache
 from gradcache import GradCacheError
 from gradcache.testing.contract import relative_error
-from gradcache_torch import GradCache, cached, cached_step, cat_input_tensor, trim_padding
+from gradcache_torch import (
+    GradCache,
+    TorchBackend,
+    cached,
+    cached_step,
+    cat_input_tensor,
+    trim_padding,
+)
 
 
 def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: torch.Tensor | float = 0.1) -> torch.Tensor:
@@ -350,3 +359,20 @@ def test_scaler_must_be_a_grad_scaler() -> None:
     with pytest.raises(GradCacheError, match="scaler must be"):
         cached_step(torch.nn.Linear(3, 2), (torch.randn(4, 3),) * 2, info_nce, chunk_size=2,
                     scaler=3)
+
+
+def test_the_backend_defaults_read_torch_tensors() -> None:
+    """``shape``, ``differentiable`` and ``take_rows`` are the core's defaults on torch: they must
+    agree with torch's own notions, for every dtype torch has."""
+    backend = TorchBackend()
+    dtypes = {value for value in vars(torch).values() if isinstance(value, torch.dtype)}
+    assert len(dtypes) > 15
+    for dtype in dtypes:
+        assert backend.differentiable(SimpleNamespace(dtype=dtype)) == (
+            dtype.is_floating_point or dtype.is_complex), dtype
+    leaf = torch.arange(12.0, dtype=torch.float64).reshape(4, 3).requires_grad_()
+    assert backend.shape(leaf) == (4, 3) and backend.shape(torch.tensor(1.0)) == ()
+    taken = backend.take_rows(leaf, np.array([2, 0, 3, 1]))
+    assert torch.equal(taken, leaf.detach()[[2, 0, 3, 1]])
+    taken.sum().backward()
+    assert torch.equal(leaf.grad, torch.ones(4, 3, dtype=torch.float64))
