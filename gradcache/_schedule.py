@@ -779,10 +779,13 @@ def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, recor
         encoder, get_rep = group.encoder, group.picker(inputs)
         kept = forward.kept if forward is not None else None
         if kept is not None and kept.holds(group.index, chunk):
-            # pass 1 kept this chunk's graph: pull back through it instead of re-encoding
             assert forward is not None
-            encoder, get_rep = _KeptOutput(kept.rep), _identity
-            forward.kept = None   # the graph goes with this backward
+            kept_rep, kept.rep, forward.kept = kept.rep, None, None   # goes with this backward
+            # pass 1 kept this chunk's graph: pull back through it instead of re-encoding -- unless
+            # a later forward modified in place a tensor it saved (then re-encoded, as without it)
+            if backend.kept_graph_intact(kept_rep):
+                encoder, get_rep = _KeptOutput(kept_rep), _identity
+            del kept_rep
         try:
             grads, recomputed = pullback(backend, encoder, inputs, record, get_rep, grad_chunk,
                                          grads, final_use=final_use)
