@@ -454,6 +454,8 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
             backend.run_check(_require_finite(backend), loss)
     except BaseException as error:   # KeyboardInterrupt too: the others must not wait
         bar.close()
+        if kept is not None:
+            kept.rep = None   # the traceback holds this frame: the kept graph must not live on
         rendezvous.fail(error)
         raise
     forward = CachedForward(backend, groups, reps if check_determinism else [None] * len(reps),
@@ -500,7 +502,11 @@ def cached_backward(forward: CachedForward, upstream: Any = None) -> Any:
     backend = forward.backend
     rep_grads, grads = forward.rep_grads, forward.grads
     if upstream is not None:
-        _check_scalar_upstream(backend, upstream)
+        try:
+            _check_scalar_upstream(backend, upstream)
+        except GradCacheError:
+            forward.close()   # consumed: what it holds (the kept graph too) is of no more use
+            raise
 
         def scaled(tree: Any) -> Any:
             return _tree.map_leaves(lambda leaf: backend.multiply(leaf, upstream), tree,

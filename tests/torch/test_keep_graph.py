@@ -9,10 +9,14 @@ chunk's randomness is pass 1's own), and check that the graph is let go at pass 
 
 from __future__ import annotations
 
+import gc
+import weakref
+from typing import Any
+
 import pytest
 import torch
 
-from gradcache import cached_backward, cached_forward
+from gradcache import GradCacheError, cached_backward, cached_forward
 from gradcache_torch import TorchBackend, cached_loss, cached_step
 
 
@@ -191,3 +195,57 @@ def test_batch_norm_statistics_are_updated_once_fewer() -> None:
                                   torch.nn.Linear(8, 3)).double()
     cached_step(encoder, _pair(), _loss, chunk_size=2)
     assert int(encoder[1].num_batches_tracked) == 11   # 6 chunks in pass 1, 5 in pass 2
+
+
+# -- the kept graph is let go on every way out ---------------------------------------------------------
+class _Probe:
+    """Lives as long as the graph of the forward that made it (held by an autograd node)."""
+
+
+class _Tagged(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, probe: _Probe) -> torch.Tensor:
+        ctx.probe = probe
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _Probed(Counted):
+    """Counted, whose forwards with a graph leave a weak reference to a probe their graph holds;
+    its ``fail_at``-th call raises."""
+
+    def __init__(self, fail_at: int = 0):
+        super().__init__()
+        self.probes: list[weakref.ref] = []
+        self.fail_at = fail_at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = super().forward(x)
+        if self.calls == self.fail_at:
+            raise RuntimeError("encoder fault")
+        if torch.is_grad_enabled():
+            probe = _Probe()
+            self.probes.append(weakref.ref(probe))
+            output = _Tagged.apply(output, probe)
+        return output
+
+
+def test_a_failure_after_the_kept_chunk_lets_its_graph_go_while_the_error_is_held() -> None:
+    encoder = _Probed(fail_at=2)   # pass 1's second chunk, after the kept one
+    with pytest.raises(RuntimeError, match="encoder fault") as caught:
+        cached_step(encoder, _pair(), _loss, chunk_size=2)
+    gc.collect()
+    assert caught.value is not None and len(encoder.probes) == 1
+    assert encoder.probes[0]() is None   # the traceback's frames no longer hold the graph
+
+
+def test_a_bad_upstream_releases_the_forward() -> None:
+    encoder = _Probed()
+    forward = cached_forward(TorchBackend(), encoder, _pair(), _loss, chunk_size=2)
+    with pytest.raises(GradCacheError, match="upstream must be a scalar"):
+        cached_backward(forward, upstream=torch.ones(2))
+    gc.collect()
+    assert forward.kept is None and encoder.probes[0]() is None
