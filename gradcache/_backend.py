@@ -192,6 +192,14 @@ class Backend:
         """
         return None
 
+    def kept_graph_intact(self, rep: Any) -> bool:
+        """Whether the graph of ``rep`` (what :meth:`encode_keeping_graph` returned) can still be
+        pulled back, asked by pass 2 right before it would. ``False`` -- the encoder modified in
+        place a tensor that graph saved, in a later chunk's forward (an ``nn.Embedding`` with
+        ``max_norm`` renormalises its weight, a buffer updated in place) -- lets the graph go and
+        re-encodes the chunk under its recorded random state, as without a kept graph."""
+        return True
+
     def zero_grads(self) -> Any:
         """The empty gradient accumulator (``None`` for in-place backends)."""
         return None

@@ -454,6 +454,8 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
             backend.run_check(_require_finite(backend), loss)
     except BaseException as error:   # KeyboardInterrupt too: the others must not wait
         bar.close()
+        if kept is not None:
+            kept.rep = None   # the traceback holds this frame: the kept graph must not live on
         rendezvous.fail(error)
         raise
     forward = CachedForward(backend, groups, reps if check_determinism else [None] * len(reps),
@@ -500,7 +502,11 @@ def cached_backward(forward: CachedForward, upstream: Any = None) -> Any:
     backend = forward.backend
     rep_grads, grads = forward.rep_grads, forward.grads
     if upstream is not None:
-        _check_scalar_upstream(backend, upstream)
+        try:
+            _check_scalar_upstream(backend, upstream)
+        except GradCacheError:
+            forward.close()   # consumed: what it holds (the kept graph too) is of no more use
+            raise
 
         def scaled(tree: Any) -> Any:
             return _tree.map_leaves(lambda leaf: backend.multiply(leaf, upstream), tree,
@@ -779,10 +785,13 @@ def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, recor
         encoder, get_rep = group.encoder, group.picker(inputs)
         kept = forward.kept if forward is not None else None
         if kept is not None and kept.holds(group.index, chunk):
-            # pass 1 kept this chunk's graph: pull back through it instead of re-encoding
             assert forward is not None
-            encoder, get_rep = _KeptOutput(kept.rep), _identity
-            forward.kept = None   # the graph goes with this backward
+            kept_rep, kept.rep, forward.kept = kept.rep, None, None   # goes with this backward
+            # pass 1 kept this chunk's graph: pull back through it instead of re-encoding -- unless
+            # a later forward modified in place a tensor it saved (then re-encoded, as without it)
+            if backend.kept_graph_intact(kept_rep):
+                encoder, get_rep = _KeptOutput(kept_rep), _identity
+            del kept_rep
         try:
             grads, recomputed = pullback(backend, encoder, inputs, record, get_rep, grad_chunk,
                                          grads, final_use=final_use)

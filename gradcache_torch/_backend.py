@@ -10,11 +10,13 @@ with the same values (code holding ``.grad``, or views of one flat buffer, sees 
 The parameters of module encoders and losses are remembered before anything runs, other tensors
 when the graph reaches them; a reentrant checkpoint's parameters are outside the graph until its
 backward recomputes the block, so the recomputation is watched too; a loss or an encoder that
-calls ``backward()`` itself is refused before it writes. Distributed wrappers
-synchronise on the last chunk that uses them only -- DDP is bypassed for the others (for all of
-them in a distributed step, whose adapter averages DDP's gradients itself), FSDP2 has its gradient
-sync switched off for them -- so gradients are reduced once per module per step. No control flow
-of the algorithm lives here.
+calls ``backward()`` itself is refused before it writes. The graph of the first chunk pass 2 pulls
+back may be kept from pass 1 (``encode_keeping_graph``), with the versions of the tensors it saved,
+so that pass 2 re-encodes that chunk instead if a later forward modified one in place.
+Distributed wrappers synchronise on the last chunk that uses them only -- DDP is bypassed for the
+others (for all of them in a distributed step, whose adapter averages DDP's gradients itself),
+FSDP2 has its gradient sync switched off for them -- so gradients are reduced once per module per
+step. No control flow of the algorithm lives here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeGuard
 
@@ -193,6 +196,55 @@ def _distributed_initialised() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+class _SavedVersions(torch.autograd.graph.saved_tensors_hooks):
+    """Around the forward whose graph pass 1 keeps: records the version of every tensor the graph
+    saves, so that pass 2 can tell whether a later forward modified one in place (an
+    ``nn.Embedding`` with ``max_norm`` renormalises its weight, a buffer updated in place): torch
+    would refuse that backward ("modified by an inplace operation"), while re-encoding the chunk,
+    as without a kept graph, works. Under saved-tensor hooks torch checks nothing itself, so this
+    check stands in for its own. Each tensor is saved as a detached alias (its storage and
+    version counter, its ``requires_grad`` flag -- a reentrant checkpoint reads it -- but not its
+    ``grad_fn``: the tensor itself would tie an output to its own node in a cycle the collector
+    cannot see), held weakly here: the graph, not this record, keeps it alive."""
+
+    def __init__(self) -> None:
+        self.versions: list[tuple[Any, int]] = []
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            alias = tensor.detach()
+            if tensor.requires_grad:
+                alias.requires_grad_()
+            self.versions.append((weakref.ref(alias), tensor._version))
+            return alias
+
+        super().__init__(pack, _identity_unpack)
+
+    @classmethod
+    def unless_hooked(cls) -> _SavedVersions | None:
+        """A recorder, or ``None`` where saved-tensor hooks are already active (the caller's
+        offloading, ``save_on_cpu``: the graph is then not kept, so that they pack every tensor
+        as before) or disabled."""
+        # private queries (torch's AOTAutograd makes them too): a torch without the first keeps
+        # no graph
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", lambda: True)
+        if top is None or not enabled() or top(False) is not None:
+            return None
+        return cls()
+
+    def intact(self) -> bool:
+        """Whether no saved tensor the graph still holds was modified in place since it was saved."""
+        for ref, version in self.versions:
+            alias = ref()
+            if alias is not None and alias._version != version:
+                return False
+        return True
+
+
+def _identity_unpack(alias: torch.Tensor) -> torch.Tensor:
+    return alias
+
+
 def owning_module(encoder: Any) -> torch.nn.Module | None:
     """The module an encoder is (DDP unwrapped) or whose bound method it is, else ``None``."""
     encoder = _unwrap_distributed(encoder)
@@ -289,6 +341,8 @@ class TorchBackend(Backend):
         self._unsynced: dict[int, Any] = {}   # FSDP2 modules whose gradient sync this step turned off
         self._units: dict[int, list] = {}      # encoder -> its FSDP2 units
         self.bypass_ddp = bypass_ddp            # a distributed step averages DDP's gradients itself
+        # id(kept representation) -> the versions of the tensors its graph saved
+        self._kept_versions: dict[int, _SavedVersions] = {}
 
     # -- tensors ------------------------------------------------------------------------------------
     def is_leaf(self, value: Any) -> bool:
@@ -317,12 +371,24 @@ class TorchBackend(Backend):
         # prepares its reducer for the backward that follows, FSDP2 units choose per chunk whether
         # to reduce-scatter; a plain function may call either): with a process group initialised
         # pass 2 re-encodes every chunk as before, each forward right before its own backward.
+        # Declined too under the caller's saved-tensor hooks (their packing stays as it was).
         if _distributed_initialised():
             return None
-        with torch.enable_grad():
+        saved = _SavedVersions.unless_hooked()
+        if saved is None:
+            return None
+        with torch.enable_grad(), saved:
             with _RefuseBackward("the encoder"):
                 output = call_encoder(encoder, chunk)
-            return get_rep(output)
+            rep = get_rep(output)
+        self._kept_versions[id(rep)] = saved
+        return rep
+
+    def kept_graph_intact(self, rep: Any) -> bool:
+        # a tensor the kept graph saved, modified in place since (by a later chunk's forward):
+        # torch would refuse that backward, so pass 2 re-encodes the chunk instead
+        saved = self._kept_versions.pop(id(rep), None)
+        return saved is None or saved.intact()
 
     def trains(self, encoder: Any) -> bool:
         # a module whose parameters all have requires_grad=False is a frozen tower (LiT's image

@@ -9,10 +9,14 @@ chunk's randomness is pass 1's own), and check that the graph is let go at pass 
 
 from __future__ import annotations
 
+import gc
+import weakref
+from typing import Any
+
 import pytest
 import torch
 
-from gradcache import cached_backward, cached_forward
+from gradcache import GradCacheError, cached_backward, cached_forward
 from gradcache_torch import TorchBackend, cached_loss, cached_step
 
 
@@ -113,3 +117,135 @@ def test_with_a_process_group_every_chunk_is_re_encoded() -> None:
         dist.destroy_process_group()
     # a forward may take part in DDP's or FSDP2's synchronisation: each stays by its backward
     assert encoder.calls == 12
+
+
+# -- a later forward modifies in place a tensor the kept graph saved --------------------------------
+class _BufferInPlace(torch.nn.Module):
+    """Updates a buffer in place in every forward and multiplies by it (so the graph saves it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(4, 3).double()
+        self.register_buffer("scale", torch.ones(3, dtype=torch.float64))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        with torch.no_grad():
+            self.scale.mul_(1.0)   # an in-place update (a running statistic) that keeps the value
+        return self.net(x) * self.scale
+
+
+class _TiedMaxNorm(torch.nn.Module):
+    """nn.Embedding with max_norm renormalises its weight in place in every forward; the weight is
+    also used in a product that saves it (tied output scores)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = torch.nn.Embedding(10, 4, max_norm=1.0).double()
+        self.calls = 0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        pooled = self.embedding(ids).mean(1)
+        return (pooled @ self.embedding.weight.T)[:, :3]
+
+
+def _without_keeping(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TorchBackend, "encode_keeping_graph", lambda self, *args: None)
+
+
+@pytest.mark.parametrize("make", [_BufferInPlace, _TiedMaxNorm], ids=["buffer", "max-norm"])
+def test_a_saved_tensor_modified_in_place_later_re_encodes_the_kept_chunk(
+        make: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch would refuse the kept graph's backward ("modified by an inplace operation"), where
+    # the step without a kept graph runs: pass 2 re-encodes that chunk instead
+    if make is _TiedMaxNorm:
+        generator = torch.Generator().manual_seed(2)
+        batch = tuple(torch.randint(0, 10, (6, 5), generator=generator) for _ in range(2))
+    else:
+        batch = _pair()
+    encoder = make()
+    loss = cached_step(encoder, batch, _loss, chunk_size=2)
+    assert encoder.calls == 12
+    kept = [param.grad.clone() for param in encoder.parameters()]
+
+    _without_keeping(monkeypatch)
+    plain = make()
+    expected = cached_step(plain, batch, _loss, chunk_size=2)
+    assert torch.equal(loss, expected)
+    for got, param in zip(kept, plain.parameters()):
+        assert torch.equal(got, param.grad)
+
+
+def test_under_the_caller_s_saved_tensor_hooks_no_graph_is_kept() -> None:
+    # save_on_cpu (offloading) packs every saved tensor as before: the chunk is re-encoded
+    encoder = Counted()
+    with torch.autograd.graph.save_on_cpu():
+        cached_step(encoder, _pair(), _loss, chunk_size=2)
+    assert encoder.calls == 12
+
+
+def test_batch_norm_statistics_are_updated_once_fewer() -> None:
+    # documented: the kept chunk's forward runs once, so a running statistic sees it once
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                  torch.nn.Linear(8, 3)).double()
+    cached_step(encoder, _pair(), _loss, chunk_size=2)
+    assert int(encoder[1].num_batches_tracked) == 11   # 6 chunks in pass 1, 5 in pass 2
+
+
+# -- the kept graph is let go on every way out ---------------------------------------------------------
+class _Probe:
+    """Lives as long as the graph of the forward that made it (held by an autograd node)."""
+
+
+class _Tagged(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, probe: _Probe) -> torch.Tensor:
+        ctx.probe = probe
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _Probed(Counted):
+    """Counted, whose forwards with a graph leave a weak reference to a probe their graph holds;
+    its ``fail_at``-th call raises."""
+
+    def __init__(self, fail_at: int = 0):
+        super().__init__()
+        self.probes: list[weakref.ref] = []
+        self.fail_at = fail_at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = super().forward(x)
+        if self.calls == self.fail_at:
+            raise RuntimeError("encoder fault")
+        if torch.is_grad_enabled():
+            probe = _Probe()
+            self.probes.append(weakref.ref(probe))
+            output = _Tagged.apply(output, probe)
+        return output
+
+
+def test_a_failure_after_the_kept_chunk_lets_its_graph_go_while_the_error_is_held() -> None:
+    encoder = _Probed(fail_at=2)   # pass 1's second chunk, after the kept one
+    with pytest.raises(RuntimeError, match="encoder fault") as caught:
+        cached_step(encoder, _pair(), _loss, chunk_size=2)
+    gc.collect()
+    assert caught.value is not None and len(encoder.probes) == 1
+    assert encoder.probes[0]() is None   # the traceback's frames no longer hold the graph
+
+
+def test_a_bad_upstream_releases_the_forward() -> None:
+    encoder = _Probed()
+    forward = cached_forward(TorchBackend(), encoder, _pair(), _loss, chunk_size=2)
+    with pytest.raises(GradCacheError, match="upstream must be a scalar"):
+        cached_backward(forward, upstream=torch.ones(2))
+    gc.collect()
+    assert forward.kept is None and encoder.probes[0]() is None
