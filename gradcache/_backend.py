@@ -179,26 +179,22 @@ class Backend:
 
     # -- optional primitives with defaults ------------------------------------------------------------
     def encode_keeping_graph(self, encoder: Any, chunk: Any, record: Any,
-                             get_rep: Callable) -> Any:
+                             get_rep: Callable) -> tuple[Any, Callable[[], bool]] | None:
         """Pass 1 for the step's first chunk: ``get_rep(encoder(chunk))`` *with* its graph, or ``None``.
 
         The core asks once per step, for the first chunk of the first group it will pull back
         (which pass 2 pulls back first, so that graph is never held beside another). A backend
-        that returns a representation whose leaves carry their graph saves that chunk's
-        re-encoding: pass 2 hands :meth:`vjp` an encoder that returns this representation (and
-        ``get_rep`` the identity), so the backend's own ``vjp`` pulls back through it -- its random
-        state is trivially pass 1's. The core detaches it for the loss. The default declines
-        (``None``): the chunk is encoded by :meth:`encode` and re-encoded in pass 2.
+        that returns ``(rep, intact)`` -- a representation whose leaves carry their graph, and a
+        function saying whether that graph can still be pulled back -- saves that chunk's
+        re-encoding: pass 2 asks ``intact()`` and hands :meth:`vjp` an encoder that returns
+        ``rep`` (and ``get_rep`` the identity), so the backend's own ``vjp`` pulls back through it
+        -- its random state is trivially pass 1's. ``intact()`` false (torch: a later chunk's
+        forward modified in place a tensor the graph saved, as an ``nn.Embedding`` with
+        ``max_norm`` renormalises its weight) lets the graph go and re-encodes the chunk under its
+        recorded random state instead. The core detaches ``rep`` for the loss. The default
+        declines (``None``): the chunk is encoded by :meth:`encode` and re-encoded in pass 2.
         """
         return None
-
-    def kept_graph_intact(self, rep: Any) -> bool:
-        """Whether the graph of ``rep`` (what :meth:`encode_keeping_graph` returned) can still be
-        pulled back, asked by pass 2 right before it would. ``False`` -- the encoder modified in
-        place a tensor that graph saved, in a later chunk's forward (an ``nn.Embedding`` with
-        ``max_norm`` renormalises its weight, a buffer updated in place) -- lets the graph go and
-        re-encodes the chunk under its recorded random state, as without a kept graph."""
-        return True
 
     def zero_grads(self) -> Any:
         """The empty gradient accumulator (``None`` for in-place backends)."""

@@ -77,6 +77,7 @@ class KeptGraph:
 
     group: int
     rep: Any = None
+    intact: Callable[[], bool] | None = None   # the backend's: can the graph still be pulled back
 
     def holds(self, group: int, chunk: Chunk) -> bool:
         """Whether ``chunk`` of ``group`` is the kept one (chunk 0, run by itself)."""
@@ -455,7 +456,7 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
     except BaseException as error:   # KeyboardInterrupt too: the others must not wait
         bar.close()
         if kept is not None:
-            kept.rep = None   # the traceback holds this frame: the kept graph must not live on
+            kept.rep = kept.intact = None   # the traceback holds this frame: let the graph go
         rendezvous.fail(error)
         raise
     forward = CachedForward(backend, groups, reps if check_determinism else [None] * len(reps),
@@ -728,9 +729,10 @@ def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress,
             record = backend.rng_capture(group.index, chunk.index)
             rep = None
             if kept is not None and kept.holds(group.index, chunk):
-                kept.rep = backend.encode_keeping_graph(group.encoder, inputs, record,
-                                                        group.picker(inputs))
-                if kept.rep is not None:
+                answer = backend.encode_keeping_graph(group.encoder, inputs, record,
+                                                      group.picker(inputs))
+                if answer is not None:
+                    kept.rep, kept.intact = answer
                     rep = _tree.map_leaves(backend.detach, kept.rep, backend.is_leaf)
             if rep is None:
                 rep = backend.encode(group.encoder, inputs, record, group.picker(inputs))
@@ -786,12 +788,13 @@ def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, recor
         kept = forward.kept if forward is not None else None
         if kept is not None and kept.holds(group.index, chunk):
             assert forward is not None
-            kept_rep, kept.rep, forward.kept = kept.rep, None, None   # goes with this backward
+            kept_rep, intact = kept.rep, kept.intact
+            kept.rep = kept.intact = forward.kept = None   # the graph goes with this backward
             # pass 1 kept this chunk's graph: pull back through it instead of re-encoding -- unless
-            # a later forward modified in place a tensor it saved (then re-encoded, as without it)
-            if backend.kept_graph_intact(kept_rep):
+            # the backend says it is spoilt (then re-encoded, as without it)
+            if intact is None or intact():
                 encoder, get_rep = _KeptOutput(kept_rep), _identity
-            del kept_rep
+            del kept_rep, intact
         try:
             grads, recomputed = pullback(backend, encoder, inputs, record, get_rep, grad_chunk,
                                          grads, final_use=final_use)

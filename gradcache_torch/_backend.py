@@ -341,8 +341,6 @@ class TorchBackend(Backend):
         self._unsynced: dict[int, Any] = {}   # FSDP2 modules whose gradient sync this step turned off
         self._units: dict[int, list] = {}      # encoder -> its FSDP2 units
         self.bypass_ddp = bypass_ddp            # a distributed step averages DDP's gradients itself
-        # id(kept representation) -> the versions of the tensors its graph saved
-        self._kept_versions: dict[int, _SavedVersions] = {}
 
     # -- tensors ------------------------------------------------------------------------------------
     def is_leaf(self, value: Any) -> bool:
@@ -366,7 +364,7 @@ class TorchBackend(Backend):
             return get_rep(output)
 
     def encode_keeping_graph(self, encoder: Any, chunk: Any, record: Any,
-                             get_rep: Callable) -> Any:
+                             get_rep: Callable) -> tuple[Any, Callable[[], bool]] | None:
         # Declined wherever a forward may take part in gradient synchronisation (DDP's forward
         # prepares its reducer for the backward that follows, FSDP2 units choose per chunk whether
         # to reduce-scatter; a plain function may call either): with a process group initialised
@@ -381,14 +379,9 @@ class TorchBackend(Backend):
             with _RefuseBackward("the encoder"):
                 output = call_encoder(encoder, chunk)
             rep = get_rep(output)
-        self._kept_versions[id(rep)] = saved
-        return rep
-
-    def kept_graph_intact(self, rep: Any) -> bool:
         # a tensor the kept graph saved, modified in place since (by a later chunk's forward):
         # torch would refuse that backward, so pass 2 re-encodes the chunk instead
-        saved = self._kept_versions.pop(id(rep), None)
-        return saved is None or saved.intact()
+        return rep, saved.intact
 
     def trains(self, encoder: Any) -> bool:
         # a module whose parameters all have requires_grad=False is a frozen tower (LiT's image
