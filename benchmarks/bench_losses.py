@@ -9,14 +9,22 @@ their gradients, ``4·B·d`` numbers for two ``(B, d)`` groups.
   exact and compile-only, so it reaches B = 2^18 in seconds. torch (CPU): a fresh process per
   configuration, peak resident set growth from just before the inputs are made (the kernel's peak
   mark reset, the heap trimmed), so the inputs and gradients are part of what is measured.
-* ``time``: tiled / dense value-and-gradient time at the largest batch where dense fits here.
+  TensorFlow (CPU): a fresh process per configuration too, the value-and-gradient run as users run
+  it, inside ``tf.function`` (where the tiles are a ``tf.while_loop``), traced and run once before
+  the measurement. The figure is :func:`gradcache_cli.tf_memory.step_peak`'s: where TF's pooling
+  CPU allocator keeps statistics (oneDNN on, the default on x86 CPUs with AVX-512, as here) it is
+  the allocator's own peak bytes in use above what it held before the inputs were made -- exact, and
+  the only honest figure there, since that pool keeps the pages it once held and resident memory
+  cannot see a step; elsewhere it is peak resident-set growth as for torch. The table says which.
+* ``time``: tiled / dense value-and-gradient time at the largest batch where dense fits here;
+  TensorFlow inside ``tf.function`` (and eagerly, for reference: a Python loop over tiles).
 * ``--headline``: one complete ``gradcache_torch.cached_step`` with the tiled InfoNCE at
   B = 262,144, d = 128 and a small encoder, where one dense B x B float32 matrix alone would take
   256 GiB; prints its peak memory and time. It takes many minutes on two cores.
 
     python benchmarks/bench_losses.py memory
     python benchmarks/bench_losses.py time
-    python benchmarks/bench_losses.py all
+    python benchmarks/bench_losses.py all [--backends tf]
     python benchmarks/bench_losses.py --headline [--rows 262144] [--backend jax] [--threads 1]
 """
 
@@ -33,6 +41,7 @@ import time
 from gradcache_cli import memory
 
 LOSSES = ("info_nce", "clip_loss", "siglip_loss")
+BACKENDS = ("jax", "torch", "tf")
 DIM = 128
 FIXED_MMAP = memory.fixed_mmap_env(128 << 10)  # freed tiles go back to the OS at once
 
@@ -119,6 +128,77 @@ def torch_memory_table(tile: int | None) -> None:
     print()
 
 
+# -- TensorFlow: its allocator's peak (or peak RSS) in a fresh process (gradcache_cli.tf_memory) ----------
+def tf_value_and_grad(fn, **extra):
+    """``(x, y) -> (loss, (dx, dy))`` of ``fn`` with a ``GradientTape``, to be wrapped in
+    ``tf.function`` (or run eagerly)."""
+    import tensorflow as tf
+
+    def value_and_grad(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch((x, y))
+            value = fn(x, y, **extra)
+        return value, tape.gradient(value, (x, y))
+    return value_and_grad
+
+
+def tf_memory_here(loss: str, form: str, rows: int, tile: int | None) -> dict:
+    """In a fresh process: peak memory of making the inputs and one value-and-gradient in
+    ``tf.function``, above what was held before (see :func:`gradcache_cli.tf_memory.step_peak`)."""
+    import tensorflow as tf
+
+    from gradcache_cli import tf_memory
+    from gradcache_tf import losses
+
+    # one thread per op: memory does not depend on it, and a shared machine stays usable
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    fn = getattr(losses, loss if form == "tiled" else f"{loss}_dense")
+    step = tf.function(tf_value_and_grad(fn, **({"tile_size": tile} if form == "tiled" else {})))
+    timed: dict = {}
+
+    def run() -> None:
+        start = time.perf_counter()
+        x = tf.random.normal((rows, DIM))
+        y = tf.random.normal((rows, DIM))
+        value, _ = step(x, y)
+        float(value)
+        timed["seconds"] = time.perf_counter() - start
+
+    # the warm-up traces the graph at this static shape (the tiled loop needs one) and runs it once
+    found = tf_memory.step_peak(run, run, memory.default_budget())
+    return {"peak": found["bytes"], "method": found["method"], "seconds": timed.get("seconds"),
+            "note": found.get("note", "")}
+
+
+def tf_memory_table(tile: int | None) -> None:
+    header = False
+    for loss in LOSSES:
+        for power in (12, 13, 14):
+            rows = 2**power
+            found = {}
+            for form in ("tiled", "dense"):
+                out = subprocess.run(
+                    [sys.executable, __file__, "_tf_memory", loss, form, str(rows), str(tile or 0)],
+                    capture_output=True, text=True, check=True,
+                    env={**os.environ, **FIXED_MMAP, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                found[form] = json.loads(out.stdout.strip().splitlines()[-1])
+            if not header:  # the child says how it read memory
+                header = True
+                measure = ("the CPU allocator's peak bytes in use" if
+                           found["tiled"]["method"] == "allocator" else "peak RSS growth")
+                print(f"## TensorFlow (CPU), value-and-grad in tf.function: {measure} above what "
+                      f"was held before the inputs, fresh process each (float32, d = {DIM})\n")
+                print("| loss | B | floor (MiB) | tiled (MiB) | tiled / floor | dense (MiB) | "
+                      "dense / floor |")
+                print("|---|---|---|---|---|---|---|")
+            cells = [f"{mib(peak)} | {peak / floor_bytes(rows):.2f}"
+                     if (peak := found[form]["peak"]) is not None
+                     else f"({found[form]['note']}) | -" for form in ("tiled", "dense")]
+            print(f"| {loss} | 2^{power} | {mib(floor_bytes(rows))} | {' | '.join(cells)} |",
+                  flush=True)
+    print()
+
+
 # -- time: tiled / dense, interleaved -------------------------------------------------------------------
 def _interleaved(runs: dict, repeats: int) -> dict:
     for run in runs.values():
@@ -132,12 +212,9 @@ def _interleaved(runs: dict, repeats: int) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def time_table(rows: int, repeats: int, tile: int | None) -> None:
-    import jax
-    import jax.numpy as jnp
+def time_table(rows: int, repeats: int, tile: int | None, backends: tuple = BACKENDS) -> None:
     import torch
 
-    from gradcache_jax import losses as jax_losses
     from gradcache_torch import losses as torch_losses
 
     print(f"## Time of value-and-grad, tiled / dense (float32, B = {rows}, d = {DIM}, "
@@ -148,7 +225,7 @@ def time_table(rows: int, repeats: int, tile: int | None) -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, DIM, generator=generator, requires_grad=True)
     y = torch.randn(rows, DIM, generator=generator, requires_grad=True)
-    for loss in LOSSES:
+    for loss in LOSSES if "torch" in backends else ():
         def run(fn, **kw):
             def go():
                 x.grad = y.grad = None
@@ -158,7 +235,20 @@ def time_table(rows: int, repeats: int, tile: int | None) -> None:
                             "tiled": run(getattr(torch_losses, loss), **extra)}, repeats)
         print(f"| torch | {loss} | {med['dense']:.2f} | {med['tiled']:.2f} | "
               f"{med['tiled'] / med['dense']:.2f} |", flush=True)
-    jx, jy = jnp.asarray(x.detach().numpy()), jnp.asarray(y.detach().numpy())
+    if "jax" in backends:
+        jax_time_rows(x.detach().numpy(), y.detach().numpy(), repeats, extra)
+    if "tf" in backends:
+        tf_time_rows(x.detach().numpy(), y.detach().numpy(), repeats, extra)
+    print()
+
+
+def jax_time_rows(x, y, repeats: int, extra: dict) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from gradcache_jax import losses as jax_losses
+
+    jx, jy = jnp.asarray(x), jnp.asarray(y)
     for loss in LOSSES:
         def compiled(fn, **kw):
             step = jax.jit(jax.value_and_grad(lambda a, b: fn(a, b, **kw), argnums=(0, 1)))
@@ -167,7 +257,28 @@ def time_table(rows: int, repeats: int, tile: int | None) -> None:
                             "tiled": compiled(getattr(jax_losses, loss), **extra)}, repeats)
         print(f"| jax | {loss} | {med['dense']:.2f} | {med['tiled']:.2f} | "
               f"{med['tiled'] / med['dense']:.2f} |", flush=True)
-    print()
+
+
+def tf_time_rows(x, y, repeats: int, extra: dict) -> None:
+    import tensorflow as tf
+
+    from gradcache_tf import losses as tf_losses
+
+    tx, ty = tf.constant(x), tf.constant(y)
+
+    def timed(traced: bool, fn, **kw):
+        step = tf_value_and_grad(fn, **kw)
+        step = tf.function(step) if traced else step
+        return lambda: float(step(tx, ty)[0])  # float(): wait for the result
+
+    for traced in (True, False):  # as users run TF; eagerly (a Python loop over tiles) for reference
+        for loss in LOSSES:
+            med = _interleaved({"dense": timed(traced, getattr(tf_losses, f"{loss}_dense")),
+                                "tiled": timed(traced, getattr(tf_losses, loss), **extra)},
+                               repeats)
+            label = "tf" if traced else "tf (eager)"
+            print(f"| {label} | {loss} | {med['dense']:.2f} | {med['tiled']:.2f} | "
+                  f"{med['tiled'] / med['dense']:.2f} |", flush=True)
 
 
 # -- the headline: one cached step at B = 262,144 ---------------------------------------------------------
@@ -275,13 +386,16 @@ def headline_jax(rows: int, chunk: int, tile: int | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", nargs="?", default="all",
-                        choices=["memory", "time", "all", "_torch_memory"])
+                        choices=["memory", "time", "all", "_torch_memory", "_tf_memory"])
     parser.add_argument("args", nargs="*")
     parser.add_argument("--headline", action="store_true")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--chunk", type=int, default=16384)
     parser.add_argument("--tile", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="comma-separated backends of the memory and time tables "
+                             f"(default {','.join(BACKENDS)})")
     parser.add_argument("--backend", choices=["torch", "jax"], default="torch",
                         help="the framework of the --headline step")
     parser.add_argument("--device", default="cpu", help="torch device of the --headline step")
@@ -292,6 +406,13 @@ def main() -> None:
         loss, form, rows, tile = options.args
         print(json.dumps(torch_memory_here(loss, form, int(rows), int(tile) or None)))
         return
+    if options.what == "_tf_memory":
+        loss, form, rows, tile = options.args
+        print(json.dumps(tf_memory_here(loss, form, int(rows), int(tile) or None)))
+        return
+    backends = tuple(options.backends.split(","))
+    if unknown := set(backends) - set(BACKENDS):
+        parser.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(BACKENDS)}")
     if options.threads:
         import torch
         torch.set_num_threads(options.threads)
@@ -302,10 +423,14 @@ def main() -> None:
             headline(options.rows or 262_144, options.chunk, options.tile, options.device)
         return
     if options.what in ("memory", "all"):
-        jax_memory_table(options.tile)
-        torch_memory_table(options.tile)
+        if "jax" in backends:
+            jax_memory_table(options.tile)
+        if "torch" in backends:
+            torch_memory_table(options.tile)
+        if "tf" in backends:
+            tf_memory_table(options.tile)
     if options.what in ("time", "all"):
-        time_table(options.rows or 2**14, options.repeats, options.tile)
+        time_table(options.rows or 2**14, options.repeats, options.tile, backends)
 
 
 if __name__ == "__main__":

@@ -77,11 +77,16 @@ class _Ops(LossOps):
 
     def subtract_every(self, private: tf.Tensor, step: int, value: tf.Tensor,
                        weight: float) -> tf.Tensor:
+        # In a graph, weight * value depends on the inputs alone: the executor would make it before
+        # the tile loop and hold it (B x d, for dx and for dy) through the sweep. Made after the
+        # buffer instead, it lives only for this subtraction. (Eagerly a no-op: ops run in order.)
+        with tf.control_dependencies([private]):
+            value = weight * value if weight != 1 else tf.identity(value)
         if step == 1:
-            return private - weight * value
+            return private - value
         # rows 0, step, 2 step, ...: the first of each group of `step` rows
         groups = tf.reshape(private, [-1, step, private.shape[-1]])
-        first = groups[:, :1] - weight * value[:, None]
+        first = groups[:, :1] - value[:, None]
         return tf.reshape(tf.concat([first, groups[:, 1:]], axis=1), tf.shape(private))
 
     def sweep_ops(self, collective: Any) -> _Ops:

@@ -83,6 +83,36 @@ def test_graph_does_not_grow_with_the_batch(loss):
     assert sizes[10] == sizes[90], sizes
 
 
+@pytest.mark.parametrize("loss", ["info_nce", "clip_loss", "siglip_loss"])
+def test_graph_holds_at_most_two_b_by_d_temporaries_beyond_the_gradients(loss):
+    # CLIP subtracts 2 x (its positive pairs) from dx and dy; 2 * x and 2 * y depend on the inputs
+    # alone, so the graph executor used to make them before the tile loop and hold both through
+    # it: 5 B x d buffers at the peak where InfoNCE and SigLIP need 3. Read from TF's pooling CPU
+    # allocator, which keeps statistics only where oneDNN is on (x86 with AVX-512).
+    try:
+        tf.config.experimental.get_memory_info("CPU:0")
+    except ValueError:
+        pytest.skip("TensorFlow's CPU allocator keeps no statistics here (oneDNN off)")
+    rows, dim = 2048, 128  # B x d = 1 MiB; a 128 x 128 tile of logits is 64 KiB
+
+    @tf.function
+    def value_and_grad(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch([x, y])
+            value = getattr(losses, loss)(x, y, tile_size=128)
+        return value, tape.gradient(value, [x, y])
+
+    x = tf.random.stateless_normal((rows, dim), seed=(0, 1))
+    y = tf.random.stateless_normal((rows, dim), seed=(0, 2))
+    value_and_grad(x, y)  # trace and run once
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    out = value_and_grad(x, y)
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+    del out
+    assert peak <= 4.5 * rows * dim * 4, f"peak {peak / (rows * dim * 4):.2f} x B x d float32"
+
+
 class Tower(tf.Module):
     def __init__(self, seed: int):
         rng = np.random.default_rng(seed)
