@@ -286,9 +286,11 @@ class CachedForward:
     """What the first half of a step (pass 1 and the loss) leaves for the second (pass 2).
 
     :func:`cached_forward` builds it; :func:`cached_backward` consumes it, once. Between the two
-    the encoders' activations are gone: only the representations' gradients (``rep_grads``, this
-    rank's rows, already times the collective's ``grad_scale``), the random-state records of every
-    chunk, and -- for ``check_determinism`` -- the representations themselves are held. A
+    the encoders' activations are gone -- but for the one chunk whose graph a backend may keep
+    (``kept``: :meth:`gradcache.Backend.encode_keeping_graph`) -- and only the representations'
+    gradients (``rep_grads``, this rank's rows, already times the collective's ``grad_scale``),
+    the random-state records of every chunk, and -- for ``check_determinism`` -- the
+    representations themselves are held. A
     framework-driven backward pass (a torch ``autograd.Function``, a JAX ``custom_vjp``, a TF
     ``custom_gradient``) keeps this object from its forward to its backward and passes the
     incoming gradient of the loss as ``upstream``.
@@ -373,7 +375,8 @@ def cached_forward(backend: Backend, encoders: Any, inputs: Sequence, loss_fn: C
     """The first half of a step: plan, pass 1, the loss and its gradient with respect to the reps.
 
     Validates every argument before anything runs, encodes every chunk without a graph (recording
-    its random state), takes the loss (on the global batch, with a ``collective``) and
+    its random state; the first chunk pass 2 pulls back with its graph where the backend keeps it),
+    takes the loss (on the global batch, with a ``collective``) and
     ``dloss/dreps``, and runs ``check_finite``. Gradients of loss-owned parameters go into the
     accumulator here. Run it inside ``backend.transaction()`` when the backend writes gradients in
     place. The arguments are :func:`run_cached_step`'s, and ``differentiate``: when false (an
@@ -484,7 +487,8 @@ def _loss_only(backend: Backend, collective: Collective | None, rendezvous: Rend
 def cached_backward(forward: CachedForward, upstream: Any = None) -> Any:
     """The second half of a step: pass 2, pulling ``upstream * dloss/dreps`` into the parameters.
 
-    Each chunk is re-encoded with a graph under its replayed random state and the matching slice
+    Each chunk is re-encoded with a graph under its replayed random state (the kept one, first,
+    pulled back through its pass-1 graph instead) and the matching slice
     of the representations' gradient is pulled back into the gradient accumulator, which is
     returned. ``upstream`` is the gradient of whatever the caller differentiates with respect to
     the loss (a loss scale, ``1 / accumulation_steps``); ``None`` means 1. The loss-owned
@@ -502,18 +506,16 @@ def cached_backward(forward: CachedForward, upstream: Any = None) -> Any:
     forward.consumed = True
     backend = forward.backend
     rep_grads, grads = forward.rep_grads, forward.grads
-    if upstream is not None:
-        try:
-            _check_scalar_upstream(backend, upstream)
-        except GradCacheError:
-            forward.close()   # consumed: what it holds (the kept graph too) is of no more use
-            raise
-
-        def scaled(tree: Any) -> Any:
-            return _tree.map_leaves(lambda leaf: backend.multiply(leaf, upstream), tree,
-                                    backend.is_leaf)
-        rep_grads, grads = [scaled(grad) for grad in rep_grads], scaled(grads)
+    # everything from here inside the try: a bad upstream, a failing scale, a failing chunk all
+    # release what the forward holds (the kept graph too) and tell the other ranks
     try:
+        if upstream is not None:
+            _check_scalar_upstream(backend, upstream)
+
+            def scaled(tree: Any) -> Any:
+                return _tree.map_leaves(lambda leaf: backend.multiply(leaf, upstream), tree,
+                                        backend.is_leaf)
+            rep_grads, grads = [scaled(grad) for grad in rep_grads], scaled(grads)
         for group, rep, rep_grad, record in zip(forward.groups, forward.reps, rep_grads,
                                                 forward.records):
             if group.frozen:
@@ -733,6 +735,7 @@ def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress,
                                                       group.picker(inputs))
                 if answer is not None:
                     kept.rep, kept.intact = answer
+                    answer = None   # the kept graph lives in `kept` only (a traceback holds this frame)
                     rep = _tree.map_leaves(backend.detach, kept.rep, backend.is_leaf)
             if rep is None:
                 rep = backend.encode(group.encoder, inputs, record, group.picker(inputs))

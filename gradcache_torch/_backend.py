@@ -245,6 +245,12 @@ def _identity_unpack(alias: torch.Tensor) -> torch.Tensor:
     return alias
 
 
+def check_keep_first_graph(value: Any) -> None:
+    """``keep_first_graph`` must be a bool: checked before anything runs."""
+    if not isinstance(value, bool):
+        raise GradCacheError(f"keep_first_graph must be True or False, got {value!r}")
+
+
 def owning_module(encoder: Any) -> torch.nn.Module | None:
     """The module an encoder is (DDP unwrapped) or whose bound method it is, else ``None``."""
     encoder = _unwrap_distributed(encoder)
@@ -329,7 +335,8 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, *, scaler: Any = None, protect: Sequence[torch.Tensor] = (),
-                 bypass_ddp: bool = False, defer_loss_grads: bool = False):
+                 bypass_ddp: bool = False, defer_loss_grads: bool = False,
+                 keep_first_graph: bool = True):
         self.scaler = scaler
         # cached_loss: loss-owned gradients go to the accumulator ({id: grad}), not to .grad
         self.defer_loss_grads = defer_loss_grads
@@ -341,6 +348,7 @@ class TorchBackend(Backend):
         self._unsynced: dict[int, Any] = {}   # FSDP2 modules whose gradient sync this step turned off
         self._units: dict[int, list] = {}      # encoder -> its FSDP2 units
         self.bypass_ddp = bypass_ddp            # a distributed step averages DDP's gradients itself
+        self.keep_first_graph = keep_first_graph
 
     # -- tensors ------------------------------------------------------------------------------------
     def is_leaf(self, value: Any) -> bool:
@@ -370,7 +378,7 @@ class TorchBackend(Backend):
         # to reduce-scatter; a plain function may call either): with a process group initialised
         # pass 2 re-encodes every chunk as before, each forward right before its own backward.
         # Declined too under the caller's saved-tensor hooks (their packing stays as it was).
-        if _distributed_initialised():
+        if not self.keep_first_graph or _distributed_initialised():
             return None
         saved = _SavedVersions.unless_hooked()
         if saved is None:

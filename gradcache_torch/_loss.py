@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradcache import CachedForward, GradCacheError, _tree, cached_backward, cached_forward
-from gradcache_torch._backend import TorchBackend, owning_module, trained_parameters
+from gradcache_torch._backend import (
+    TorchBackend,
+    check_keep_first_graph,
+    owning_module,
+    trained_parameters,
+)
 from gradcache_torch._step import _Setup
 
 if TYPE_CHECKING:
@@ -28,18 +33,19 @@ if TYPE_CHECKING:
 
 
 def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
-                chunk_size: int | Sequence[int],
+                chunk_size: int | Sequence[int], keep_first_graph: bool = True,
                 **options: Unpack[StepKeywords]) -> torch.Tensor:
     """The contrastive loss of a batch larger than memory, as a tensor to call ``backward()`` on.
 
-    Runs pass 1 (every chunk encoded without a graph, its random state recorded) and the loss now,
-    and returns the loss as a scalar in the autograd graph. ``backward()`` on it -- or on anything
+    Runs pass 1 (every chunk encoded without a graph but the first, its random state recorded) and
+    the loss now, and returns the loss as a scalar in the autograd graph. ``backward()`` on it -- or on anything
     computed from it: ``loss / accumulation_steps``, ``scaler.scale(loss)``,
     ``accelerator.backward(loss)``, ``loss + other_loss`` -- runs pass 2 with the incoming gradient,
     so every ``.grad`` receives exactly what ``(scale * full_batch_loss).backward()`` would put
     there, with the memory of one chunk. Takes :func:`gradcache_torch.cached_step`'s arguments,
     except ``scaler``: a ``GradScaler`` needs no argument here, ``scaler.scale(loss).backward()``
-    scales every gradient through the incoming gradient.
+    scales every gradient through the incoming gradient. With ``keep_first_graph`` (the default)
+    the first chunk's graph is kept from this call to the backward (one chunk's activations).
 
     Everything ``cached_step`` guarantees holds: the random state is replayed, the options are
     the same (``pad_trim``, ``sort_by_length``, ``check_finite`` -- raised here, at the call --
@@ -77,6 +83,7 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
     torch.Size([4, 8])
     """
     def refuse_early() -> None:
+        check_keep_first_graph(keep_first_graph)
         if "scaler" in options:
             raise GradCacheError(
                 "cached_loss takes no scaler: call scaler.scale(loss).backward() on the loss it "
@@ -93,7 +100,8 @@ def cached_loss(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                 "an input tensor requires grad, but cached_loss differentiates the parameters "
                 "only (its gradient would be missing); detach the inputs, or use cached_step")
         backend = TorchBackend(bypass_ddp=setup.bypass_ddp, defer_loss_grads=True,
-                               protect=trained_parameters(encoders, loss_fn))
+                               protect=trained_parameters(encoders, loss_fn),
+                               keep_first_graph=keep_first_graph)
         autocast = _autocast_state()
         forward = cached_forward(backend, encoders, inputs, loss_fn, chunk_size=chunk_size,
                                  collective=setup.collective, differentiate=differentiate,

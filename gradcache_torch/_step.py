@@ -23,6 +23,7 @@ from gradcache import (
 from gradcache_torch._backend import (
     TorchBackend,
     _RefuseBackward,
+    check_keep_first_graph,
     is_sentence_transformer,
     trained_parameters,
 )
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
 def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
                 chunk_size: int | Sequence[int], scaler: Any = None,
+                keep_first_graph: bool = True,
                 **options: Unpack[StepKeywords]) -> torch.Tensor:
     """One contrastive step over a batch larger than memory; gradients land in ``.grad``.
 
@@ -67,6 +69,12 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
             slice (raw strings, custom batch objects).
         scaler: a ``torch.amp.GradScaler``; gradients are scaled as by
             ``scaler.scale(loss).backward()``. Call ``scaler.step``/``scaler.update`` as usual.
+        keep_first_graph: encode the first chunk pass 2 pulls back once, keeping its graph from
+            pass 1 (default; docs/torch.md "The first chunk is encoded once"). ``False``
+            re-encodes it as every other chunk: for an encoder whose backward reads state that a
+            later forward overwrites outside autograd's saved tensors (CUDA-graphed modules from
+            ``torch.cuda.make_graphed_callables``, custom Functions keeping buffers on ``ctx``),
+            or to keep that chunk's activations out of the loss's peak memory.
         pad_trim: for mapping inputs with an ``attention_mask``, cut each chunk to its longest row.
         sort_by_length: form chunks from length-sorted rows (mapping inputs with an
             ``attention_mask``), so that ``pad_trim`` removes most padding; the loss still sees
@@ -136,11 +144,13 @@ def cached_step(encoders: Any, inputs: Sequence, loss_fn: Callable, *,
         if scaler is not None and not callable(getattr(scaler, "scale", None)):
             raise GradCacheError(
                 f"scaler must be a torch.amp.GradScaler (with scale()), got {scaler!r}")
+        check_keep_first_graph(keep_first_graph)
 
     setup = _Setup(encoders, inputs, loss_fn, options, entry="cached_step", own=("scaler",),
                    checks=refuse_early)
     backend = TorchBackend(scaler=scaler, bypass_ddp=setup.bypass_ddp,
-                           protect=trained_parameters(encoders, loss_fn))
+                           protect=trained_parameters(encoders, loss_fn),
+                           keep_first_graph=keep_first_graph)
     sync = setup.gradient_sync()
     try:
         with backend.transaction():

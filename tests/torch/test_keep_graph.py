@@ -249,3 +249,53 @@ def test_a_bad_upstream_releases_the_forward() -> None:
         cached_backward(forward, upstream=torch.ones(2))
     gc.collect()
     assert forward.kept is None and encoder.probes[0]() is None
+
+
+@pytest.mark.parametrize("entry", ["cached_step", "cached_loss"])
+def test_keep_first_graph_false_re_encodes_every_chunk_with_the_same_gradients(entry: str) -> None:
+    # the opt-out: CUDA-graphed encoders (their backward reads buffers a later forward refills)
+    # or a loss whose peak memory must not hold one chunk's activations
+    results = []
+    for keep in (True, False):
+        encoder = Counted(dropout=0.3)
+        torch.manual_seed(5)
+        if entry == "cached_step":
+            cached_step(encoder, _pair(), _loss, chunk_size=2, keep_first_graph=keep)
+        else:
+            cached_loss(encoder, _pair(), _loss, chunk_size=2, keep_first_graph=keep).backward()
+        results.append((encoder.calls, [p.grad.clone() for p in encoder.parameters()]))
+    assert [calls for calls, _ in results] == [11, 12]
+    for kept, re_encoded in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(kept, re_encoded, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("entry", ["cached_step", "cached_loss"])
+def test_keep_first_graph_must_be_a_bool(entry: str) -> None:
+    from gradcache import GradCacheError
+    encoder = Counted()
+    step = cached_step if entry == "cached_step" else cached_loss
+    with pytest.raises(GradCacheError, match="keep_first_graph must be True or False"):
+        step(encoder, _pair(), _loss, chunk_size=2, keep_first_graph="no")
+    assert encoder.calls == 0
+
+
+def test_a_failing_representation_check_on_the_kept_chunk_lets_the_graph_go() -> None:
+    import gc
+    import weakref
+
+    from gradcache import GradCacheError
+
+    class Short(Counted):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            self.last = weakref.ref(out)
+            return out[:1]   # one row for a chunk of two: refused by the representation check
+
+    encoder = Short()
+    try:
+        cached_step(encoder, _pair(), _loss, chunk_size=2)
+    except GradCacheError as error:
+        held = error   # a retry loop holding the error holds its traceback's frames
+        gc.collect()
+        assert encoder.last() is None, "the kept chunk's activations outlived the failed step"
+    assert held is not None
