@@ -4,8 +4,8 @@ Gradient caching encodes every chunk twice: without a graph in pass 1, with one 
 first chunk pass 2 pulls back is pass 2's first, so ``gradcache_torch`` encodes it in pass 1 *with*
 its graph and pulls back through that instead of re-encoding it (issue 14): one forward of a chunk
 saved per step, for the price of that chunk's activations held through pass 1 and the loss. This
-script measures both against the same step with the graph not kept (``encode_keeping_graph``
-declining, as it does when a process group is initialised), at 2, 4 and 8 chunks per group:
+script measures both against the same step with the graph not kept (``keep_first_graph=False``,
+as when a process group is initialised), at 2, 4 and 8 chunks per group:
 
 * time: the two steps interleaved in one child process with one CPU thread, CPU time and wall
   time, medians (these machines are noisy; the ratio is what to read);
@@ -26,7 +26,6 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,20 +42,17 @@ def _step(model: dict, rows: int, chunk: int) -> dict:
     import torch
 
     from gradcache_cli.bench import torch_bench
-    from gradcache_torch import TorchBackend, cached_step
+    from gradcache_torch import cached_step
 
     torch.set_num_threads(1)
     encoder = torch_bench.Encoder(model)
     q, p = (torch.from_numpy(ids) for ids in token_batch(model, rows))
 
-    def keep() -> None:
+    def step(keep: bool) -> None:
         encoder.zero_grad(set_to_none=True)
-        cached_step(encoder, (q, p), torch_bench.info_nce_tiled, chunk_size=chunk)
-
-    def reencode() -> None:
-        with mock.patch.object(TorchBackend, "encode_keeping_graph", lambda *args: None):
-            keep()
-    return {"keep": keep, "reencode": reencode}
+        cached_step(encoder, (q, p), torch_bench.info_nce_tiled, chunk_size=chunk,
+                    keep_first_graph=keep)
+    return {"keep": lambda: step(True), "reencode": lambda: step(False)}
 
 
 def child(mode: str, model: dict, rows: int, chunks: list[int], repeats: int) -> dict:

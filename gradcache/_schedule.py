@@ -777,8 +777,7 @@ def _pass_one(backend: Backend, group: GroupPlan, bar: _Progress,
 
 
 def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, records: ChunkItems,
-              grads: Any, tolerance: float, bar: _Progress,
-              forward: CachedForward | None = None) -> Any:
+              grads: Any, tolerance: float, bar: _Progress, forward: CachedForward) -> Any:
     def body(grads: Any, chunk: Chunk, rows: Any, item: Any) -> tuple[Any, tuple[Any, Any]]:
         inputs, grad_chunk, rep_chunk = rows
         if group.pre_split is not None:
@@ -788,9 +787,8 @@ def _pass_two(backend: Backend, group: GroupPlan, rep: Any, rep_grad: Any, recor
         # a plain bool: the core runs a group's last chunk by itself when the backend reads this
         final_use = group.last_for_encoder and chunk.last
         encoder, get_rep = group.encoder, group.picker(inputs)
-        kept = forward.kept if forward is not None else None
+        kept = forward.kept
         if kept is not None and kept.holds(group.index, chunk):
-            assert forward is not None
             kept_rep, intact = kept.rep, kept.intact
             kept.rep = kept.intact = forward.kept = None   # the graph goes with this backward
             # pass 1 kept this chunk's graph: pull back through it instead of re-encoding -- unless

@@ -65,15 +65,20 @@ def test_float32_eager():
                 tolerance=1e-5)
 
 
-@pytest.mark.parametrize("loss", ["info_nce", "clip_loss", "siglip_loss"])
-def test_graph_does_not_grow_with_the_batch(loss):
+def graph_value_and_grad(loss, tile_size):
+    """The tiled ``loss``'s value and its gradients with respect to both inputs, as a tf.function."""
     @tf.function
     def value_and_grad(x, y):
         with tf.GradientTape() as tape:
             tape.watch([x, y])
-            value = getattr(losses, loss)(x, y, tile_size=4)
+            value = getattr(losses, loss)(x, y, tile_size=tile_size)
         return value, tape.gradient(value, [x, y])
+    return value_and_grad
 
+
+@pytest.mark.parametrize("loss", ["info_nce", "clip_loss", "siglip_loss"])
+def test_graph_does_not_grow_with_the_batch(loss):
+    value_and_grad = graph_value_and_grad(loss, tile_size=4)
     sizes = {}
     for rows in (10, 90):
         x = tf.ones((rows, 3))
@@ -94,14 +99,7 @@ def test_graph_holds_at_most_two_b_by_d_temporaries_beyond_the_gradients(loss):
     except ValueError:
         pytest.skip("TensorFlow's CPU allocator keeps no statistics here (oneDNN off)")
     rows, dim = 2048, 128  # B x d = 1 MiB; a 128 x 128 tile of logits is 64 KiB
-
-    @tf.function
-    def value_and_grad(x, y):
-        with tf.GradientTape() as tape:
-            tape.watch([x, y])
-            value = getattr(losses, loss)(x, y, tile_size=128)
-        return value, tape.gradient(value, [x, y])
-
+    value_and_grad = graph_value_and_grad(loss, tile_size=128)
     x = tf.random.stateless_normal((rows, dim), seed=(0, 1))
     y = tf.random.stateless_normal((rows, dim), seed=(0, 2))
     value_and_grad(x, y)  # trace and run once
